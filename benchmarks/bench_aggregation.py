@@ -1,0 +1,402 @@
+"""Benchmark FlexLoRA aggregation: ours (auto/exact/randomized/dense) vs the reference and
+torch dense + svd_lowrank, on a workload from benchmarks/workloads.json.
+
+    python benchmarks/bench_aggregation.py --scale cpu_small
+
+Prints the machine, then per rank mix: median time (and spread) over repeats, speedup
+against the reference, truncation error relative to the Eckart-Young optimum
+(||dW - U S Vt||_F / ||dW - optimum||_F, worst module), peak RSS growth, and GFLOP/s
+(route FLOP count / time) against this machine's sgemm peak measured in the same run.
+Also: lowrank_svd_batched vs a Python loop, and streaming peak RSS for N vs 4N clients.
+Writes JSON and a markdown table (--out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parent
+ATTN, FFN = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- workload
+def module_shapes(model):
+    h, f, kv = model["hidden"], model["ffn"], model["kv_dim"]
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+
+
+def client_types(dist, n):
+    """Largest-remainder assignment of n clients to client types (ties: file order)."""
+    names = list(dist)
+    quota = [dist[k] * n for k in names]
+    counts = [int(q) for q in quota]
+    order = sorted(range(len(names)), key=lambda i: -(quota[i] - counts[i]))
+    for i in order[: n - sum(counts)]:
+        counts[i] += 1
+    return [name for name, c in zip(names, counts) for _ in range(c)]
+
+
+def make_round(wl, scale, mix, seed=0, layers=None):
+    sc = wl["bench_scales"][scale]
+    model = wl["models"][sc["model"]]
+    shapes = module_shapes(model)
+    types = client_types(wl["rank_distributions"][mix], sc["clients_per_round"])
+    rng = np.random.default_rng(seed)
+    n_examples = rng.integers(50, 500, len(types))
+    p = n_examples / n_examples.sum()
+    alpha = float(wl["lora_alpha"])
+    modules = []
+    for layer in range(layers or sc["layers"]):
+        for target in wl["lora_targets"]:
+            d_out, d_in = shapes[target]
+            Bs, As, ws = [], [], []
+            for k, t in enumerate(types):
+                r = wl["client_types"][t]["attn" if target in ATTN else "ffn"]
+                # trained-LoRA-like factors: a decaying spectrum per client
+                decay = (1.0 / np.sqrt(1.0 + np.arange(r))).astype(np.float32)
+                Bs.append((rng.standard_normal((d_out, r), np.float32) * decay * 0.01))
+                As.append(rng.standard_normal((r, d_in), np.float32) / np.float32(np.sqrt(d_in)))
+                ws.append(float(p[k] * alpha / r))
+            modules.append((f"layers.{layer}.{target}", Bs, As, ws))
+    return modules, types
+
+
+# ----------------------------------------------------------------------------- measuring
+class PeakRSS:
+    """Peak resident memory above the starting point, sampled every 5 ms."""
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.growth_mb = (self.peak - self.base) / 2**20
+
+
+def timed(fn, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times, out, rss = [], None, 0.0
+    for _ in range(repeats):
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+        rss = max(rss, mem.growth_mb)
+    return out, times, rss
+
+
+def sgemm_peak(threads):
+    from server import _core
+    n = 2048
+    rng = np.random.default_rng(0)
+    B, A = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    _core.weighted_sum([B], [A], [1.0], None, threads)
+    best = min(_timeit(lambda: _core.weighted_sum([B], [A], [1.0], None, threads))
+               for _ in range(3))
+    return 2.0 * n**3 / best / 1e9
+
+
+def _timeit(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def machine(threads):
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    from server import _core
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "ours_blas": _core.blas_config(),
+            "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- methods
+def run_ours(modules, rank, method, threads):
+    from server import linalg
+    return linalg.lowrank_svd_batched([(B, A) for _, B, A, _ in modules],
+                                      [w for *_, w in modules], rank, method=method,
+                                      threads=threads)
+
+
+def run_torch(modules, rank):
+    import torch
+    out = []
+    for _, Bs, As, ws in modules:
+        B = torch.cat([torch.from_numpy(b) for b in Bs], 1)
+        A = torch.cat([torch.from_numpy(a) * w for a, w in zip(As, ws)], 0)
+        U, S, V = torch.svd_lowrank(B @ A, q=rank + 10, niter=2)
+        out.append((U[:, :rank].numpy(), S[:rank].numpy(), V[:, :rank].T.numpy()))
+    return out
+
+
+def run_reference(modules, rank, keep=None):
+    """The reference; ``keep`` collects (dW, optimum residual) from its full SVD, so the
+    optimum costs no second full SVD (it inflates the reference's RSS by the dW's kept)."""
+    import torch
+    from server.reference import reference_delta
+    out = []
+    for _, Bs, As, ws in modules:
+        dW = reference_delta(Bs, As, ws)
+        U, S, Vh = torch.linalg.svd(dW, full_matrices=False)
+        r = min(rank, S.shape[0])
+        out.append((U[:, :r].numpy(), S[:r].numpy(), Vh[:r].numpy()))
+        if keep is not None:
+            keep.append((dW, float(np.sqrt(np.sum(S[rank:].double().numpy() ** 2)))))
+    return out
+
+
+def error_ratio(tails, svds):
+    import torch
+    worst = 0.0
+    for (dW, tail), (U, S, Vt) in zip(tails, svds):
+        approx = torch.from_numpy(np.ascontiguousarray(U * S)) @ torch.from_numpy(np.ascontiguousarray(Vt))
+        err = float(torch.linalg.norm((dW - approx).double()))
+        worst = max(worst, err / tail if tail > 0 else (0.0 if err == 0 else float("inf")))
+    return worst
+
+
+def flops(modules, rank, route):
+    from server import linalg
+    total = 0.0
+    for _, Bs, As, _ in modules:
+        m, n, R = Bs[0].shape[0], As[0].shape[1], sum(b.shape[1] for b in Bs)
+        p = linalg.plan(m, n, R, rank)
+        if route == "auto":
+            total += p.flops[p.method]
+        elif route in p.flops:
+            total += p.flops[route]
+        elif route == "torch":
+            total += p.flops["dense"]
+        else:  # reference: per-client products + a full SVD (4mn^2 + 8n^3, n = min)
+            s, b = min(m, n), max(m, n)
+            total += 2.0 * m * n * R + 4.0 * b * s * s + 8.0 * s**3
+    return total
+
+
+# ----------------------------------------------------------------------------- sections
+def bench_batched(threads, repeats, warmup):
+    from server import linalg
+    rng = np.random.default_rng(1)
+    layers, weights = [], []
+    for _ in range(96):
+        ranks = [4, 8, 8, 16]
+        layers.append(([rng.standard_normal((256, r), np.float32) for r in ranks],
+                       [rng.standard_normal((r, 256), np.float32) for r in ranks]))
+        weights.append([0.25] * 4)
+    batched = lambda: linalg.lowrank_svd_batched(layers, weights, 16, threads=threads)
+    loop = lambda: [linalg.lowrank_svd(B, A, w, 16, threads=threads)
+                    for (B, A), w in zip(layers, weights)]
+    loop1 = lambda: [linalg.lowrank_svd(B, A, w, 16, threads=1)
+                     for (B, A), w in zip(layers, weights)]
+    _, tb, _ = timed(batched, repeats, warmup)
+    _, tl, _ = timed(loop, repeats, warmup)
+    _, t1, _ = timed(loop1, repeats, warmup)
+    return {"modules": len(layers), "shape": "256x256, ranks 4+8+8+16, rank 16",
+            "batched_s": statistics.median(tb), "loop_s": statistics.median(tl),
+            "loop_1thread_s": statistics.median(t1),
+            "speedup": statistics.median(tl) / statistics.median(tb),
+            "speedup_vs_1thread_loop": statistics.median(t1) / statistics.median(tb)}
+
+
+def stream_child(n_clients, threads):
+    """Child process: stream n_clients (dense route, one layer of llama-1.3b modules, ranks
+    200) through the Aggregator, generating each client on the fly; print peak RSS."""
+    from server.aggregation import Aggregator
+    wl = json.loads((ROOT / "workloads.json").read_text())
+    shapes = module_shapes(wl["models"]["llama-1.3b"])
+    agg = Aggregator(200, method="dense", threads=threads)
+    rng = np.random.default_rng(0)
+    for k in range(n_clients):
+        f = {}
+        for t in ("q_proj", "down_proj"):
+            d_out, d_in = shapes[t]
+            f[f"m.{t}.lora_B.weight"] = rng.standard_normal((d_out, 200), np.float32) * 0.01
+            f[f"m.{t}.lora_A.weight"] = rng.standard_normal((200, d_in), np.float32)
+        agg.add(f, num_examples=10 + k, alpha=16.0)
+        del f
+    agg.finalize()
+    # VmHWM is this process's own high-water mark (ru_maxrss survives exec from the parent)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status")
+               if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_rss_mb": hwm / 1024}))
+
+
+def bench_streaming(n, threads):
+    res = {}
+    for count in (n, 4 * n):
+        out = subprocess.run([sys.executable, __file__, "--_stream", str(count),
+                              "--threads", str(threads)], capture_output=True, text=True,
+                             check=True)
+        res[count] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
+    return {"clients": [n, 4 * n], "peak_rss_mb": [res[n], res[4 * n]],
+            "growth": res[4 * n] / res[n] - 1.0}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", default="cpu_small")
+    ap.add_argument("--mixes", default="heavy_tail_light,heavy_tail_strong")
+    ap.add_argument("--rank", type=int, default=200, help="aggregation max_rank")
+    ap.add_argument("--methods", default="auto,exact,randomized,dense,torch,reference")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--reference-repeats", type=int, default=1,
+                    help="the reference takes minutes; one timed run by default")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--layers", type=int, default=None, help="override the scale's layers")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default=str(ROOT.parent / "results" / "bench_aggregation"))
+    ap.add_argument("--skip-extras", action="store_true", help="skip batched and streaming")
+    ap.add_argument("--_stream", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._stream:
+        return stream_child(args._stream, args.threads)
+
+    import torch
+    torch.set_num_threads(args.threads)
+    wl = json.loads((ROOT / "workloads.json").read_text())
+    info = machine(args.threads)
+    peak = sgemm_peak(args.threads)
+    info["sgemm_peak_gflops"] = peak
+    print("# machine:", json.dumps(info))
+    print(f"# sgemm peak (2048^3, ours/OpenBLAS, {args.threads} threads): {peak:.1f} GFLOP/s")
+    methods = args.methods.split(",")
+    rows, results = [], {"machine": info, "args": vars(args), "mixes": {}}
+    for mix in args.mixes.split(","):
+        modules, types = make_round(wl, args.scale, mix, layers=args.layers)
+        Rs = sorted({sum(b.shape[1] for b in m[1]) for m in modules})
+        print(f"\n## {mix}: {len(modules)} modules, {len(types)} clients, R per module {Rs}",
+              flush=True)
+        tails, outputs, mixres = [], {}, {}
+        # the reference runs first: its full SVDs give the optimum every error is measured by
+        methods = sorted(methods, key=lambda m: m != "reference")
+        if "reference" not in methods:
+            tails = optimum_tails(modules, args.rank)
+        for method in methods:
+            if method == "torch":
+                fn = lambda: run_torch(modules, args.rank)
+            elif method == "reference":
+                fn = lambda: run_reference(modules, args.rank, keep=tails if not tails else None)
+            else:
+                fn = (lambda m: lambda: run_ours(modules, args.rank, m, args.threads))(method)
+            reps = args.reference_repeats if method == "reference" else args.repeats
+            warm = 0 if method == "reference" else args.warmup
+            out, times, rss = timed(fn, reps, warm)
+            med = statistics.median(times)
+            fl = flops(modules, args.rank, method)
+            mixres[method] = {"median_s": med, "min_s": min(times), "max_s": max(times),
+                              "repeats": reps, "error_ratio": error_ratio(tails, out),
+                              "peak_rss_mb": rss, "gflops": fl / med / 1e9}
+            if method == "auto":
+                from server import linalg
+                mixres[method]["routes"] = sorted({linalg.plan(b[0].shape[0], a[0].shape[1], sum(x.shape[1] for x in b), args.rank).method for _, b, a, _ in modules})
+            print(f"  {method:<10} median {med:8.3f}s  [{min(times):.3f}, {max(times):.3f}]"
+                  f"  err/opt {mixres[method]['error_ratio']:.6f}  rss +{rss:7.1f} MB"
+                  f"  {mixres[method]['gflops']:6.1f} GFLOP/s", flush=True)
+        ref = mixres.get("reference", {}).get("median_s")
+        for method, r in mixres.items():
+            r["speedup_vs_reference"] = ref / r["median_s"] if ref else None
+            if "torch" in mixres:
+                r["speedup_vs_torch"] = mixres["torch"]["median_s"] / r["median_s"]
+            rows.append((mix, method, r))
+        results["mixes"][mix] = mixres
+    extras = {}
+    if not args.skip_extras:
+        extras["batched"] = bench_batched(args.threads, args.repeats, args.warmup)
+        print(f"\n## batched: {json.dumps(extras['batched'])}", flush=True)
+        extras["streaming"] = bench_streaming(5, args.threads)
+        print(f"## streaming (dense route): {json.dumps(extras['streaming'])}", flush=True)
+    results["extras"] = extras
+    md = markdown(rows, extras, info, args)
+    print("\n" + md)
+    print(acceptance(results))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps(results, indent=2, default=str))
+    Path(args.out + ".md").write_text(md + "\n" + acceptance(results) + "\n")
+    print(f"wrote {args.out}.json and {args.out}.md")
+
+
+def markdown(rows, extras, info, args):
+    lines = [f"Machine: {info['cpu']}, {info['threads']} threads; sgemm peak "
+             f"{info['sgemm_peak_gflops']:.1f} GFLOP/s. Scale `{args.scale}`, max_rank {args.rank}, "
+             f"median of {args.repeats} (reference: {args.reference_repeats}).", "",
+             "| mix | method | median s | spread s | vs reference | vs torch | err / optimum | peak RSS +MB | GFLOP/s | % sgemm peak |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for mix, method, r in rows:
+        f = lambda x, fmt: "-" if x is None else format(x, fmt)
+        name = method + (f" ({'/'.join(r['routes'])})" if "routes" in r else "")
+        lines.append(f"| {mix} | {name} | {r['median_s']:.3f} | {r['max_s'] - r['min_s']:.3f} | "
+                     f"{f(r.get('speedup_vs_reference'), '.1f')}x | {f(r.get('speedup_vs_torch'), '.2f')}x | "
+                     f"{r['error_ratio']:.6f} | {r['peak_rss_mb']:.0f} | {r['gflops']:.1f} | "
+                     f"{100 * r['gflops'] / info['sgemm_peak_gflops']:.0f}% |")
+    if "batched" in extras:
+        b = extras["batched"]
+        lines += ["", f"lowrank_svd_batched over {b['modules']} modules ({b['shape']}): "
+                  f"{b['batched_s']:.3f}s vs Python loop {b['loop_s']:.3f}s = {b['speedup']:.2f}x "
+                  f"(loop at 1 BLAS thread: {b['loop_1thread_s']:.3f}s = "
+                  f"{b['speedup_vs_1thread_loop']:.2f}x)"]
+    if "streaming" in extras:
+        s = extras["streaming"]
+        lines += [f"Streaming (dense route): peak RSS {s['peak_rss_mb'][0]:.0f} MB for "
+                  f"{s['clients'][0]} clients, {s['peak_rss_mb'][1]:.0f} MB for {s['clients'][1]} "
+                  f"(+{100 * s['growth']:.1f}%)"]
+    return "\n".join(lines)
+
+
+def acceptance(res):
+    out = ["", "Acceptance (issue 2):"]
+    m = res["mixes"]
+    def line(ok, text):
+        out.append(f"  [{'PASS' if ok else 'FAIL'}] {text}")
+    if "heavy_tail_light" in m and {"auto", "reference", "torch"} <= set(m["heavy_tail_light"]):
+        a = m["heavy_tail_light"]["auto"]
+        line(a["speedup_vs_reference"] >= 10, f"light: auto {a['speedup_vs_reference']:.1f}x vs reference (>= 10x)")
+        line(a["speedup_vs_torch"] >= 2, f"light: auto {a['speedup_vs_torch']:.2f}x vs torch (>= 2x)")
+        line(a["error_ratio"] <= 1 + 1e-4, f"light: error/optimum {a['error_ratio']:.7f} (<= 1+1e-4)")
+    if "heavy_tail_strong" in m and {"auto", "reference", "torch"} <= set(m["heavy_tail_strong"]):
+        a = m["heavy_tail_strong"]["auto"]
+        line(a["speedup_vs_reference"] >= 2.5, f"strong: auto {a['speedup_vs_reference']:.1f}x vs reference (>= 2.5x)")
+        line(a["speedup_vs_torch"] >= 1.0, f"strong: auto {a['speedup_vs_torch']:.2f}x vs torch (>= 1x)")
+        line(a["error_ratio"] <= 1.01, f"strong: error/optimum {a['error_ratio']:.5f} (<= 1.01)")
+    ex = res.get("extras", {})
+    if "batched" in ex:
+        line(ex["batched"]["speedup"] >= 1.3, f"batched {ex['batched']['speedup']:.2f}x vs loop (>= 1.3x)")
+    if "streaming" in ex:
+        line(ex["streaming"]["growth"] <= 0.2, f"streaming 4x clients: peak RSS +{100 * ex['streaming']['growth']:.1f}% (<= 20%)")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,209 @@
+// The one pybind11 file: validate and convert Python objects into csrc params structs,
+// release the GIL, call the core. No math here; the friendly validation (NaN, dtypes,
+// conversions) lives in server/linalg.py, these checks only keep the interpreter safe.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "flexlora/core.h"
+
+namespace py = pybind11;
+using flexlora::BatchTask;
+using flexlora::FactorSet;
+using flexlora::SvdOptions;
+
+namespace {
+
+using FArray = py::array_t<float, py::array::c_style>;
+
+FArray checked_matrix(const py::handle& obj, const std::string& what) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::value_error(what + " must be a numpy array");
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  if (!arr.dtype().is(py::dtype::of<float>()))
+    throw py::value_error(what + " must be float32, got " + std::string(py::str(arr.dtype())));
+  if (arr.ndim() != 2) throw py::value_error(what + " must be 2-D");
+  if (!(arr.flags() & py::array::c_style))
+    throw py::value_error(what + " must be C-contiguous");
+  return py::reinterpret_borrow<FArray>(arr);
+}
+
+// Owns the Python arrays (kept alive while the GIL is released) behind one FactorSet.
+struct FactorHolder {
+  std::vector<FArray> Bs, As;
+  std::vector<const float*> Bp, Ap;
+  std::vector<int> ranks;
+  std::vector<float> weights;
+  FactorSet set;
+
+  FactorHolder(const py::sequence& Bseq, const py::sequence& Aseq,
+               const std::vector<float>& w, const std::string& prefix) {
+    const size_t K = py::len(Bseq);
+    if (K == 0) throw py::value_error(prefix + "Bs is empty: at least one client is needed");
+    if (py::len(Aseq) != K || w.size() != K)
+      throw py::value_error(prefix + "Bs, As and weights must have the same length, got " +
+                            std::to_string(K) + ", " + std::to_string(py::len(Aseq)) + ", " +
+                            std::to_string(w.size()));
+    weights = w;
+    for (size_t k = 0; k < K; ++k) {
+      const std::string idx = "[" + std::to_string(k) + "]";
+      Bs.push_back(checked_matrix(Bseq[k], prefix + "Bs" + idx));
+      As.push_back(checked_matrix(Aseq[k], prefix + "As" + idx));
+      const auto& B = Bs.back();
+      const auto& A = As.back();
+      if (B.shape(0) != Bs[0].shape(0))
+        throw py::value_error(prefix + "Bs" + idx + " has " + std::to_string(B.shape(0)) +
+                              " rows, expected " + std::to_string(Bs[0].shape(0)) + " (d_out)");
+      if (A.shape(1) != As[0].shape(1))
+        throw py::value_error(prefix + "As" + idx + " has " + std::to_string(A.shape(1)) +
+                              " columns, expected " + std::to_string(As[0].shape(1)) + " (d_in)");
+      if (B.shape(1) != A.shape(0) || B.shape(1) < 1)
+        throw py::value_error(prefix + "Bs" + idx + " has " + std::to_string(B.shape(1)) +
+                              " columns but As" + idx + " has " + std::to_string(A.shape(0)) +
+                              " rows (the client's rank, >= 1)");
+      Bp.push_back(B.data());
+      Ap.push_back(A.data());
+      ranks.push_back(static_cast<int>(B.shape(1)));
+    }
+    set.d_out = static_cast<int>(Bs[0].shape(0));
+    set.d_in = static_cast<int>(As[0].shape(1));
+    set.num_clients = static_cast<int>(K);
+    set.B = Bp.data();
+    set.A = Ap.data();
+    set.ranks = ranks.data();
+    set.weights = weights.data();
+  }
+};
+
+struct Outputs {
+  FArray U, S, Vt;
+  Outputs(int m, int n, int rank)
+      : U({m, rank}), S(std::vector<py::ssize_t>{rank}), Vt({rank, n}) {}
+  flexlora::SvdOutput view() {
+    flexlora::SvdOutput o;
+    o.U = U.mutable_data();
+    o.S = S.mutable_data();
+    o.Vt = Vt.mutable_data();
+    return o;
+  }
+  py::tuple result(flexlora::Method route) {
+    return py::make_tuple(U, S, Vt, flexlora::method_name(route));
+  }
+};
+
+SvdOptions make_options(int rank, const std::string& method, int oversample, int power_iters,
+                        uint64_t seed, bool dense_exact) {
+  if (rank < 1) throw py::value_error("rank must be >= 1, got " + std::to_string(rank));
+  SvdOptions o;
+  o.method = flexlora::parse_method(method);
+  o.rank = rank;
+  o.oversample = oversample;
+  o.power_iters = power_iters;
+  o.seed = seed;
+  o.dense_exact = dense_exact;
+  return o;
+}
+
+py::list svd_batched(const py::list& tasks, const std::vector<int>& ranks,
+                     const std::string& method, int oversample, int power_iters,
+                     uint64_t seed, bool dense_exact, int threads) {
+  if (ranks.size() != py::len(tasks))
+    throw py::value_error("ranks must have one entry per task");
+  std::vector<std::unique_ptr<FactorHolder>> holders;
+  std::vector<FArray> dense;
+  std::vector<Outputs> outs;
+  std::vector<BatchTask> batch(py::len(tasks));
+  outs.reserve(batch.size());
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const std::string prefix = "layers[" + std::to_string(i) + "].";
+    auto item = py::reinterpret_borrow<py::tuple>(tasks[i]);
+    BatchTask& t = batch[i];
+    t.opt = make_options(ranks[i], method, oversample, power_iters, seed, dense_exact);
+    if (item.size() == 3) {
+      holders.push_back(std::make_unique<FactorHolder>(
+          item[0].cast<py::sequence>(), item[1].cast<py::sequence>(),
+          item[2].cast<std::vector<float>>(), prefix));
+      t.factors = holders.back()->set;
+    } else if (item.size() == 2) {
+      dense.push_back(checked_matrix(item[0], prefix + "M"));
+      t.dense = dense.back().data();
+      t.dense_scale = item[1].cast<float>();
+      t.factors.d_out = static_cast<int>(dense.back().shape(0));
+      t.factors.d_in = static_cast<int>(dense.back().shape(1));
+    } else {
+      throw py::value_error(prefix + " must be (Bs, As, weights) or (M, scale)");
+    }
+    outs.emplace_back(t.factors.d_out, t.factors.d_in, t.opt.rank);
+    t.out = outs.back().view();
+  }
+  {
+    py::gil_scoped_release release;
+    flexlora::lowrank_svd_batched(batch, threads);
+  }
+  py::list result;
+  for (size_t i = 0; i < batch.size(); ++i) result.append(outs[i].result(batch[i].out.route));
+  return result;
+}
+
+FArray weighted_sum(const py::sequence& Bs, const py::sequence& As,
+                    const std::vector<float>& weights, py::object out, int threads) {
+  FactorHolder h(Bs, As, weights, "");
+  FArray target;
+  float beta = 0.0f;
+  if (out.is_none()) {
+    target = FArray({h.set.d_out, h.set.d_in});
+  } else {
+    target = checked_matrix(out, "out");
+    if (!target.writeable()) throw py::value_error("out must be writeable");
+    if (target.shape(0) != h.set.d_out || target.shape(1) != h.set.d_in)
+      throw py::value_error("out has shape (" + std::to_string(target.shape(0)) + ", " +
+                            std::to_string(target.shape(1)) + "), expected (" +
+                            std::to_string(h.set.d_out) + ", " + std::to_string(h.set.d_in) + ")");
+    beta = 1.0f;
+  }
+  float* dst = target.mutable_data();
+  {
+    py::gil_scoped_release release;
+    flexlora::weighted_sum(h.set, dst, beta, threads);
+  }
+  return target;
+}
+
+py::dict plan(int d_out, int d_in, long long total_rank, int rank, int oversample,
+              int power_iters, bool dense_exact) {
+  SvdOptions o = make_options(rank, "auto", oversample, power_iters, 0, dense_exact);
+  const auto p = flexlora::plan_route(d_out, d_in, total_rank, o);
+  py::dict d;
+  d["method"] = flexlora::method_name(p.method);
+  d["reason"] = p.reason;
+  d["cost"] = py::dict(py::arg("exact") = p.cost_exact, py::arg("randomized") = p.cost_randomized,
+                       py::arg("dense") = p.cost_dense);
+  d["flops"] = py::dict(py::arg("exact") = p.flops_exact,
+                        py::arg("randomized") = p.flops_randomized,
+                        py::arg("dense") = p.flops_dense);
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "FlexLoRA native aggregation core (private; use server.linalg)";
+  m.def("svd_batched", &svd_batched, py::arg("tasks"), py::arg("ranks"), py::arg("method"),
+        py::arg("oversample"), py::arg("power_iters"), py::arg("seed"), py::arg("dense_exact"),
+        py::arg("threads"),
+        "Truncated SVDs of many modules; each task is (Bs, As, weights) or (M, scale). "
+        "Returns [(U, S, Vt, route)].");
+  m.def("weighted_sum", &weighted_sum, py::arg("Bs"), py::arg("As"), py::arg("weights"),
+        py::arg("out") = py::none(), py::arg("threads") = 0,
+        "sum_k weights[k] Bs[k] @ As[k] in one GEMM; accumulates into out when given.");
+  m.def("plan", &plan, py::arg("d_out"), py::arg("d_in"), py::arg("total_rank"), py::arg("rank"),
+        py::arg("oversample") = 10, py::arg("power_iters") = 2, py::arg("dense_exact") = false);
+  m.def("set_num_threads", &flexlora::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &flexlora::get_num_threads);
+  m.def("hardware_threads", &flexlora::hardware_threads);
+  m.def("blas_config", &flexlora::blas_config);
+  m.attr("kExactPreference") = flexlora::kExactPreference;
+}

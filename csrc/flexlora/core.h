@@ -1,0 +1,98 @@
+// FlexLoRA native aggregation core: public entry points and their params structs.
+//
+// No Python, pybind11 or torch header may be included here or anywhere in csrc/; the
+// bindings/ layer validates and converts Python objects into these structs. A future CUDA
+// backend (csrc/cuda/, built with -DFLEXLORA_CUDA=ON) takes the same structs.
+//
+// Layout: every matrix crossing this interface is float32, row-major (C-contiguous), dense,
+// with the leading dimension equal to its number of columns.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace flexlora {
+
+enum class Method : int { Auto = 0, Exact = 1, Randomized = 2, Dense = 3 };
+
+// Parses "auto" | "exact" | "randomized" | "dense"; throws std::invalid_argument otherwise.
+Method parse_method(const std::string& name);
+const char* method_name(Method m);
+
+// One module's client factors: dW = sum_k weights[k] * B[k] @ A[k].
+struct FactorSet {
+  int d_out = 0;                       // rows of every B[k] and of dW
+  int d_in = 0;                        // columns of every A[k] and of dW
+  int num_clients = 0;                 // K >= 1
+  const float* const* B = nullptr;     // K pointers; B[k] is (d_out x ranks[k]) row-major
+  const float* const* A = nullptr;     // K pointers; A[k] is (ranks[k] x d_in) row-major
+  const int* ranks = nullptr;          // K ranks, each >= 1
+  const float* weights = nullptr;      // K finite weights >= 0 (p_k * s_k folded in)
+  int64_t total_rank() const;
+};
+
+// Options of one truncated SVD.
+struct SvdOptions {
+  Method method = Method::Auto;
+  int rank = 1;                        // requested rank >= 1; output padded with zeros above
+                                       // the operator's rank (min(d_out, d_in, R))
+  int oversample = 10;                 // randomized: extra test vectors, l = rank + oversample
+  int power_iters = 2;                 // randomized: power iterations, QR between them
+  uint64_t seed = 0;                   // randomized: Gaussian test matrix seed
+  bool dense_exact = false;            // dense route: full SVD (gesdd) instead of randomized
+};
+
+// Caller-allocated outputs of one truncated SVD (rank = SvdOptions::rank).
+struct SvdOutput {
+  float* U = nullptr;                  // (d_out x rank) row-major, orthonormal columns
+  float* S = nullptr;                  // (rank) descending, >= 0
+  float* Vt = nullptr;                 // (rank x d_in) row-major, orthonormal rows
+  Method route = Method::Auto;         // set to the route actually taken
+};
+
+// Cost model (floating-point operations, weighted by how efficiently each kind of kernel
+// runs: GEMM x1, QR x2, SVD x4) behind the auto planner.
+struct RoutePlan {
+  Method method = Method::Exact;       // route auto takes
+  double cost_exact = 0, cost_randomized = 0, cost_dense = 0;
+  double flops_exact = 0, flops_randomized = 0, flops_dense = 0;   // raw FLOP counts
+  std::string reason;
+};
+// Exact is preferred unless an approximate route is more than this factor cheaper.
+constexpr double kExactPreference = 2.0;
+RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& opt);
+
+// One module. Throws std::invalid_argument on inconsistent params, std::runtime_error on a
+// LAPACK failure.
+void lowrank_svd(const FactorSet& f, const SvdOptions& opt, SvdOutput& out, int threads);
+
+// Dense input M (d_out x d_in row-major). opt.method must be Exact (full SVD) or
+// Randomized.
+void dense_svd(const float* M, int d_out, int d_in, const SvdOptions& opt, SvdOutput& out,
+               int threads);
+
+// One task of the batched entry point: either factors or a dense matrix.
+struct BatchTask {
+  FactorSet factors;                   // used when dense == nullptr
+  const float* dense = nullptr;        // optional (factors.d_out x factors.d_in) row-major
+  float dense_scale = 1.0f;            // dense input is multiplied by this
+  SvdOptions opt;
+  SvdOutput out;
+};
+// Runs the tasks in parallel over modules (OpenMP, BLAS single-threaded inside) when there
+// are several and threads > 1; large single tasks use BLAS threads instead.
+void lowrank_svd_batched(std::vector<BatchTask>& tasks, int threads);
+
+// out (d_out x d_in row-major) = beta * out + sum_k weights[k] B[k] A[k]: one GEMM over the
+// concatenated factors (beta = 0 overwrites; beta = 1 accumulates in place).
+void weighted_sum(const FactorSet& f, float* out, float beta, int threads);
+
+// Thread control. threads <= 0 means the default (set_num_threads or the core count).
+void set_num_threads(int n);
+int get_num_threads();
+int hardware_threads();
+int resolve_threads(int requested);
+std::string blas_config();
+
+}  // namespace flexlora

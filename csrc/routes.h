@@ -1,0 +1,28 @@
+// Internal: the three routes to a truncated SVD, written against a column-major operator.
+#pragma once
+
+#include "blas.h"
+#include "flexlora/core.h"
+
+namespace flexlora::detail {
+
+// The factored operator M = Bc * At^T (d_out x d_in) where Bc = [B_1 .. B_K] (d_out x R)
+// and At = [w_1 A_1; ..; w_K A_K]^T (d_in x R), both column-major copies of the inputs.
+struct Factored {
+  int m = 0, n = 0, R = 0;
+  Mat Bc, At;
+};
+Factored concat_factors(const FactorSet& f);
+
+// Dense W = M^T (d_in x d_out column-major, which is M row-major) from the factors.
+Mat form_dense(const Factored& F);
+
+void exact_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out);
+void randomized_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out);
+// W is M^T column-major (d_in x d_out), i.e. M row-major; scale multiplies M.
+void randomized_dense(const float* W, int m, int n, float scale, const SvdOptions& opt,
+                      SvdOutput& out);
+void exact_dense(const float* W, int m, int n, float scale, const SvdOptions& opt,
+                 SvdOutput& out);
+
+}  // namespace flexlora::detail

@@ -1,0 +1,218 @@
+"""`flexlora-client`: probe, plan, train, export. Expected failures print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _ranks(text: str) -> list[int]:
+    try:
+        ranks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ranks must be comma-separated ints, got {text!r}") from None
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"ranks must be ints >= 1, got {text!r}")
+    return ranks
+
+
+def _targets(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _load_config(name: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"could not load the config of model {name!r} (offline or not a model directory): "
+                         f"{str(exc).splitlines()[0]}") from None
+
+
+def _common(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    p.add_argument("--model", required=model_required, default=None, help="local model directory or hub id")
+    p.add_argument("--ranks", type=_ranks, default=[4, 8, 16, 32, 64, 128, 200])
+    p.add_argument("--paper-types", action="store_true", help="candidates r8, r30, r30_200, r200 instead of --ranks")
+    p.add_argument("--targets", type=_targets, default=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                         "gate_proj", "up_proj", "down_proj"])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--json", action="store_true")
+
+
+def _gib(n) -> str:
+    return f"{n / 2**30:8.2f}"
+
+
+def cmd_probe(args) -> int:
+    from .resources import probe
+
+    profile = probe()
+    out = {"profile": profile.to_dict()}
+    if args.model:
+        choice = _choose(args, profile)
+        out["choice"] = choice.to_dict()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for key, value in profile.to_dict().items():
+        print(f"{key:24s} {value}")
+    if args.model:
+        print(f"chosen rank: {choice.label} (rank {choice.rank}, pattern {choice.rank_pattern})")
+        for reason in choice.reasons:
+            print(f"  - {reason}")
+    return 0
+
+
+def _choose(args, profile):
+    from .rank_policy import choose_rank, paper_candidates
+
+    config = _load_config(args.model)
+    return choose_rank(profile, config, None if args.paper_types else args.ranks,
+                       candidates=paper_candidates() if args.paper_types else None, targets=args.targets,
+                       batch=args.batch, seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing)
+
+
+def cmd_plan(args) -> int:
+    from .memory import estimate
+    from .rank_policy import RankCandidate, paper_candidates
+
+    config = _load_config(args.model)
+    cands = paper_candidates() if args.paper_types else [RankCandidate(rank=r) for r in args.ranks]
+    rows = []
+    for c in cands:
+        e = estimate(config, args.targets, c.rank, c.pattern, batch=args.batch, seq_len=args.seq_len,
+                     gradient_checkpointing=args.gradient_checkpointing)
+        rows.append({"candidate": c.name, **e.to_dict()})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["base_weights", "lora_parameters", "gradients", "optimizer_states", "activations", "logits",
+            "runtime_overhead", "total"]
+    print(f"{'candidate':>12s} " + " ".join(f"{c[:10]:>10s}" for c in cols) + "   (GiB)")
+    for row in rows:
+        print(f"{row['candidate']:>12s} " + " ".join(f"{_gib(row[c]):>10s}" for c in cols))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .trainer import LocalTrainer, TrainConfig
+    from .update import decode_global, encode_update
+
+    pattern = json.loads(args.rank_pattern) if args.rank_pattern else {}
+    config = TrainConfig(rank=args.rank, alpha=args.alpha, rank_pattern=pattern, rslora=args.rslora,
+                         target_modules=tuple(args.targets), learning_rate=args.lr, batch_size=args.batch,
+                         max_seq_len=args.seq_len, epochs=args.epochs, max_steps=args.max_steps)
+    trainer = LocalTrainer.from_pretrained(args.model, config=config, client_id=args.client_id,
+                                           local_files_only=args.offline)
+    if args.global_factors:
+        trainer.load_global(decode_global(Path(args.global_factors).read_bytes()))
+    update = trainer.train(args.data, round=args.round)
+    Path(args.out).write_bytes(encode_update(update, dtype=args.wire_dtype))
+    summary = {"out": args.out, "num_examples": update.num_examples, "rank": update.rank,
+               "rank_pattern": update.rank_pattern, **update.metrics}
+    print(json.dumps(summary) if args.json else
+          " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    import numpy as np
+    import torch
+
+    from .export import OnnxLM, export_onnx, merged_model
+    from .trainer import LocalTrainer, TrainConfig
+    from .update import decode_update
+
+    config = None
+    update = None
+    if args.adapter:
+        update = decode_update(Path(args.adapter).read_bytes())
+        config = TrainConfig(rank=update.rank, rank_pattern=update.rank_pattern, alpha=update.alpha,
+                             rslora=update.rslora, target_modules=tuple(update.target_modules))
+    trainer = LocalTrainer.from_pretrained(args.model, config=config, local_files_only=args.offline)
+    if update is not None:
+        trainer.set_factors(update.factors)
+    path = export_onnx(trainer.model, args.out)
+    ids = np.array([[trainer.tokenizer.bos_token_id or 0] + list(range(3, 10))], dtype=np.int64)
+    onnx_logits = OnnxLM(path).logits(ids)
+    with torch.no_grad():
+        ref = merged_model(trainer.model)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    diff = float(np.abs(onnx_logits - ref).max())
+    result = {"out": path, "max_abs_logit_diff": diff}
+    if args.time_tokens:
+        from .export import greedy_torch, time_per_token
+        prompt = ids[0].tolist()
+        lm, merged = OnnxLM(path), merged_model(trainer.model)
+        ort_s, ort_spread = time_per_token(lm.greedy, prompt, args.time_tokens)
+        torch_s, torch_spread = time_per_token(greedy_torch, merged, prompt, args.time_tokens)
+        result.update(onnxruntime_ms_per_token=ort_s * 1e3, onnxruntime_spread_ms=ort_spread * 1e3,
+                      torch_ms_per_token=torch_s * 1e3, torch_spread_ms=torch_spread * 1e3)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"wrote {path}; onnxruntime check: max |logits - torch| = {diff:.2e}")
+        if args.time_tokens:
+            print(f"greedy, {args.time_tokens} tokens, full sequence per step, median of 3 (spread): "
+                  f"onnxruntime {result['onnxruntime_ms_per_token']:.2f} ms/token ({result['onnxruntime_spread_ms']:.2f})  "
+                  f"torch {result['torch_ms_per_token']:.2f} ms/token ({result['torch_spread_ms']:.2f})")
+    return 0 if diff < 1e-4 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexlora-client", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="device profile and the rank it affords")
+    _common(p, model_required=False)
+    p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("plan", help="memory breakdown per candidate rank")
+    _common(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("train", help="one local round; writes an update file")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="JSONL with instruction, input, output")
+    p.add_argument("--global-factors", default=None, help="global factors file from the server")
+    p.add_argument("--out", required=True)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--rank-pattern", default=None, help='JSON, e.g. {"gate_proj": 200}')
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--targets", type=_targets, default=["q_proj", "v_proj"])
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--client-id", default="client")
+    p.add_argument("--round", type=int, default=0)
+    p.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--offline", action="store_true", help="never contact the hub")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("export", help="merge the adapter and export ONNX, checked with onnxruntime")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", default=None, help="an update file to merge")
+    p.add_argument("--out", required=True)
+    p.add_argument("--time-tokens", type=int, default=0, help="also time greedy generation of N tokens")
+    p.add_argument("--offline", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        print(f"flexlora-client {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

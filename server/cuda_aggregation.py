@@ -1,0 +1,279 @@
+"""Streaming FlexLoRA aggregation on a CUDA GPU (``Aggregator(device="cuda")``).
+
+The same contract as :class:`server.aggregation.Aggregator` (same arguments, same per-module
+weighting ``p_k s_k``, same ``auto`` folding into a dense accumulator past
+``dense_threshold``), with the state on the GPU:
+
+* client factors arrive as numpy arrays or torch tensors (pinned host memory is fastest;
+  CUDA tensors are used in place) and are copied to the device on a dedicated copy stream
+  while the previous client's GEMMs run on the compute stream;
+* at most ``prefetch`` clients are in flight, so device memory holds the dense accumulators
+  and a bounded window of factors, whatever the number of clients;
+* a client is validated (shapes, ranks, finiteness on the device) before it touches the
+  state, so a rejected client leaves the aggregator as it was.
+
+:meth:`CudaAggregator.finalize` returns a host :class:`~server.aggregation.GlobalAdapter`
+like the CPU aggregator; :meth:`CudaAggregator.finalize_device` returns the per-module
+``(U, S, Vt)`` as torch CUDA tensors.
+"""
+from __future__ import annotations
+
+import collections
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import cuda
+from ._global_adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter
+from ._validate import as_count, as_method, as_rank
+
+__all__ = ["CudaAggregator"]
+
+
+@dataclass
+class _Module:
+    d_out: int
+    d_in: int
+    Bs: list = field(default_factory=list)
+    As: list = field(default_factory=list)
+    ws: list = field(default_factory=list)
+    total_rank: int = 0
+    total_weight: float = 0.0
+    dense: Any = None
+
+
+class CudaAggregator:
+    """Streaming weighted aggregation of per-module LoRA factors on a GPU, then truncated
+    SVD of every module in one batched native call."""
+
+    def __init__(self, max_rank: int, *, method: str = "auto", oversample: int = 10,
+                 power_iters: int = 2, seed: int = 0, threads: int | None = None,
+                 dense_threshold: int | None = None, device: str = "cuda", tf32: bool = False,
+                 streams: int = 4, prefetch: int = 2, check_finite: bool = True) -> None:
+        import torch
+        resolved = cuda.resolve_device(device if device != "auto" else "cuda")
+        if resolved == "cpu":
+            raise ValueError("CudaAggregator needs device='cuda' or 'cuda:N'; use "
+                             "server.aggregation.Aggregator for the CPU")
+        self.device = torch.device(resolved)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.max_rank = as_rank(max_rank, "max_rank")
+        self.method = as_method(method)
+        self.oversample = as_count(oversample, "oversample")
+        self.power_iters = as_count(power_iters, "power_iters")
+        self._opts = cuda._options(method, oversample, power_iters, seed, streams, tf32)
+        self.seed = int(seed)
+        self.threads = threads  # accepted for compatibility; the GPU ignores it
+        self.dense_threshold = None if dense_threshold is None else \
+            as_count(dense_threshold, "dense_threshold")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, numbers.Integral) or prefetch < 1:
+            raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
+        self.prefetch = int(prefetch)
+        self.check_finite = bool(check_finite)
+        self.tf32 = tf32
+        self._copy = torch.cuda.Stream(self.device)
+        self._compute = torch.cuda.Stream(self.device)
+        self._inflight: collections.deque = collections.deque()
+        self._modules: dict[str, _Module] = {}
+        self.num_clients = 0
+        self.total_weight = 0.0
+        self.client_ids: list[str] = []
+        self.bytes_copied = 0
+
+    # ------------------------------------------------------------------ adding clients
+    def add(self, factors: Mapping[str, Any], *, num_examples: int, alpha: float,
+            rank: int | None = None, rank_pattern: Mapping[str, int] | None = None,
+            rslora: bool = False, client_id: str | None = None,
+            weight: float | None = None) -> None:
+        """Add one client's peft-named factors (numpy arrays or torch tensors)."""
+        import torch
+        who = f"client {client_id!r}" if client_id is not None else f"client #{self.num_clients}"
+        if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
+                or num_examples < 1:
+            raise ValueError(f"num_examples of {who} must be an integer >= 1, got {num_examples!r}")
+        if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha of {who} must be a finite number > 0, got {alpha!r}")
+        w = float(num_examples) if weight is None else weight
+        if not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"weight of {who} must be finite and >= 0, got {weight!r}")
+        pairs = _split(factors, who)
+        if rank is not None or rank_pattern:
+            from edge_client.update import rank_for_module
+            default = self.max_rank if rank is None else as_rank(rank, "rank")
+            for module, (B, _A) in pairs.items():
+                expected = rank_for_module(module, default, rank_pattern)
+                if B.shape[1] != expected:
+                    raise ValueError(f"{who}: module {module!r} has rank {B.shape[1]} but "
+                                     f"rank/rank_pattern say {expected}")
+        for module, (B, A) in pairs.items():
+            st = self._modules.get(module)
+            if st is not None and (B.shape[0], A.shape[1]) != (st.d_out, st.d_in):
+                raise ValueError(f"{who}: module {module!r} is {B.shape[0]}x{A.shape[1]}, "
+                                 f"other clients sent {st.d_out}x{st.d_in}")
+        # Bound the window: wait for the compute of the client `prefetch` places back.
+        while len(self._inflight) >= self.prefetch:
+            self._inflight.popleft().synchronize()
+        with torch.cuda.stream(self._copy):
+            dev = {m: (self._to_device(B), self._to_device(A)) for m, (B, A) in pairs.items()}
+            if self.check_finite:
+                flags = torch.stack([torch.isfinite(t).all() for pair in dev.values() for t in pair])
+                ok = bool(flags.all())  # syncs the copy stream only; compute keeps running
+                if not ok:
+                    for module, (B, A) in dev.items():
+                        for name, t in (("lora_B", B), ("lora_A", A)):
+                            if not bool(torch.isfinite(t).all()):
+                                raise ValueError(f"{who}: {module}.{name} contains NaN or Inf")
+        copied = torch.cuda.Event()
+        copied.record(self._copy)
+        self._compute.wait_event(copied)
+        accumulate = []
+        with torch.cuda.device(self.device), torch.cuda.stream(self._compute):
+            for module, (B, A) in dev.items():
+                B.record_stream(self._compute)
+                A.record_stream(self._compute)
+                r = B.shape[1]
+                s = alpha / (math.sqrt(r) if rslora else r)
+                item = self._add_module(module, B, A, float(w) * s, float(w))
+                if item is not None:
+                    accumulate.append(item)
+            if accumulate:
+                cuda._ext().accumulate(accumulate, self.tf32, cuda._stream(self.device))
+        done = torch.cuda.Event()
+        done.record(self._compute)
+        self._inflight.append(done)
+        self.num_clients += 1
+        self.total_weight += float(w)
+        if client_id is not None:
+            self.client_ids.append(str(client_id))
+
+    def add_update(self, update: Any) -> None:
+        """Add an ``edge_client.update.ClientUpdate`` (or any object with its fields)."""
+        self.add(update.factors, num_examples=update.num_examples, alpha=update.alpha,
+                 rank=update.rank, rank_pattern=update.rank_pattern or None,
+                 rslora=update.rslora, client_id=update.client_id)
+
+    def _to_device(self, x):
+        import torch
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        if not t.is_cuda:
+            self.bytes_copied += t.numel() * t.element_size()
+        t = t.to(self.device, non_blocking=True)
+        return t.to(torch.float32).contiguous()
+
+    def _threshold(self, st: _Module) -> int:
+        if self.dense_threshold is not None:
+            return self.dense_threshold
+        return (st.d_out * st.d_in) // (st.d_out + st.d_in)
+
+    def _add_module(self, module: str, B, A, w: float, raw_weight: float):
+        """Runs on the compute stream; returns the native accumulate item for a dense module."""
+        import torch
+        st = self._modules.get(module)
+        if st is None:
+            st = self._modules[module] = _Module(d_out=B.shape[0], d_in=A.shape[1])
+        st.total_weight += raw_weight
+        st.total_rank += B.shape[1]
+        if st.dense is None and self.method in ("dense", "auto") and (
+                self.method == "dense" or st.total_rank > self._threshold(st)):
+            st.dense = torch.zeros((st.d_out, st.d_in), dtype=torch.float32, device=self.device)
+            if st.Bs:
+                cuda.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, tf32=self.tf32,
+                                  check_finite=False)
+            st.Bs, st.As, st.ws = [], [], []
+        if st.dense is not None:
+            return (st.d_out, st.d_in, B.data_ptr(), A.data_ptr(), B.shape[1], w,
+                    st.dense.data_ptr())
+        st.Bs.append(B)
+        st.As.append(A)
+        st.ws.append(w)
+        return None
+
+    # ------------------------------------------------------------------ results
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self._modules)
+
+    def state_bytes(self) -> int:
+        """Device bytes of factors and dense accumulators held now."""
+        total = 0
+        for st in self._modules.values():
+            total += sum(t.numel() * 4 for t in st.Bs + st.As)
+            total += st.dense.numel() * 4 if st.dense is not None else 0
+        return total
+
+    def finalize_device(self) -> dict[str, tuple]:
+        """Per module ``(U, S, Vt)`` at ``max_rank`` as torch CUDA tensors."""
+        import torch
+        if self.num_clients == 0:
+            raise ValueError("finalize() needs at least one client; none was added")
+        names = sorted(self._modules)
+        tasks = []
+        for name in names:
+            st = self._modules[name]
+            if st.total_weight <= 0:
+                raise ValueError(f"module {name!r}: the clients that sent it all have weight 0")
+            if st.dense is not None:
+                tasks.append((st.dense, 1.0 / st.total_weight))
+            else:
+                tasks.append((st.Bs, st.As, [w / st.total_weight for w in st.ws]))
+        # The SVDs run on the caller's current stream, after every queued accumulation.
+        torch.cuda.current_stream(self.device).wait_stream(self._compute)
+        out = cuda.run_batched(tasks, [self.max_rank] * len(tasks), self._opts, self.device)
+        self._inflight.clear()
+        self.routes = {n: r[3] for n, r in zip(names, out)}
+        return {n: r[:3] for n, r in zip(names, out)}
+
+    def finalize(self) -> GlobalAdapter:
+        """Like :meth:`server.aggregation.Aggregator.finalize`: a host GlobalAdapter."""
+        dev = self.finalize_device()
+        modules = {n: tuple(t.cpu().numpy() for t in usv) for n, usv in dev.items()}
+        return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=dict(self.routes))
+
+
+def _split(factors: Mapping[str, Any], who: str) -> dict[str, tuple[Any, Any]]:
+    """peft-named mapping -> {module: (B, A)}, shapes checked, arrays left where they are."""
+    if not isinstance(factors, Mapping) or not factors:
+        raise ValueError(f"{who}: factors must be a non-empty mapping of peft-named arrays")
+    halves: dict[str, dict[str, Any]] = {}
+    for key, value in factors.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{who}: factor key {key!r} is not a string")
+        if key.endswith(LORA_A_SUFFIX):
+            halves.setdefault(key[: -len(LORA_A_SUFFIX)], {})["A"] = value
+        elif key.endswith(LORA_B_SUFFIX):
+            halves.setdefault(key[: -len(LORA_B_SUFFIX)], {})["B"] = value
+        else:
+            raise ValueError(f"{who}: factor key {key!r} ends in neither {LORA_A_SUFFIX!r} "
+                             f"nor {LORA_B_SUFFIX!r}")
+    pairs = {}
+    for module in sorted(halves):
+        h = halves[module]
+        if "A" not in h or "B" not in h:
+            missing = LORA_A_SUFFIX if "A" not in h else LORA_B_SUFFIX
+            raise ValueError(f"{who}: module {module!r} has no {missing!r}")
+        B, A = h["B"], h["A"]
+        for name, x in (("lora_B", B), ("lora_A", A)):
+            shape = tuple(getattr(x, "shape", ()))
+            floating = _is_float(getattr(x, "dtype", None))
+            if len(shape) != 2 or min(shape) < 1 or not floating:
+                raise ValueError(f"{who}: {module}.{name} must be a non-empty 2-D float array, "
+                                 f"got shape {shape} dtype {getattr(x, 'dtype', None)}")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(f"{who}: module {module!r}: lora_B has {B.shape[1]} columns but "
+                             f"lora_A has {A.shape[0]} rows (the rank must agree)")
+        pairs[module] = (B, A)
+    return pairs
+
+
+def _is_float(dtype: Any) -> bool:
+    flag = getattr(dtype, "is_floating_point", None)  # torch dtypes
+    if isinstance(flag, bool):
+        return flag
+    try:
+        return dtype is not None and np.dtype(dtype).kind == "f"
+    except TypeError:
+        return False

@@ -1,0 +1,25 @@
+"""Federated LoRA strategies: FlexLoRA and the baselines it is compared with.
+
+``make_strategy(name, config, **options)`` builds one by name; see ``base.Strategy`` for the
+interface runtimes (embedded simulation, Flower) drive.
+"""
+
+from __future__ import annotations
+
+from .base import (RankSpec, RoundAggregation, RoundFailed, RoundResult, Strategy,
+                   StrategyConfig)
+from .fedit import FedIT
+from .flexlora import FlexLoRA
+from .flora import FLoRA
+from .hetlora import HetLoRA
+
+__all__ = ["RankSpec", "RoundAggregation", "RoundFailed", "RoundResult", "Strategy",
+           "StrategyConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "STRATEGIES", "make_strategy"]
+
+STRATEGIES = {"flexlora": FlexLoRA, "hetlora": HetLoRA, "flora": FLoRA, "fedit": FedIT}
+
+
+def make_strategy(name: str, config: StrategyConfig | None = None, **options) -> Strategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy={name!r} is not one of {sorted(STRATEGIES)}")
+    return STRATEGIES[name](config, **options)

@@ -1,0 +1,248 @@
+"""The interface every federated LoRA strategy implements, and what runtimes rely on.
+
+A strategy owns the global adapter state. Each round a runtime (the embedded simulation in
+``server.simulation`` or a Flower ``Strategy`` wrapper) does::
+
+    spec = strategy.assign_rank(RankSpec(rank=r, rank_pattern=p))   # what the client trains at
+    msg  = strategy.configure(client_id=cid, spec=spec, round=t)     # GlobalFactors or None
+    ... send ``encode_global(msg)`` (None: the client starts a fresh adapter) ...
+    agg  = strategy.begin_round(t)
+    for data in replies:                                             # streamed, any order
+        upd = strategy.decode_reply(data, spec=assigned[cid])        # ValueError: reject
+        agg.add(upd)
+    result = agg.finalize()           # RoundFailed below min_clients; state untouched then
+
+``finalize`` is the only place the strategy's state changes, so a failed or abandoned round
+never corrupts it. ``state_tensors`` / ``state_meta`` / ``load_state`` round-trip the state
+through safetensors + JSON for checkpoints (never pickle). ``global_delta`` gives the global
+model's weight change per module (peft module path -> dW, d_out x d_in) for evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge_client.update import (ClientUpdate, GlobalFactors, decode_update, rank_for_module,
+                                scaling)
+
+__all__ = ["RankSpec", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
+           "Strategy", "factor_keys", "split_factors", "join_factors"]
+
+
+class RoundFailed(RuntimeError):
+    """A round could not be aggregated (e.g. fewer than ``min_clients`` valid replies)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class RankSpec:
+    """A client's LoRA rank: a default rank and a peft-style ``rank_pattern``."""
+    rank: int
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
+            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
+        for key, value in dict(self.rank_pattern).items():
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"rank_pattern[{key!r}] must be an int >= 1, got {value!r}")
+        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
+
+    def module_rank(self, module: str) -> int:
+        return rank_for_module(module, self.rank, self.rank_pattern)
+
+    def max_rank(self) -> int:
+        return max([self.rank, *self.rank_pattern.values()])
+
+    def to_json(self) -> dict:
+        return {"rank": int(self.rank), "rank_pattern": {k: int(v) for k, v in self.rank_pattern.items()}}
+
+    def label(self) -> str:
+        if not self.rank_pattern:
+            return str(self.rank)
+        return f"{self.rank}|" + ",".join(f"{k}={v}" for k, v in sorted(self.rank_pattern.items()))
+
+
+@dataclass(kw_only=True)
+class StrategyConfig:
+    alpha: float = 16.0              # alpha of the factors the server sends
+    rslora: bool = False
+    min_clients: int = 1             # valid replies a round needs
+    base_model: str | None = None    # fingerprint replies must carry (None: not checked)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or self.min_clients < 1:
+            raise ValueError(f"min_clients must be an int >= 1, got {self.min_clients!r}")
+
+
+@dataclass(kw_only=True)
+class RoundResult:
+    round: int
+    num_clients: int
+    total_examples: int
+    aggregation_s: float
+    client_ids: list[str]
+    ranks: dict[str, str]            # client id -> rank label
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def factor_keys(module: str) -> tuple[str, str]:
+    return module + ".lora_A.weight", module + ".lora_B.weight"
+
+
+def split_factors(factors: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """peft-named dict -> {module: (B, A)}."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key in sorted(factors):
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            a_key, b_key = factor_keys(module)
+            if b_key not in factors:
+                raise ValueError(f"factors has {a_key!r} but no {b_key!r}")
+            out[module] = (np.asarray(factors[b_key], np.float32), np.asarray(factors[a_key], np.float32))
+    return out
+
+
+def join_factors(modules: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """{module: (B, A)} -> peft-named dict (float32, C-contiguous)."""
+    out: dict[str, np.ndarray] = {}
+    for module, (b, a) in modules.items():
+        a_key, b_key = factor_keys(module)
+        out[a_key] = np.ascontiguousarray(a, dtype=np.float32)
+        out[b_key] = np.ascontiguousarray(b, dtype=np.float32)
+    return out
+
+
+class RoundAggregation(ABC):
+    """One round's streaming aggregation; ``finalize`` commits into the strategy."""
+
+    def __init__(self, strategy: "Strategy", round: int) -> None:
+        self.strategy = strategy
+        self.round = round
+        self.client_ids: list[str] = []
+        self.ranks: dict[str, str] = {}
+        self.total_examples = 0
+        self.seconds = 0.0              # server time spent in add() and finalize()
+        self._losses: list[tuple[float, int]] = []
+        self._done = False
+
+    def add(self, update: ClientUpdate) -> None:
+        if self._done:
+            raise RuntimeError("round already finalized")
+        if update.client_id in self.ranks:
+            raise ValueError(f"client {update.client_id!r} already replied in round {self.round}")
+        t0 = time.perf_counter()
+        self._add(update)
+        self.seconds += time.perf_counter() - t0
+        self.client_ids.append(update.client_id)
+        self.ranks[update.client_id] = RankSpec(rank=update.rank, rank_pattern=update.rank_pattern).label()
+        self.total_examples += update.num_examples
+        if "train_loss" in update.metrics:
+            self._losses.append((float(update.metrics["train_loss"]), update.num_examples))
+
+    def finalize(self) -> RoundResult:
+        if self._done:
+            raise RuntimeError("round already finalized")
+        need = self.strategy.config.min_clients
+        if len(self.client_ids) < need:
+            raise RoundFailed(f"round {self.round}: {len(self.client_ids)} valid replies, "
+                              f"min_clients={need}; global state left unchanged")
+        t0 = time.perf_counter()
+        self._finalize()
+        self.seconds += time.perf_counter() - t0
+        self._done = True
+        self.strategy.rounds_completed = self.round
+        metrics = {}
+        if self._losses:
+            n = sum(w for _, w in self._losses)
+            metrics["train_loss"] = sum(l * w for l, w in self._losses) / n
+        return RoundResult(round=self.round, num_clients=len(self.client_ids),
+                           total_examples=self.total_examples, aggregation_s=self.seconds,
+                           client_ids=list(self.client_ids), ranks=dict(self.ranks), metrics=metrics)
+
+    @abstractmethod
+    def _add(self, update: ClientUpdate) -> None: ...
+
+    @abstractmethod
+    def _finalize(self) -> None: ...
+
+
+class Strategy(ABC):
+    """Common interface of the federated LoRA strategies (see module docstring)."""
+
+    name: str = "base"
+    merge_into_base: bool = False    # FLoRA-style: clients merge what they receive
+
+    def __init__(self, config: StrategyConfig | None = None) -> None:
+        self.config = config or StrategyConfig()
+        self.rounds_completed = 0
+
+    # --- what each client gets -------------------------------------------------------
+    def assign_rank(self, spec: RankSpec) -> RankSpec:
+        """The rank a client trains at, given what its device can afford (default: that)."""
+        return spec
+
+    @abstractmethod
+    def configure(self, *, client_id: str, spec: RankSpec, round: int) -> GlobalFactors | None:
+        """The message for one client, or None when there is no global adapter yet."""
+
+    def _message(self, factors: dict[str, np.ndarray], spec: RankSpec, round: int,
+                 *, alpha: float | None = None) -> GlobalFactors:
+        return GlobalFactors(factors=factors, rank=spec.rank, rank_pattern=dict(spec.rank_pattern),
+                             alpha=float(self.config.alpha if alpha is None else alpha),
+                             rslora=self.config.rslora, round=round, strategy=self.name,
+                             base_model=self.config.base_model, merge_into_base=self.merge_into_base)
+
+    def send_scaling(self, rank: int) -> float:
+        return scaling(self.config.alpha, rank, self.config.rslora)
+
+    # --- how replies are aggregated ----------------------------------------------------
+    def decode_reply(self, data: bytes, *, spec: RankSpec) -> ClientUpdate:
+        """Decode and validate one reply against what was assigned; ValueError says why."""
+        update = decode_update(data, expected_base_model=self.config.base_model)
+        self.check_ranks(update, spec)
+        return update
+
+    @staticmethod
+    def check_ranks(update: ClientUpdate, spec: RankSpec) -> None:
+        for module in update.modules():
+            got = update.factors[module + ".lora_A.weight"].shape[0]
+            allowed = spec.module_rank(module)
+            if got > allowed:
+                raise ValueError(f"client {update.client_id!r}: module {module!r} has rank {got}, "
+                                 f"above the assigned {allowed}")
+
+    @abstractmethod
+    def begin_round(self, round: int) -> RoundAggregation: ...
+
+    def aggregate(self, updates: Iterable[ClientUpdate], *, round: int) -> RoundResult:
+        agg = self.begin_round(round)
+        for update in updates:
+            agg.add(update)
+        return agg.finalize()
+
+    # --- global model and state --------------------------------------------------------
+    @abstractmethod
+    def global_delta(self) -> dict[str, np.ndarray]:
+        """peft module path -> dW (d_out x d_in) of the global model; empty before round 1."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, np.ndarray]: ...
+
+    def state_meta(self) -> dict:
+        return {"strategy": self.name, "rounds_completed": self.rounds_completed}
+
+    @abstractmethod
+    def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping) -> None: ...
+
+    def _check_meta(self, meta: Mapping) -> None:
+        if meta.get("strategy") != self.name:
+            raise ValueError(f"checkpoint is for strategy {meta.get('strategy')!r}, not {self.name!r}")
+        self.rounds_completed = int(meta.get("rounds_completed", 0))

@@ -1,0 +1,59 @@
+"""CPU-side logic of the CUDA facade: availability probing, device resolution, input
+detection. Runs everywhere (no GPU, no CUDA build needed)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server import cuda
+
+
+def test_available_never_raises_and_explains():
+    ok, why = cuda.available()
+    assert isinstance(ok, bool) and isinstance(why, str) and why
+
+
+def test_resolve_device_cpu_and_auto_follow_availability():
+    ok, _ = cuda.available()
+    assert cuda.resolve_device("cpu") == "cpu"
+    assert cuda.resolve_device("auto") == ("cuda" if ok else "cpu")
+
+
+def test_resolve_device_cuda_without_backend_names_the_reason():
+    ok, why = cuda.available()
+    if ok:
+        assert cuda.resolve_device("cuda") == "cuda"
+    else:
+        with pytest.raises(RuntimeError, match="unavailable"):
+            cuda.resolve_device("cuda")
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", None, 0])
+def test_resolve_device_rejects_unknown_names(bad):
+    with pytest.raises(ValueError, match="device must be"):
+        cuda.resolve_device(bad)
+
+
+class _FakeDeviceArray:
+    __cuda_array_interface__ = {"shape": (2, 2), "typestr": "<f4", "data": (0, False),
+                                "version": 3}
+
+
+def test_is_device_input_detects_device_arrays_only():
+    import torch
+    host = np.zeros((3, 2), np.float32)
+    assert not cuda.is_device_input(host)
+    assert not cuda.is_device_input([host, host])
+    assert not cuda.is_device_input([[torch.zeros(2, 2)]])
+    assert not cuda.is_device_input([])
+    assert cuda.is_device_input(_FakeDeviceArray())
+    assert cuda.is_device_input([[_FakeDeviceArray()]])
+
+
+def test_linalg_functions_without_backend_raise_clear_error():
+    ok, why = cuda.available()
+    if ok:
+        pytest.skip("the backend is available here; the GPU tests cover it")
+    B, A = np.ones((4, 2), np.float32), np.ones((2, 3), np.float32)
+    with pytest.raises(RuntimeError, match="FLEXLORA_CUDA|device|driver|torch"):
+        cuda.lowrank_svd([B], [A], [1.0], 1)
