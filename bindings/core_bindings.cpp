@@ -206,4 +206,6 @@ PYBIND11_MODULE(_core, m) {
   m.def("hardware_threads", &flexlora::hardware_threads);
   m.def("blas_config", &flexlora::blas_config);
   m.attr("kExactPreference") = flexlora::kExactPreference;
+  m.attr("kAutoEnergyTol") = flexlora::kAutoEnergyTol;
+  m.attr("kAutoMaxPowerIters") = flexlora::kAutoMaxPowerIters;
 }

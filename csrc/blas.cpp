@@ -3,12 +3,37 @@
 #include <cblas.h>
 #include <lapacke.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
 namespace flexlora::detail {
+
+namespace {
+constexpr size_t kHuge = size_t{2} << 20;  // 2 MiB
+}
+
+void* big_alloc(size_t bytes) {
+  if (bytes < 4 * kHuge) {
+    void* p = std::malloc(bytes ? bytes : 1);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+  void* p = std::aligned_alloc(kHuge, rounded);
+  if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  madvise(p, rounded, MADV_HUGEPAGE);  // advisory; ignored where THP is off
+#endif
+  return p;
+}
+
+void big_free(void* p, size_t) noexcept { std::free(p); }
 
 void gemm(bool transA, bool transB, int m, int n, int k, float alpha, const float* A,
           int lda, const float* B, int ldb, float beta, float* C, int ldc) {
@@ -56,6 +81,69 @@ void thin_svd(Mat& a, Mat& U, std::vector<float>& S, Mat& Vt) {
                                 m, Vt.p(), k, superb.data());
     if (info != 0) throw std::runtime_error("sgesvd failed, info=" + std::to_string(info));
   }
+}
+
+std::vector<double> gram(const Mat& X, bool rows) {
+  const int m = rows ? X.cols : X.rows, n = rows ? X.rows : X.cols;
+  std::vector<float> g(static_cast<size_t>(n) * n, 0.0f);
+  if (n > 0 && m > 0)
+    scipy_cblas_ssyrk(CblasColMajor, CblasUpper, rows ? CblasNoTrans : CblasTrans, n, m, 1.0f,
+                      X.p(), X.rows, 0.0f, g.data(), n);
+  std::vector<double> G(g.size());
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i <= j; ++i) {
+      const double v = g[i + static_cast<size_t>(j) * n];
+      G[i + static_cast<size_t>(j) * n] = v;
+      G[j + static_cast<size_t>(i) * n] = v;
+    }
+  return G;
+}
+
+namespace {
+// One Cholesky-QR step: X <- X R^{-1} with G + shift I = R^T R. Without a shift it refuses
+// (returns false, X untouched) when a pivot falls below kMinPivot * max diag(G): then
+// cond(X)^2 > ~1e6 and the float32 Gram has lost X's small directions.
+bool cholqr_step(Mat& X, std::vector<double> G, double shift_rel) {
+  constexpr double kMinPivot = 1e-6;
+  const int n = X.cols;
+  double gmax = 0.0;
+  for (int i = 0; i < n; ++i) gmax = std::max(gmax, G[i + static_cast<size_t>(i) * n]);
+  if (!(gmax > 0.0) || !std::isfinite(gmax)) return false;
+  for (int i = 0; i < n; ++i) G[i + static_cast<size_t>(i) * n] += shift_rel * gmax;
+  if (scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', n, G.data(), n) != 0) return false;
+  std::vector<float> R(static_cast<size_t>(n) * n, 0.0f);
+  for (int j = 0; j < n; ++j) {
+    const double d = G[j + static_cast<size_t>(j) * n];
+    if (!(d * d > kMinPivot * gmax)) return false;
+    for (int i = 0; i <= j; ++i)
+      R[i + static_cast<size_t>(j) * n] = static_cast<float>(G[i + static_cast<size_t>(j) * n]);
+  }
+  scipy_cblas_strsm(CblasColMajor, CblasRight, CblasUpper, CblasNoTrans, CblasNonUnit, X.rows,
+                    n, 1.0f, R.data(), n, X.p(), X.rows);
+  return true;
+}
+}  // namespace
+
+void orthonormalize(Mat& X, const std::vector<double>* G0) {
+  // CholQR2; if X is too ill-conditioned for a plain first step, shifted CholQR3 (Fukaya et
+  // al., SISC 2020): the shift 1e-5 max diag(G) keeps the Cholesky positive and leaves a
+  // basis with cond <= ~300, which two plain steps then make orthonormal.
+  if (X.cols == 0 || X.rows == 0) return;
+  if (X.rows >= X.cols) {
+    bool ok = cholqr_step(X, G0 ? *G0 : gram(X), 0.0);
+    if (!ok) ok = cholqr_step(X, G0 ? *G0 : gram(X), 1e-5) && cholqr_step(X, gram(X), 0.0);
+    if (ok && cholqr_step(X, gram(X), 0.0)) return;
+  }
+  thin_qr(X, nullptr);  // wide, rank-deficient or non-finite: Householder, always stable
+}
+
+double top_eigen_sum(std::vector<double>& G, int n, int k) {
+  std::vector<double> w(n);
+  if (scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', n, G.data(), n, w.data()) != 0)
+    throw std::runtime_error("dsyevd failed");
+  double s = 0.0;  // ascending order
+  for (int i = std::max(0, n - k); i < n; ++i) s += std::max(0.0, w[i]);
+  return s;
 }
 
 namespace {

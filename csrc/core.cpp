@@ -46,6 +46,7 @@ int64_t FactorSet::total_rank() const {
 // ---------------------------------------------------------------- cost model
 namespace {
 constexpr double kQrWeight = 2.0, kSvdWeight = 4.0;  // relative to GEMM efficiency
+constexpr double kFactoredPassWeight = 1.0;
 
 double qr_flops(double m, double n) {  // sgeqrf + sorgqr of the thin Q
   const double k = std::min(m, n), big = std::max(m, n);
@@ -60,7 +61,9 @@ double svd_flops(double m, double n) {  // sgesdd, thin vectors
 RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& opt) {
   const double m = d_out, n = d_in, R = static_cast<double>(total_rank), r = opt.rank;
   const double l = std::min<double>({static_cast<double>(opt.rank + std::max(0, opt.oversample)), m, n});
-  const double q = std::max(0, opt.power_iters);
+  const bool adaptive = opt.method == Method::Auto;
+  // auto iterates adaptively: price it at the typical count, not the minimum
+  const double q = std::max(0, opt.power_iters) + (adaptive ? kAutoPlanExtraIters : 0);
   RoutePlan p;
   const double kb = std::min(m, R), ka = std::min(n, R);
   const double ex_gemm = 2 * kb * ka * R + 2 * m * kb * r + 2 * n * ka * r;
@@ -68,20 +71,29 @@ RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& 
   p.flops_exact = ex_gemm + ex_qr + ex_svd;
   p.cost_exact = ex_gemm + kQrWeight * ex_qr + kSvdWeight * ex_svd;
 
-  const double rq_qr = (q + 1) * qr_flops(m, l) + q * qr_flops(n, l);
-  const double rq_svd = svd_flops(n, l), rq_tail = 2 * m * l * r;
-  const double rf_gemm = (2 * q + 2) * 2 * l * R * (m + n) + rq_tail;
-  p.flops_randomized = rf_gemm + rq_qr + rq_svd;
-  p.cost_randomized = rf_gemm + kQrWeight * rq_qr + kSvdWeight * rq_svd;
+  // Randomized routes: 2q+2 operator passes of width l; CholQR2 after each of the 2q+1
+  // products but the last (2 syrk + 2 trsm, BLAS-3 speed: 4 d l^2); the final SVD of the
+  // (n x l) projection; auto adds a Gram eigenvalue problem per iteration (~4 l^3 x SVD).
+  const double orth = (q + 1) * 4 * m * l * l + q * 4 * n * l * l;
+  const double rq_svd = svd_flops(n, l) + (adaptive ? q * 4 * l * l * l : 0.0);
+  const double rq_tail = 2 * m * l * r;
+  // Passes through the factors run as two thin GEMMs (inner size R), measured slower per
+  // FLOP than one square pass over dW: kFactoredPassWeight. auto's factored route also
+  // needs ||M||_F^2 = <Bc^T Bc, At^T At>: two R x R syrk.
+  const double rf_pass = (2 * q + 2) * 2 * l * R * (m + n);
+  const double rf_norm = adaptive ? R * R * (m + n) : 0.0;
+  p.flops_randomized = rf_pass + rf_norm + orth + rq_svd + rq_tail;
+  p.cost_randomized = kFactoredPassWeight * rf_pass + rf_norm + orth + kSvdWeight * rq_svd +
+                      rq_tail;
 
   const double form = 2 * m * n * R;
   if (opt.dense_exact) {
     p.flops_dense = form + svd_flops(m, n);
     p.cost_dense = form + kSvdWeight * svd_flops(m, n);
   } else {
-    const double dn_gemm = form + (2 * q + 2) * 2 * m * n * l + rq_tail;
-    p.flops_dense = dn_gemm + rq_qr + rq_svd;
-    p.cost_dense = dn_gemm + kQrWeight * rq_qr + kSvdWeight * rq_svd;
+    const double dn_pass = (2 * q + 2) * 2 * m * n * l;
+    p.flops_dense = form + dn_pass + orth + rq_svd + rq_tail;
+    p.cost_dense = form + dn_pass + orth + kSvdWeight * rq_svd + rq_tail;
   }
   const double best_approx = std::min(p.cost_randomized, p.cost_dense);
   std::ostringstream why;
@@ -134,24 +146,25 @@ void run_task(BatchTask& t) {
       exact_dense(t.dense, m, n, t.dense_scale, t.opt, t.out);
       t.out.route = Method::Exact;
     } else {
-      randomized_dense(t.dense, m, n, t.dense_scale, t.opt, t.out);
+      randomized_dense(t.dense, m, n, t.dense_scale, t.opt, t.out, false);
       t.out.route = Method::Dense;
     }
     return;
   }
   check_factors(t.factors);
   Method route = t.opt.method;
+  const bool adaptive = route == Method::Auto;
   if (route == Method::Auto)
     route = plan_route(t.factors.d_out, t.factors.d_in, t.factors.total_rank(), t.opt).method;
   Factored F = concat_factors(t.factors);
   switch (route) {
     case Method::Exact: exact_factored(F, t.opt, t.out); break;
-    case Method::Randomized: randomized_factored(F, t.opt, t.out); break;
+    case Method::Randomized: randomized_factored(F, t.opt, t.out, adaptive); break;
     default: {
       Mat W = form_dense(F);
       F = Factored{};  // release the factors before the SVD
       if (t.opt.dense_exact) exact_dense(W.p(), W.cols, W.rows, 1.0f, t.opt, t.out);
-      else randomized_dense(W.p(), W.cols, W.rows, 1.0f, t.opt, t.out);
+      else randomized_dense(W.p(), W.cols, W.rows, 1.0f, t.opt, t.out, adaptive);
       route = Method::Dense;
     }
   }
@@ -247,7 +260,7 @@ void weighted_sum(const FactorSet& f, float* out, float beta, int threads) {
     return;
   }
   Factored F = concat_factors(f);  // one GEMM over the concatenated factors
-  gemm(false, true, n, m, F.R, 1.0f, F.At.p(), n, F.Bc.p(), m, beta, out, n);
+  gemm(false, false, n, m, F.R, 1.0f, F.At.p(), n, F.BcT.p(), F.R, beta, out, n);
 }
 
 }  // namespace flexlora

@@ -7,10 +7,12 @@
 namespace flexlora::detail {
 
 // The factored operator M = Bc * At^T (d_out x d_in) where Bc = [B_1 .. B_K] (d_out x R)
-// and At = [w_1 A_1; ..; w_K A_K]^T (d_in x R), both column-major copies of the inputs.
+// and At = [w_1 A_1; ..; w_K A_K]^T (d_in x R). Both are stored as the row-major
+// concatenations of the inputs (row copies, no transposes): BcT is Bc^T column-major
+// (R x d_out), At is column-major (d_in x R).
 struct Factored {
   int m = 0, n = 0, R = 0;
-  Mat Bc, At;
+  Mat BcT, At;
 };
 Factored concat_factors(const FactorSet& f);
 
@@ -18,10 +20,16 @@ Factored concat_factors(const FactorSet& f);
 Mat form_dense(const Factored& F);
 
 void exact_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out);
-void randomized_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out);
+// Randomized routes; adaptive: auto's accuracy-driven power iterations (see routes.cpp).
+// Return the number of power iterations run.
+int randomized_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out,
+                        bool adaptive);
 // W is M^T column-major (d_in x d_out), i.e. M row-major; scale multiplies M.
-void randomized_dense(const float* W, int m, int n, float scale, const SvdOptions& opt,
-                      SvdOutput& out);
+int randomized_dense(const float* W, int m, int n, float scale, const SvdOptions& opt,
+                     SvdOutput& out, bool adaptive);
+// ||M||_F^2 in double.
+double frobenius2(const Factored& F);
+double frobenius2(const float* W, size_t count);
 void exact_dense(const float* W, int m, int n, float scale, const SvdOptions& opt,
                  SvdOutput& out);
 

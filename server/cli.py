@@ -71,8 +71,33 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_experiment(p: argparse.ArgumentParser) -> None:
+    from server.experiments import cli as experiments_cli
+    experiments_cli.add_arguments(p)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from server.experiments import cli as experiments_cli
+    return experiments_cli.run(args)
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    from server.bench import cli as bench_cli
+    kinds = p.add_subparsers(dest="bench_kind", required=True)
+    bench_cli.add_arguments(kinds.add_parser("svd", help=bench_cli.HELP, description=bench_cli.HELP))
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from server.bench import cli as bench_cli
+    return bench_cli.run(args)
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "simulate": ("run a whole federation in this process (the default)", _add_simulate, _run_simulate),
+    "experiment": ("run the strategy x rank-distribution x seed comparison grid and write its report",
+                   _add_experiment, _run_experiment),
+    "bench": ("benchmarks: 'flexlora bench svd' times truncated-SVD kernels with their accuracy",
+              _add_bench, _run_bench),
 }
 
 

@@ -51,6 +51,16 @@ struct SvdOutput {
   Method route = Method::Auto;         // set to the route actually taken
 };
 
+// method="auto" on a randomized route treats power_iters as a minimum and keeps iterating
+// until one iteration lowers the residual energy ||M||_F^2 - sum_{i<rank} sigma_i^2 of the
+// current subspace by at most kAutoEnergyTol of itself, or until
+// max(power_iters, kAutoMaxPowerIters) iterations (rationale in csrc/routes.cpp). The
+// planner prices auto's randomized routes at power_iters + kAutoPlanExtraIters iterations.
+// Explicit "randomized" / "dense" run exactly power_iters iterations.
+constexpr double kAutoEnergyTol = 1e-2;
+constexpr int kAutoMaxPowerIters = 10;
+constexpr int kAutoPlanExtraIters = 2;
+
 // Cost model (floating-point operations, weighted by how efficiently each kind of kernel
 // runs: GEMM x1, QR x2, SVD x4) behind the auto planner.
 struct RoutePlan {

@@ -23,7 +23,7 @@ system reserve) the five classes land on r8, r30, r30_200 and r200: heterogeneou
 ``--rank-distribution NAME`` instead draws client types with the probabilities of
 ``rank_distributions[NAME]`` in workloads.json (the paper's setups).
 
-The shipped demo model is 16 times narrower than the planning model, so client types map to
+The shipped demo model (hidden 96) is about 21 times narrower than the planning model (2048), so client types map to
 demo ranks with ``DEMO_RANKS`` (order-preserving: r8 -> 2, r30 -> 4, r200 -> 16; r30_200 is
 4 on attention and 16 on the FFN). A real ``--model`` trains at the client types' own ranks.
 """

@@ -22,7 +22,9 @@ def load_base(model: str | os.PathLike | None = None):
     """``(model, tokenizer)`` in float32 eval mode; None means the shipped tiny model."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones on stderr
     src = str(model) if model is not None else str(ASSET_MODEL)
     if model is None and not (ASSET_MODEL / "config.json").exists():
         raise ValueError(f"the shipped base model is missing at {ASSET_MODEL}; "

@@ -34,7 +34,7 @@ class SuiteConfig:
     num_heldout: int = 4
     min_examples: int = 24
     max_examples: int = 64
-    heldout_examples: int = 16          # per held-out client
+    heldout_examples: int = 24          # per held-out client
     families: Sequence[str] = field(default_factory=lambda: list(FAMILIES))
     seed: int = 0
 

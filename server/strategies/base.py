@@ -73,6 +73,7 @@ class StrategyConfig:
     rslora: bool = False
     min_clients: int = 1             # valid replies a round needs
     base_model: str | None = None    # fingerprint replies must carry (None: not checked)
+    module_shapes: Mapping[str, tuple[int, int]] | None = None   # module -> (d_out, d_in); None: not checked
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -208,7 +209,23 @@ class Strategy(ABC):
         """Decode and validate one reply against what was assigned; ValueError says why."""
         update = decode_update(data, expected_base_model=self.config.base_model)
         self.check_ranks(update, spec)
+        if self.config.module_shapes is not None:
+            self.check_shapes(update, self.config.module_shapes)
         return update
+
+    @staticmethod
+    def check_shapes(update: ClientUpdate, shapes: Mapping[str, tuple[int, int]]) -> None:
+        """Every module must exist in the base model with the factors' outer dimensions."""
+        for module in update.modules():
+            if module not in shapes:
+                raise ValueError(f"client {update.client_id!r}: module {module!r} is not a LoRA target "
+                                 f"of the base model")
+            d_out, d_in = shapes[module]
+            a = update.factors[module + ".lora_A.weight"]
+            b = update.factors[module + ".lora_B.weight"]
+            if a.shape[1] != d_in or b.shape[0] != d_out:
+                raise ValueError(f"client {update.client_id!r}: module {module!r} factors are "
+                                 f"B {b.shape} / A {a.shape}, the base weight is {d_out}x{d_in}")
 
     @staticmethod
     def check_ranks(update: ClientUpdate, spec: RankSpec) -> None:

@@ -55,7 +55,7 @@ def test_device_mix_gives_heterogeneous_ranks_from_the_rank_policy():
 def test_faulty_replies_are_rejected_with_reasons_and_round_goes_on(caplog):
     faults = {"client-000": "nan", "client-001": "truncated", "client-002": "wrong_base", "client-003": "rank_above",
               "client-004": "bad_shape", "client-005": "straggler"}
-    cfg = SimulationConfig(rounds=1, **{**SMALL, "num_clients": 7}, faults=faults, client_timeout_s=0.5)
+    cfg = SimulationConfig(rounds=1, **{**SMALL, "num_clients": 7}, faults=faults, client_timeout_s=5.0)
     with caplog.at_level(logging.WARNING, logger="flexlora.simulate"):
         doc = run_simulation(cfg)
     rej = doc["rounds"][0]["rejected"]
@@ -63,7 +63,7 @@ def test_faulty_replies_are_rejected_with_reasons_and_round_goes_on(caplog):
     assert "NaN" in rej["client-000"]
     assert "base_model" in rej["client-002"]
     assert "above the assigned" in rej["client-003"]
-    assert "no reply within 0.5 s" in rej["client-005"]
+    assert "no reply within 5 s" in rej["client-005"]
     for cid in faults:
         assert cid in caplog.text
 

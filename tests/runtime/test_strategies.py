@@ -169,3 +169,15 @@ def test_unknown_strategy_and_bad_config():
         StrategyConfig(min_clients=0)
     with pytest.raises(ValueError, match="rank"):
         RankSpec(rank=0)
+
+
+def test_decode_reply_checks_shapes_against_the_base_model():
+    st = HetLoRA(StrategyConfig(module_shapes=MODULES))
+    good = make_update("c0", 2, seed=0)
+    st.decode_reply(encode_update(good), spec=RankSpec(rank=2))
+    narrow = make_update("c1", 2, seed=1, modules={m: (o, i - 1) for m, (o, i) in MODULES.items()})
+    with pytest.raises(ValueError, match=r"the base weight is (12|20)x12"):
+        st.decode_reply(encode_update(narrow), spec=RankSpec(rank=2))
+    alien = make_update("c2", 2, seed=2, modules={"base_model.model.x.q_proj": (12, 12)})
+    with pytest.raises(ValueError, match="not a LoRA target"):
+        st.decode_reply(encode_update(alien), spec=RankSpec(rank=2))

@@ -1,0 +1,88 @@
+"""The Flower run configuration (``[tool.flwr.app.config]``, ``flwr run --run-config``) and how
+it maps onto the embedded runtime's ``SimulationConfig``, so that both runtimes take their
+defaults and validation from one place.
+
+Keys (Flower style, hyphenated): ``strategy``, ``num-server-rounds``, ``seed``, ``num-heldout``,
+``rank-distribution`` ("" = device mix + rank policy), ``fedit-rank``, ``model`` ("" = the
+shipped tiny model), ``data`` ("" = the bundled suite), ``local-steps``, ``batch-size``, ``lr``,
+``alpha``, ``max-length``, ``min-clients``, ``min-nodes`` (nodes to wait for), ``node-wait-s``,
+``round-timeout-s``, ``evaluate``, ``eval-max-new-tokens``, ``output-dir``, ``resume``,
+``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..simulation.runtime import SimulationConfig
+
+__all__ = ["FlowerRunConfig", "simulation_config"]
+
+
+def _get(cfg: Mapping, key: str, default, kind):
+    value = cfg.get(key, default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"run config {key!r} must be true or false, got {value!r}")
+        return value
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"run config {key!r} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"run config {key!r} must be a number, got {value!r}")
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"run config {key!r} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(kw_only=True)
+class FlowerRunConfig:
+    """Server-side settings of a Flower run that the embedded runtime does not have."""
+    num_rounds: int = 3
+    min_nodes: int = 2
+    node_wait_s: float = 120.0
+    round_timeout_s: float = 600.0
+    evaluate: bool = True
+    output_dir: str = "runs/flower"
+    resume: bool = False
+    client_task: str = "simulated"
+
+    def __post_init__(self) -> None:
+        for name in ("num_rounds", "min_nodes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("node_wait_s", "round_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.client_task not in ("simulated", "edge"):
+            raise ValueError(f"client_task must be 'simulated' or 'edge', got {self.client_task!r}")
+        if not self.output_dir:
+            raise ValueError("output_dir must be a non-empty path")
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping) -> "FlowerRunConfig":
+        return cls(num_rounds=_get(cfg, "num-server-rounds", 3, int), min_nodes=_get(cfg, "min-nodes", 2, int),
+                   node_wait_s=_get(cfg, "node-wait-s", 120.0, float),
+                   round_timeout_s=_get(cfg, "round-timeout-s", 600.0, float),
+                   evaluate=_get(cfg, "evaluate", True, bool), output_dir=_get(cfg, "output-dir", "runs/flower", str),
+                   resume=_get(cfg, "resume", False, bool), client_task=_get(cfg, "client-task", "simulated", str))
+
+
+def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
+    """The ``SimulationConfig`` the embedded runtime would run with for these settings."""
+    def opt_str(key: str) -> str | None:
+        return _get(cfg, key, "", str) or None
+
+    threads = _get(cfg, "threads", 0, int)
+    return SimulationConfig(
+        strategy=_get(cfg, "strategy", "flexlora", str), rounds=_get(cfg, "num-server-rounds", 3, int),
+        num_clients=num_clients, num_heldout=_get(cfg, "num-heldout", 4, int), seed=_get(cfg, "seed", 0, int),
+        rank_distribution=opt_str("rank-distribution"), fedit_rank=_get(cfg, "fedit-rank", "min", str),
+        model=opt_str("model"), data=opt_str("data"), local_steps=_get(cfg, "local-steps", 12, int),
+        batch_size=_get(cfg, "batch-size", 8, int), lr=_get(cfg, "lr", 1e-2, float),
+        alpha=_get(cfg, "alpha", 16.0, float), max_length=_get(cfg, "max-length", 64, int),
+        min_clients=_get(cfg, "min-clients", 1, int),
+        eval_max_new_tokens=_get(cfg, "eval-max-new-tokens", 16, int), threads=threads or None, progress=False)

@@ -1,0 +1,121 @@
+"""A simulated device of the embedded runtime behind a Flower SuperNode (``client-task=simulated``).
+
+SuperNode ``--node-config "partition-id=P num-partitions=N"`` makes the node the P-th client
+(in sorted client-id order) of the federation ``flexlora simulate`` builds for N clients with
+the run's seed: the same bundled suite (or ``data`` JSONL), the same device mix and rank
+policy, the same base model and the same local training function
+(``server.simulation.local_train.train_client``) with the per-client seed the server sends.
+That is what makes a Flower run reproduce the embedded run's adapter for the same seed.
+FLoRA's merged updates persist across rounds in the node's Flower ``Context.state``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import numpy as np
+
+from edge_client.flower_app import NodeProbe, TrainOrder
+from edge_client.update import ClientUpdate
+
+from ..strategies.base import RankSpec
+from ..simulation.devices import DEMO_RANKS, assign_devices
+from ..simulation.local_train import TrainConfig, train_client
+from ..simulation.model import TARGET_MODULES, apply_delta, fingerprint, load_base
+from ..simulation.suite import SuiteConfig, build_suite, load_suite_from_jsonl
+from .config import simulation_config
+
+__all__ = ["SimulatedTask", "build_suite_for", "train_config_for"]
+
+_MERGED_KEY = "flexlora.client-delta"
+
+
+def build_suite_for(cfg):
+    """The suite the embedded runtime builds for ``cfg`` (a ``SimulationConfig``)."""
+    if cfg.data:
+        return load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
+                                     seed=cfg.seed)
+    return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout, seed=cfg.seed))
+
+
+def train_config_for(cfg) -> TrainConfig:
+    return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
+                       max_length=cfg.max_length, target_modules=TARGET_MODULES)
+
+
+def _node_int(node_config: Mapping, key: str) -> int:
+    if key not in node_config:
+        raise ValueError(f"client-task 'simulated' needs --node-config {key}=<int>")
+    value = node_config[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"node config {key!r} must be an integer, got {value!r}")
+    return int(value)
+
+
+class SimulatedTask:
+    def __init__(self, node_config: Mapping, run_config: Mapping, node_id: int) -> None:
+        import torch
+
+        num = _node_int(node_config, "num-partitions")
+        part = _node_int(node_config, "partition-id")
+        if num < 1 or not 0 <= part < num:
+            raise ValueError(f"partition-id must be in [0, num-partitions={num}), got {part}")
+        self.cfg = simulation_config(run_config, num_clients=num)
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        suite = build_suite_for(self.cfg)
+        clients = {c.client_id: c for c in suite.train}
+        ids = sorted(clients)
+        if part >= len(ids):
+            raise ValueError(f"partition-id {part}: the data gives only {len(ids)} clients")
+        self.client_id = ids[part]
+        self.examples = clients[self.client_id].examples
+        rank_map = DEMO_RANKS if self.cfg.model is None else None
+        devices = {d.client_id: d for d in assign_devices(ids, seed=self.cfg.seed,
+                                                          rank_distribution=self.cfg.rank_distribution,
+                                                          rank_map=rank_map)}
+        self.device = devices[self.client_id]
+        if "rank" in node_config:  # an explicit rank overrides the simulated device
+            from edge_client.flower_app import parse_rank_pattern
+
+            self.spec = RankSpec(rank=int(node_config["rank"]),
+                                 rank_pattern=parse_rank_pattern(node_config.get("rank-pattern", "")))
+        else:
+            self.spec = self.device.spec
+        self.train_cfg = train_config_for(self.cfg)
+        self.model = None          # loaded on the first train message (a probe does not need it)
+
+    def _load(self) -> None:
+        if self.model is None:
+            self.model, self.tokenizer = load_base(self.cfg.model)
+            self.fingerprint = fingerprint(self.model)
+            self.base_state = copy.deepcopy(self.model.state_dict())
+
+    def describe(self) -> NodeProbe:
+        return NodeProbe(client_id=self.client_id, rank=self.spec.rank, rank_pattern=dict(self.spec.rank_pattern),
+                         num_examples=len(self.examples), device=self.device.device,
+                         reasons=list(self.device.reasons))
+
+    def _merged(self, state) -> dict[str, np.ndarray]:
+        if _MERGED_KEY not in state.array_records:
+            return {}
+        return {k: v.numpy() for k, v in state.array_records[_MERGED_KEY].items()}
+
+    def train(self, order: TrainOrder, state) -> ClientUpdate:
+        from flwr.app import Array, ArrayRecord
+
+        self._load()
+        init = order.init()
+        merged = self._merged(state)
+        if init is not None and init.merge_into_base:  # FLoRA: fold the stacked update into the base
+            for module in init.modules():
+                a, b = init.factors[module + ".lora_A.weight"], init.factors[module + ".lora_B.weight"]
+                merged[module] = merged.get(module, 0) + init.module_scaling(module) * (b @ a)
+            state.array_records[_MERGED_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
+                                                            for k, v in merged.items()})
+        apply_delta(self.model, self.base_state, merged)
+        spec = RankSpec(rank=order.rank, rank_pattern=order.rank_pattern)
+        return train_client(self.model, self.tokenizer, client_id=self.client_id, examples=self.examples,
+                            spec=spec, init=init, config=self.train_cfg, seed=order.seed,
+                            base_model=self.fingerprint, round=order.round)
