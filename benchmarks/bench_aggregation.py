@@ -15,16 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 
 ROOT = Path(__file__).resolve().parent
 ATTN, FFN = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
@@ -74,73 +71,7 @@ def make_round(wl, scale, mix, seed=0, layers=None):
 
 
 # ----------------------------------------------------------------------------- measuring
-class PeakRSS:
-    """Peak resident memory above the starting point, sampled every 5 ms."""
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.growth_mb = (self.peak - self.base) / 2**20
-
-
-def timed(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times, out, rss = [], None, 0.0
-    for _ in range(repeats):
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            out = fn()
-            times.append(time.perf_counter() - t0)
-        rss = max(rss, mem.growth_mb)
-    return out, times, rss
-
-
-def sgemm_peak(threads):
-    from server import _core
-    n = 2048
-    rng = np.random.default_rng(0)
-    B, A = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
-    _core.weighted_sum([B], [A], [1.0], None, threads)
-    best = min(_timeit(lambda: _core.weighted_sum([B], [A], [1.0], None, threads))
-               for _ in range(3))
-    return 2.0 * n**3 / best / 1e9
-
-
-def _timeit(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def machine(threads):
-    cpu = platform.processor()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-    from server import _core
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "ours_blas": _core.blas_config(),
-            "platform": platform.platform()}
-
+from _measure import PeakRSS, machine, sgemm_peak, timed  # noqa: E402
 
 # ----------------------------------------------------------------------------- methods
 def run_ours(modules, rank, method, threads):
@@ -177,6 +108,27 @@ def run_reference(modules, rank, keep=None):
     return out
 
 
+def optimum_tails(modules, rank):
+    """(dW, ||dW - optimum||_F) per module from a full SVD (untimed)."""
+    import torch
+    from server.reference import reference_delta
+    out = []
+    for _, Bs, As, ws in modules:
+        dW = reference_delta(Bs, As, ws)
+        S = torch.linalg.svdvals(dW).double().numpy()
+        out.append((dW, float(np.sqrt(np.sum(S[rank:] ** 2)))))
+    return out
+
+
+def record(mixres, method, times, rss, err, fl):
+    med = statistics.median(times)
+    mixres[method] = {"median_s": med, "min_s": min(times), "max_s": max(times),
+                      "repeats": len(times), "error_ratio": err, "peak_rss_mb": rss,
+                      "gflops": fl / med / 1e9}
+    print(f"  {method:<10} median {med:8.3f}s  [{min(times):.3f}, {max(times):.3f}]"
+          f"  err/opt {err:.6f}  rss +{rss:7.1f} MB  {fl / med / 1e9:6.1f} GFLOP/s", flush=True)
+
+
 def error_ratio(tails, svds):
     import torch
     worst = 0.0
@@ -196,9 +148,9 @@ def flops(modules, rank, route):
         if route == "auto":
             total += p.flops[p.method]
         elif route in p.flops:
-            total += p.flops[route]
+            total += linalg.plan(m, n, R, rank, method=route).flops[route]
         elif route == "torch":
-            total += p.flops["dense"]
+            total += linalg.plan(m, n, R, rank, method="dense").flops["dense"]
         else:  # reference: per-client products + a full SVD (4mn^2 + 8n^3, n = min)
             s, b = min(m, n), max(m, n)
             total += 2.0 * m * n * R + 4.0 * b * s * s + 8.0 * s**3
@@ -223,7 +175,10 @@ def bench_batched(threads, repeats, warmup):
     _, tb, _ = timed(batched, repeats, warmup)
     _, tl, _ = timed(loop, repeats, warmup)
     _, t1, _ = timed(loop1, repeats, warmup)
+    # same thread budget for both: the batched call runs modules in parallel with 1 BLAS
+    # thread each, the loop runs one module at a time with `threads` BLAS threads
     return {"modules": len(layers), "shape": "256x256, ranks 4+8+8+16, rank 16",
+            "threads": threads,
             "batched_s": statistics.median(tb), "loop_s": statistics.median(tl),
             "loop_1thread_s": statistics.median(t1),
             "speedup": statistics.median(tl) / statistics.median(tb),
@@ -275,6 +230,9 @@ def main(argv=None):
     ap.add_argument("--reference-repeats", type=int, default=1,
                     help="the reference takes minutes; one timed run by default")
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--reference-layers", type=int, default=None,
+                    help="time the reference on only the first N layers and scale its time "
+                         "by modules/timed modules (said in the output); default: all")
     ap.add_argument("--layers", type=int, default=None, help="override the scale's layers")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(ROOT.parent / "results" / "bench_aggregation"))
@@ -299,32 +257,51 @@ def main(argv=None):
         Rs = sorted({sum(b.shape[1] for b in m[1]) for m in modules})
         print(f"\n## {mix}: {len(modules)} modules, {len(types)} clients, R per module {Rs}",
               flush=True)
-        tails, outputs, mixres = [], {}, {}
-        # the reference runs first: its full SVDs give the optimum every error is measured by
-        methods = sorted(methods, key=lambda m: m != "reference")
-        if "reference" not in methods:
-            tails = optimum_tails(modules, args.rank)
+        tails, mixres = [], {}
+        ref_mods = modules
+        if args.reference_layers is not None:
+            ref_mods = modules[: args.reference_layers * len(wl["lora_targets"])]
+        runners = {}
         for method in methods:
             if method == "torch":
-                fn = lambda: run_torch(modules, args.rank)
-            elif method == "reference":
-                fn = lambda: run_reference(modules, args.rank, keep=tails if not tails else None)
-            else:
-                fn = (lambda m: lambda: run_ours(modules, args.rank, m, args.threads))(method)
-            reps = args.reference_repeats if method == "reference" else args.repeats
-            warm = 0 if method == "reference" else args.warmup
-            out, times, rss = timed(fn, reps, warm)
-            med = statistics.median(times)
-            fl = flops(modules, args.rank, method)
-            mixres[method] = {"median_s": med, "min_s": min(times), "max_s": max(times),
-                              "repeats": reps, "error_ratio": error_ratio(tails, out),
-                              "peak_rss_mb": rss, "gflops": fl / med / 1e9}
+                runners[method] = lambda: run_torch(modules, args.rank)
+            elif method != "reference":
+                runners[method] = (lambda m: lambda: run_ours(modules, args.rank, m, args.threads))(method)
+        if "reference" in methods:
+            # the reference runs first: its full SVDs give the optimum errors are measured by
+            keep = []
+            out, times, rss = timed(lambda: run_reference(ref_mods, args.rank, keep=keep),
+                                    args.reference_repeats, 0, collect=keep)
+            tails = keep[: len(ref_mods)] + optimum_tails(modules[len(ref_mods):], args.rank)
+            scale = len(modules) / len(ref_mods)
+            if scale != 1:
+                print(f"  reference timed on {len(ref_mods)} of {len(modules)} modules (whole "
+                      f"layers), time scaled by {scale:.2f}", flush=True)
+            record(mixres, "reference", [t * scale for t in times], rss,
+                   error_ratio(tails, out), flops(modules, args.rank, "reference"))
+        else:
+            tails = optimum_tails(modules, args.rank)
+        # the other methods are timed round-robin (one repeat of each in turn), so load from
+        # other processes drifts over all of them alike; medians and ratios come from one run
+        for fn in runners.values():
+            for _ in range(args.warmup):
+                fn()
+        times = {m: [] for m in runners}
+        rss = {m: 0.0 for m in runners}
+        outs = {}
+        for _ in range(args.repeats):
+            for method, fn in runners.items():
+                with PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    outs[method] = fn()
+                    times[method].append(time.perf_counter() - t0)
+                rss[method] = max(rss[method], mem.growth_mb)
+        for method in runners:
+            record(mixres, method, times[method], rss[method], error_ratio(tails, outs[method]),
+                   flops(modules, args.rank, method))
             if method == "auto":
                 from server import linalg
                 mixres[method]["routes"] = sorted({linalg.plan(b[0].shape[0], a[0].shape[1], sum(x.shape[1] for x in b), args.rank).method for _, b, a, _ in modules})
-            print(f"  {method:<10} median {med:8.3f}s  [{min(times):.3f}, {max(times):.3f}]"
-                  f"  err/opt {mixres[method]['error_ratio']:.6f}  rss +{rss:7.1f} MB"
-                  f"  {mixres[method]['gflops']:6.1f} GFLOP/s", flush=True)
         ref = mixres.get("reference", {}).get("median_s")
         for method, r in mixres.items():
             r["speedup_vs_reference"] = ref / r["median_s"] if ref else None
@@ -351,7 +328,9 @@ def main(argv=None):
 def markdown(rows, extras, info, args):
     lines = [f"Machine: {info['cpu']}, {info['threads']} threads; sgemm peak "
              f"{info['sgemm_peak_gflops']:.1f} GFLOP/s. Scale `{args.scale}`, max_rank {args.rank}, "
-             f"median of {args.repeats} (reference: {args.reference_repeats}).", "",
+             f"median of {args.repeats} (reference: {args.reference_repeats}); methods timed "
+             f"round-robin in one run." + (f" Reference timed on {args.reference_layers} "
+             f"layer(s), scaled to all." if args.reference_layers else ""), "",
              "| mix | method | median s | spread s | vs reference | vs torch | err / optimum | peak RSS +MB | GFLOP/s | % sgemm peak |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for mix, method, r in rows:
@@ -363,7 +342,8 @@ def markdown(rows, extras, info, args):
                      f"{100 * r['gflops'] / info['sgemm_peak_gflops']:.0f}% |")
     if "batched" in extras:
         b = extras["batched"]
-        lines += ["", f"lowrank_svd_batched over {b['modules']} modules ({b['shape']}): "
+        lines += ["", f"lowrank_svd_batched over {b['modules']} modules ({b['shape']}), "
+                  f"{b.get('threads')} threads for both: "
                   f"{b['batched_s']:.3f}s vs Python loop {b['loop_s']:.3f}s = {b['speedup']:.2f}x "
                   f"(loop at 1 BLAS thread: {b['loop_1thread_s']:.3f}s = "
                   f"{b['speedup_vs_1thread_loop']:.2f}x)"]

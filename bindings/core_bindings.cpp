@@ -173,8 +173,10 @@ FArray weighted_sum(const py::sequence& Bs, const py::sequence& As,
 }
 
 py::dict plan(int d_out, int d_in, long long total_rank, int rank, int oversample,
-              int power_iters, bool dense_exact) {
-  SvdOptions o = make_options(rank, "auto", oversample, power_iters, 0, dense_exact);
+              int power_iters, bool dense_exact, const std::string& method) {
+  // method prices the randomized routes: "auto" at its typical adaptive iteration count,
+  // an explicit method at exactly power_iters. The route chosen is always auto's.
+  SvdOptions o = make_options(rank, method, oversample, power_iters, 0, dense_exact);
   const auto p = flexlora::plan_route(d_out, d_in, total_rank, o);
   py::dict d;
   d["method"] = flexlora::method_name(p.method);
@@ -200,7 +202,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out") = py::none(), py::arg("threads") = 0,
         "sum_k weights[k] Bs[k] @ As[k] in one GEMM; accumulates into out when given.");
   m.def("plan", &plan, py::arg("d_out"), py::arg("d_in"), py::arg("total_rank"), py::arg("rank"),
-        py::arg("oversample") = 10, py::arg("power_iters") = 2, py::arg("dense_exact") = false);
+        py::arg("oversample") = 10, py::arg("power_iters") = 2, py::arg("dense_exact") = false,
+        py::arg("method") = "auto");
   m.def("set_num_threads", &flexlora::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &flexlora::get_num_threads);
   m.def("hardware_threads", &flexlora::hardware_threads);

@@ -77,9 +77,10 @@ RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& 
   const double orth = (q + 1) * 4 * m * l * l + q * 4 * n * l * l;
   const double rq_svd = svd_flops(n, l) + (adaptive ? q * 4 * l * l * l : 0.0);
   const double rq_tail = 2 * m * l * r;
-  // Passes through the factors run as two thin GEMMs (inner size R), measured slower per
-  // FLOP than one square pass over dW: kFactoredPassWeight. auto's factored route also
-  // needs ||M||_F^2 = <Bc^T Bc, At^T At>: two R x R syrk.
+  // Passes through the factors run as two thin GEMMs (inner size R) at about GEMM speed
+  // (kFactoredPassWeight = 1) but cost 2 l R (m + n) each against 2 l m n for a pass over
+  // dW, so above R ~ mn/(m+n) forming dW once wins. auto's factored route also needs
+  // ||M||_F^2 = <Bc^T Bc, At^T At> for its stopping rule: two R x R syrk, priced here.
   const double rf_pass = (2 * q + 2) * 2 * l * R * (m + n);
   const double rf_norm = adaptive ? R * R * (m + n) : 0.0;
   p.flops_randomized = rf_pass + rf_norm + orth + rq_svd + rq_tail;
@@ -146,7 +147,9 @@ void run_task(BatchTask& t) {
       exact_dense(t.dense, m, n, t.dense_scale, t.opt, t.out);
       t.out.route = Method::Exact;
     } else {
-      randomized_dense(t.dense, m, n, t.dense_scale, t.opt, t.out, false);
+      // a dense task under auto (the aggregator's folded accumulators) iterates adaptively
+      randomized_dense(t.dense, m, n, t.dense_scale, t.opt, t.out,
+                       t.opt.method == Method::Auto);
       t.out.route = Method::Dense;
     }
     return;

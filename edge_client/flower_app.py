@@ -21,12 +21,18 @@ What a node trains on is a *local task* chosen by the run config key ``client-ta
   selected by ``partition-id`` / ``num-partitions``; it runs exactly the simulation's local
   training so a Flower run reproduces ``flexlora simulate``. It is loaded by name only when
   asked for, so a device install of the edge client never imports the server.
+
+Fault injection, for tests only: ``--node-config fault=garbage`` makes the node reply to every
+train message with corrupt update bytes (its real update's length, random content after the
+8-byte header length), which the server must reject. It is honoured only when the SuperNode's
+environment has ``FLEXLORA_TEST_FAULTS=1``; otherwise such a node fails its train messages.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,7 +41,7 @@ from flwr.clientapp import ClientApp
 
 from .update import ClientUpdate, GlobalFactors, decode_global, encode_update
 
-__all__ = ["QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "TASKS", "NodeProbe",
+__all__ = ["FAULT_ENV", "garbage_bytes", "QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "TASKS", "NodeProbe",
            "TrainOrder", "EdgeTask", "parse_rank_pattern", "app"]
 
 QUERY_KEY = "flexlora.query"
@@ -43,6 +49,9 @@ PROBE_KEY = "flexlora.probe"
 TRAIN_KEY = "flexlora.train"
 UPDATE_KEY = "flexlora.update"
 METRICS_KEY = "metrics"
+
+FAULT_ENV = "FLEXLORA_TEST_FAULTS"
+NODE_FAULTS = ("garbage",)
 
 TASKS = {"edge": "edge_client.flower_app:EdgeTask", "simulated": "server.flower.simulated:SimulatedTask"}
 
@@ -221,6 +230,22 @@ class EdgeTask:
         return update
 
 
+def garbage_bytes(data: bytes, seed: int) -> bytes:
+    """``data``'s first 8 bytes (the safetensors header length) followed by random bytes."""
+    import numpy as np
+
+    noise = np.random.default_rng(seed).integers(0, 256, size=max(0, len(data) - 8), dtype=np.uint8)
+    return bytes(data[:8]) + noise.tobytes()
+
+
+def _faulty(fault: str, data: bytes, order: TrainOrder) -> bytes:
+    if os.environ.get(FAULT_ENV) != "1":
+        raise ValueError(f"node config fault={fault!r} is for tests: the SuperNode needs {FAULT_ENV}=1")
+    if fault not in NODE_FAULTS:
+        raise ValueError(f"node config fault={fault!r} is not one of {NODE_FAULTS}")
+    return garbage_bytes(data, order.seed)
+
+
 _TASK_CACHE: dict[tuple, object] = {}
 
 
@@ -257,5 +282,9 @@ def train(msg: Message, context: Context) -> Message:
         raise ValueError(f"this node is {update.client_id!r}, the server addressed {order.client_id!r}")
     metrics = MetricRecord({"num-examples": int(update.num_examples),
                             **{k: float(v) for k, v in update.metrics.items()}})
-    content = RecordDict({UPDATE_KEY: ConfigRecord({"update": encode_update(update)}), METRICS_KEY: metrics})
+    data = encode_update(update)
+    fault = context.node_config.get("fault")
+    if fault is not None:
+        data = _faulty(str(fault), data, order)
+    content = RecordDict({UPDATE_KEY: ConfigRecord({"update": data}), METRICS_KEY: metrics})
     return Message(content, reply_to=msg)

@@ -170,9 +170,13 @@ class Plan:
 
 
 def plan(d_out: int, d_in: int, ranks: Sequence[int] | int, rank: int, *, oversample: int = 10,
-         power_iters: int = 2) -> Plan:
+         power_iters: int = 2, method: str = "auto") -> Plan:
     """The route ``auto`` takes for a (d_out x d_in) module with client ranks ``ranks``
-    (a sequence, or the total R as an int) at the requested ``rank``."""
+    (a sequence, or the total R as an int) at the requested ``rank``.
+
+    ``method`` only changes how the randomized routes are priced: ``"auto"`` (default) at
+    ``power_iters + 2`` iterations, its typical adaptive count (the figures auto decides
+    by); an explicit method at exactly ``power_iters`` (for FLOP counts of that method)."""
     d_out, d_in, rank = as_rank(d_out, "d_out"), as_rank(d_in, "d_in"), as_rank(rank)
     if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
         total = as_rank(ranks, "ranks")
@@ -181,7 +185,7 @@ def plan(d_out: int, d_in: int, ranks: Sequence[int] | int, rank: int, *, oversa
         if total == 0:
             raise ValueError("ranks is empty: at least one client is needed")
     d = _core.plan(d_out, d_in, total, rank, as_count(oversample, "oversample"),
-                   as_count(power_iters, "power_iters"), False)
+                   as_count(power_iters, "power_iters"), False, as_method(method))
     return Plan(method=d["method"], reason=d["reason"], total_rank=total,
                 cost=dict(d["cost"]), flops=dict(d["flops"]))
 

@@ -8,6 +8,12 @@ shipped tiny model), ``data`` ("" = the bundled suite), ``local-steps``, ``batch
 ``alpha``, ``max-length``, ``min-clients``, ``min-nodes`` (nodes to wait for), ``node-wait-s``,
 ``round-timeout-s``, ``evaluate``, ``eval-max-new-tokens``, ``output-dir``, ``resume``,
 ``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default).
+
+Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed``):
+``clients-per-round`` (0 = every node every round) or ``fraction-train`` (0 = unused; else
+``max(1, int(fraction * nodes))``); not both. Reply limits (0 = the safe default):
+``max-update-bytes``, ``max-header-bytes``, ``max-delta-norm`` (``DecodeLimits``) and
+``max-round-bytes`` (the per-round aggregator memory budget; 0 = none).
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from edge_client.update import DecodeLimits
+
 from ..simulation.runtime import SimulationConfig
 
-__all__ = ["FlowerRunConfig", "simulation_config"]
+__all__ = ["FlowerRunConfig", "simulation_config", "clients_per_round", "decode_limits"]
 
 
 def _get(cfg: Mapping, key: str, default, kind):
@@ -71,15 +79,50 @@ class FlowerRunConfig:
                    resume=_get(cfg, "resume", False, bool), client_task=_get(cfg, "client-task", "simulated", str))
 
 
+def clients_per_round(cfg: Mapping, *, num_clients: int) -> int | None:
+    """Clients sampled per round from ``clients-per-round`` / ``fraction-train`` (None: all)."""
+    k = _get(cfg, "clients-per-round", 0, int)
+    fraction = _get(cfg, "fraction-train", 0.0, float)
+    if k < 0:
+        raise ValueError(f"run config 'clients-per-round' must be >= 0 (0 = all), got {k}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"run config 'fraction-train' must be in [0, 1] (0 = unused), got {fraction}")
+    if k and fraction:
+        raise ValueError("run config: set 'clients-per-round' or 'fraction-train', not both")
+    if fraction:
+        k = max(1, int(fraction * num_clients))
+    if k > num_clients:
+        raise ValueError(f"run config 'clients-per-round'={k} is above the {num_clients} clients (nodes) "
+                         f"of the federation")
+    return k or None
+
+
+def decode_limits(cfg: Mapping) -> DecodeLimits | None:
+    """``DecodeLimits`` from ``max-update-bytes`` / ``max-header-bytes`` / ``max-delta-norm`` (None: defaults)."""
+    given = {"max_bytes": _get(cfg, "max-update-bytes", 0, int),
+             "max_header_bytes": _get(cfg, "max-header-bytes", 0, int),
+             "max_delta_norm": _get(cfg, "max-delta-norm", 0.0, float)}
+    for key, value in given.items():
+        if value < 0:
+            raise ValueError(f"run config limit {key} must be >= 0 (0 = default), got {value}")
+    given = {k: v for k, v in given.items() if v}
+    return DecodeLimits(**given) if given else None
+
+
 def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
     """The ``SimulationConfig`` the embedded runtime would run with for these settings."""
     def opt_str(key: str) -> str | None:
         return _get(cfg, key, "", str) or None
 
     threads = _get(cfg, "threads", 0, int)
+    round_bytes = _get(cfg, "max-round-bytes", 0, int)
+    if round_bytes < 0:
+        raise ValueError(f"run config 'max-round-bytes' must be >= 0 (0 = no budget), got {round_bytes}")
     return SimulationConfig(
         strategy=_get(cfg, "strategy", "flexlora", str), rounds=_get(cfg, "num-server-rounds", 3, int),
-        num_clients=num_clients, num_heldout=_get(cfg, "num-heldout", 4, int), seed=_get(cfg, "seed", 0, int),
+        num_clients=num_clients, clients_per_round=clients_per_round(cfg, num_clients=num_clients),
+        limits=decode_limits(cfg), max_round_bytes=round_bytes or None,
+        num_heldout=_get(cfg, "num-heldout", 4, int), seed=_get(cfg, "seed", 0, int),
         rank_distribution=opt_str("rank-distribution"), fedit_rank=_get(cfg, "fedit-rank", "min", str),
         model=opt_str("model"), data=opt_str("data"), local_steps=_get(cfg, "local-steps", 12, int),
         batch_size=_get(cfg, "batch-size", 8, int), lr=_get(cfg, "lr", 1e-2, float),

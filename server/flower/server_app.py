@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import resource
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,7 +45,8 @@ def _write_json(path: Path, doc: dict) -> None:
 
 def _build_strategy(cfg, nodes: list[NodeInfo], base_model: str, module_shapes):
     scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=base_model,
-                          module_shapes=module_shapes, seed=cfg.seed)
+                          module_shapes=module_shapes, seed=cfg.seed, limits=cfg.limits,
+                          max_round_bytes=cfg.max_round_bytes)
     options = {}
     if cfg.strategy == "fedit":  # the embedded runtime's rule, over the ranks the nodes reported
         options["rank"] = (min(n.spec.module_rank("x.q_proj") for n in nodes) if cfg.fedit_rank == "min"
@@ -67,9 +69,11 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
 
         # load the base model while the SuperNodes start their ClientApps to answer the probe
         with ThreadPoolExecutor(max_workers=1) as pool:
-            loading = pool.submit(load_base, simulation_config(run_config, num_clients=1).model)
+            model_only = {k: v for k, v in run_config.items() if k not in ("clients-per-round", "fraction-train")}
+            loading = pool.submit(load_base, simulation_config(model_only, num_clients=1).model)
+            # the probe also waits for every node's ClientApp to start (imports): node-wait-s at least
             nodes = probe_nodes(grid, min_nodes=fcfg.min_nodes, wait_s=fcfg.node_wait_s,
-                                timeout_s=fcfg.round_timeout_s)
+                                timeout_s=max(fcfg.node_wait_s, fcfg.round_timeout_s))
             model, tokenizer = loading.result()
         if fcfg.client_task == "edge":
             from edge_client.trainer import fingerprint as edge_fingerprint
@@ -87,11 +91,14 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
                    if fcfg.client_task == "edge" else TARGET_MODULES)
         strategy = _build_strategy(cfg, nodes, base_model, linear_shapes(model, targets))
         first_round, history = 1, []
+        rng = random.Random(f"runtime-{cfg.seed}")   # the embedded runtime's sampling stream
         if fcfg.resume and (ck := load_checkpoint(out)) is not None:
             if ck.meta.get("config") != cfg.identity() or ck.meta.get("base_model") != base_model:
                 raise ValueError(f"resume: checkpoint in {out} was made with other settings or another base model")
             strategy.load_state(ck.strategy_tensors, ck.meta["strategy"])
             first_round = int(ck.meta["round"]) + 1
+            version, internal, gauss = ck.meta["rng"]
+            rng.setstate((version, tuple(internal), gauss))
             history = [h for h in ck.meta.get("history", []) if "round" in h]
             doc["base"] = next((h["base"] for h in ck.meta.get("history", []) if "base" in h), {})
             log.info("resuming after round %d from %s", first_round - 1, out)
@@ -102,19 +109,23 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
             evaluate_fn = _evaluator(cfg, strategy, model, tokenizer)
             if not doc["resumed"]:
                 doc["base"] = {k: float(v) for k, v in evaluate_fn(0, None).items()}
-        rng = random.Random(f"runtime-{cfg.seed}").getstate()   # the embedded runtime's (unused: all clients)
 
         def on_round(rnd: int, entry: dict) -> None:
             doc["rounds"].append(entry)
             doc["rounds_completed"] = rnd
+            # the ServerApp process's peak RSS so far (Linux: KiB); Flower's Simulation Engine
+            # runs the ClientApps in Ray actors, other processes, so this is the server alone
+            doc["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            state = rng.getstate()   # after this round's draw: what a resume continues from
             meta = {"round": rnd, "config": cfg.identity(), "strategy": strategy.state_meta(),
-                    "rng": [rng[0], list(rng[1]), rng[2]], "base_model": base_model, "runtime": "flower",
+                    "rng": [state[0], list(state[1]), state[2]], "base_model": base_model, "runtime": "flower",
                     "history": [{"base": doc.get("base", {})}, *doc["rounds"]]}
             save_checkpoint(out, meta=meta, strategy_tensors=strategy.state_tensors())
             _write_json(results_path, doc)
 
         wrapper = FlexLoRAFlowerStrategy(strategy, nodes, seed=cfg.seed, round_timeout_s=fcfg.round_timeout_s,
-                                         on_round=on_round, first_round=first_round)
+                                         on_round=on_round, first_round=first_round,
+                                         clients_per_round=cfg.clients_per_round, rng=rng)
         wrapper.start(grid, num_rounds=fcfg.num_rounds, evaluate_fn=evaluate_fn)
         doc.update(status="ok", wall_s=time.perf_counter() - t0, checkpoint=str(out / "checkpoint.safetensors"))
         _write_json(results_path, doc)

@@ -53,6 +53,36 @@ def _node_int(node_config: Mapping, key: str) -> int:
     return int(value)
 
 
+# One process (a SuperNode's ClientApp, or a Ray actor of the Simulation Engine serving many
+# nodes) builds the federation and loads the base model once per run settings, not per node:
+# with 1613 simulated nodes, rebuilding them for every message would dominate the run.
+_FEDERATIONS: dict[tuple, tuple[dict, dict]] = {}
+_BASES: dict[str | None, tuple] = {}
+
+
+def _federation(cfg) -> tuple[dict, dict]:
+    key = (cfg.num_clients, cfg.num_heldout, cfg.seed, cfg.data, cfg.model, cfg.rank_distribution)
+    if key not in _FEDERATIONS:
+        suite = build_suite_for(cfg)
+        clients = {c.client_id: c for c in suite.train}
+        rank_map = DEMO_RANKS if cfg.model is None else None
+        devices = {d.client_id: d for d in assign_devices(sorted(clients), seed=cfg.seed,
+                                                          rank_distribution=cfg.rank_distribution,
+                                                          rank_map=rank_map)}
+        _FEDERATIONS.clear()
+        _FEDERATIONS[key] = (clients, devices)
+    return _FEDERATIONS[key]
+
+
+def _base(model_name: str | None) -> tuple:
+    """(model, tokenizer, fingerprint, base state); ``apply_delta`` resets the weights per client."""
+    if model_name not in _BASES:
+        model, tokenizer = load_base(model_name)
+        _BASES.clear()
+        _BASES[model_name] = (model, tokenizer, fingerprint(model), copy.deepcopy(model.state_dict()))
+    return _BASES[model_name]
+
+
 class SimulatedTask:
     def __init__(self, node_config: Mapping, run_config: Mapping, node_id: int) -> None:
         import torch
@@ -64,17 +94,12 @@ class SimulatedTask:
         self.cfg = simulation_config(run_config, num_clients=num)
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
-        suite = build_suite_for(self.cfg)
-        clients = {c.client_id: c for c in suite.train}
+        clients, devices = _federation(self.cfg)
         ids = sorted(clients)
         if part >= len(ids):
             raise ValueError(f"partition-id {part}: the data gives only {len(ids)} clients")
         self.client_id = ids[part]
         self.examples = clients[self.client_id].examples
-        rank_map = DEMO_RANKS if self.cfg.model is None else None
-        devices = {d.client_id: d for d in assign_devices(ids, seed=self.cfg.seed,
-                                                          rank_distribution=self.cfg.rank_distribution,
-                                                          rank_map=rank_map)}
         self.device = devices[self.client_id]
         if "rank" in node_config:  # an explicit rank overrides the simulated device
             from edge_client.flower_app import parse_rank_pattern
@@ -88,9 +113,7 @@ class SimulatedTask:
 
     def _load(self) -> None:
         if self.model is None:
-            self.model, self.tokenizer = load_base(self.cfg.model)
-            self.fingerprint = fingerprint(self.model)
-            self.base_state = copy.deepcopy(self.model.state_dict())
+            self.model, self.tokenizer, self.fingerprint, self.base_state = _base(self.cfg.model)
 
     def describe(self) -> NodeProbe:
         return NodeProbe(client_id=self.client_id, rank=self.spec.rank, rank_pattern=dict(self.spec.rank_pattern),

@@ -1,20 +1,23 @@
 """A Flower ``Strategy`` (Message API) that drives one of our strategies (``server.strategies``).
 
 Each node first answers a ``query`` with who it is and the rank its device affords
-(:func:`probe_nodes`). Each round ``configure_train`` sends every node its own rank-specific
-factors (``strategy.configure`` -> ``encode_global`` bytes in a ConfigRecord), in sorted
-client-id order and with the embedded runtime's per-client seed; ``aggregate_train`` takes
+(:func:`probe_nodes`). Each round ``configure_train`` samples the round's clients with the
+embedded runtime's rule (``clients_per_round`` drawn by ``rng`` from the sorted client ids; all
+when None) and sends each its own rank-specific factors (``strategy.configure`` ->
+``encode_global`` bytes in a ConfigRecord), in sorted client-id order and with the embedded
+runtime's per-client seed (index within the round's sorted sample); ``aggregate_train`` takes
 the replies in the same client order, decodes and validates each with
 ``strategy.decode_reply`` (the edge client's decoder: shapes, NaN/Inf, base-model
 fingerprint, rank above the assignment, truncated bytes) plus the node's identity and round,
 streams the valid ones into the round's aggregator one at a time, and logs every rejection
-with its reason. Fewer than ``min_clients`` valid replies raise ``RoundFailed`` and leave the
+with its reason (any error while handling one reply rejects that reply, not the run). Fewer than ``min_clients`` valid replies raise ``RoundFailed`` and leave the
 global state untouched.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategyBase
 from edge_client.flower_app import PROBE_KEY, QUERY_KEY, TRAIN_KEY, UPDATE_KEY, NodeProbe, TrainOrder
 from edge_client.update import encode_global
 
-from ..simulation.runtime import _client_seed
+from ..simulation.runtime import _client_seed, check_reply_identity, reject_reason, sample_clients
 from ..strategies.base import RankSpec, Strategy
 
 __all__ = ["NodeInfo", "probe_nodes", "FlexLoRAFlowerStrategy"]
@@ -96,12 +99,20 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
 
     ``on_round(round, entry)`` is called after each round (evaluation, checkpoint, results);
     ``first_round`` > 1 resumes a run whose earlier rounds are already in ``strategy``.
+    ``clients_per_round`` samples that many nodes each round with ``rng`` (default
+    ``random.Random(f"runtime-{seed}")``, the embedded runtime's; a resume passes the
+    checkpointed one); None trains every node every round.
     """
 
     def __init__(self, strategy: Strategy, nodes: list[NodeInfo], *, seed: int, round_timeout_s: float,
-                 on_round: Callable[[int, dict], None] | None = None, first_round: int = 1) -> None:
+                 on_round: Callable[[int, dict], None] | None = None, first_round: int = 1,
+                 clients_per_round: int | None = None, rng: random.Random | None = None) -> None:
         if not nodes:
             raise ValueError("nodes must be non-empty")
+        if clients_per_round is not None and not 1 <= clients_per_round <= len(nodes):
+            raise ValueError(f"clients_per_round must be in [1, {len(nodes)}] (the nodes), got {clients_per_round}")
+        self.clients_per_round = clients_per_round
+        self.rng = rng if rng is not None else random.Random(f"runtime-{seed}")
         self.strategy = strategy
         self.nodes = sorted(nodes, key=lambda n: n.client_id)
         self.seed = seed
@@ -124,7 +135,9 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
         return list(self._train_messages(server_round, set(grid.get_node_ids()), self._round))
 
     def _train_messages(self, server_round: int, connected: set[int], rnd: _Round) -> Iterator[Message]:
-        for index, node in enumerate(self.nodes):
+        by_id = {n.client_id: n for n in self.nodes}
+        sampled = sample_clients(self.rng, list(by_id), self.clients_per_round)
+        for index, node in enumerate(by_id[cid] for cid in sampled):
             if node.node_id not in connected:
                 rnd.rejected[node.client_id] = "node not connected; skipped"
                 log.warning("round %d: %s", server_round, rnd.rejected[node.client_id])
@@ -146,11 +159,7 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
         if UPDATE_KEY not in records or not isinstance(records[UPDATE_KEY].get("update"), bytes):
             raise ValueError(f"reply has no {UPDATE_KEY!r} ConfigRecord with bytes 'update'")
         update = self.strategy.decode_reply(records[UPDATE_KEY]["update"], spec=spec)
-        if update.client_id != node.client_id:
-            raise ValueError(f"reply from node {node.node_id} says client {update.client_id!r}, "
-                             f"expected {node.client_id!r}")
-        if update.round != server_round:
-            raise ValueError(f"reply is for round {update.round}, expected {server_round}")
+        check_reply_identity(update, client_id=node.client_id, round=server_round)
         return update
 
     def aggregate_train(self, server_round: int,
@@ -178,9 +187,10 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
                 continue
             try:
                 agg.add(self._decode(server_round, node, reply, rnd.assigned[node.node_id]))
-            except ValueError as exc:
-                rnd.rejected[node.client_id] = str(exc)
-                log.warning("round %d: reply from %s rejected: %s", server_round, node.client_id, exc)
+            except Exception as exc:  # noqa: BLE001 - one node's reply never ends the run
+                rnd.rejected[node.client_id] = reject_reason(exc)
+                log.warning("round %d: reply from %s rejected: %s", server_round, node.client_id,
+                            rnd.rejected[node.client_id])
         result = agg.finalize()    # RoundFailed below min_clients; strategy state unchanged then
         self.last_entry = {"round": server_round, "clients": result.num_clients, "ranks": result.ranks,
                            "rejected": dict(rnd.rejected), "aggregation_s": result.aggregation_s,
@@ -209,6 +219,7 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
         result = Result()
         for rnd in range(self.first_round, num_rounds + 1):
             log.info("[ROUND %d/%d]", rnd, num_rounds)
+            started = time.perf_counter()
             replies = grid.send_and_receive(messages=self.configure_train(rnd, arrays, ConfigRecord(), grid),
                                             timeout=timeout)
             _, metrics = self.aggregate_train(rnd, replies)
@@ -219,6 +230,7 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
                 if scores is not None:
                     result.evaluate_metrics_serverapp[rnd] = scores
                     entry.update({k: float(v) for k, v in scores.items()})
+            entry["round_s"] = time.perf_counter() - started   # send, train, aggregate, evaluate
             log.info("round %d: %s", rnd, {k: v for k, v in entry.items() if k not in ("ranks",)})
             if self.on_round is not None:
                 self.on_round(rnd, entry)

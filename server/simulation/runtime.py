@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_client.update import decode_global, encode_global, encode_update
+from edge_client.update import DecodeLimits, decode_global, encode_global, encode_update
 
 from ..strategies import RankSpec, RoundFailed, StrategyConfig, make_strategy
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -71,6 +71,8 @@ class SimulationConfig:
     faults: dict[str, str] = field(default_factory=dict)   # client id -> fault (tests, demos)
     threads: int | None = None
     progress: bool = True
+    limits: DecodeLimits | None = None        # reply decoder bounds (None: DecodeLimits() defaults)
+    max_round_bytes: int | None = None        # per-round aggregator memory budget (None: none)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "local_steps", "batch_size", "min_clients", "max_length"):
@@ -89,6 +91,8 @@ class SimulationConfig:
         for cid, fault in self.faults.items():
             if fault not in FAULTS:
                 raise ValueError(f"faults[{cid!r}]={fault!r} is not one of {FAULTS}")
+        # StrategyConfig validates them; fail here, before a model is loaded
+        StrategyConfig(limits=self.limits, max_round_bytes=self.max_round_bytes)
 
     def identity(self) -> dict:
         """Fields a resumed run must share with the checkpoint it resumes."""
@@ -135,6 +139,27 @@ def _vm_hwm_bytes() -> int | None:
     return None
 
 
+def check_reply_identity(update, *, client_id: str, round: int) -> None:
+    """A reply must come from the client it was asked of, for the round it was asked in."""
+    if update.client_id != client_id:
+        raise ValueError(f"reply from client {client_id!r} says client {update.client_id!r}")
+    if update.round != round:
+        raise ValueError(f"reply from client {client_id!r} is for round {update.round}, expected {round}")
+
+
+def reject_reason(exc: BaseException) -> str:
+    """The logged reason a reply was rejected: a ValueError's message, else the error's type too
+    (an unexpected error while decoding or adding one reply rejects that reply, not the run)."""
+    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__} while handling the reply: {exc}"
+
+
+def sample_clients(rng: random.Random, ids: list[str], k: int | None) -> list[str]:
+    """The round's clients: all (``k`` None) or ``k`` drawn by ``rng`` from the sorted ``ids``, sorted.
+    Both runtimes sample with this rule and a ``random.Random(f"runtime-{seed}")``."""
+    ids = sorted(ids)
+    return ids if k is None else sorted(rng.sample(ids, k))
+
+
 def _client_seed(seed: int, round: int, index: int) -> int:
     return (seed * 1_000_003 + round * 10_007 + index) % (2**31)
 
@@ -166,7 +191,8 @@ class _Federation:
         self.devices = {d.client_id: d for d in assign_devices(
             list(self.clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution, rank_map=rank_map)}
         scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=self.fingerprint,
-                              module_shapes=linear_shapes(self.model, TARGET_MODULES), seed=cfg.seed)
+                              module_shapes=linear_shapes(self.model, TARGET_MODULES), seed=cfg.seed,
+                              limits=cfg.limits, max_round_bytes=cfg.max_round_bytes)
         options = {}
         if cfg.strategy == "fedit":
             ranks = [d.spec.module_rank("x.q_proj") for d in self.devices.values()]
@@ -229,9 +255,7 @@ class _Federation:
     # --- one round ---------------------------------------------------------------------
     def run_round(self, round: int, pool: ThreadPoolExecutor) -> dict:
         cfg = self.cfg
-        ids = sorted(self.clients)
-        if cfg.clients_per_round is not None:
-            ids = sorted(self.rng.sample(ids, cfg.clients_per_round))
+        ids = sample_clients(self.rng, list(self.clients), cfg.clients_per_round)
         agg = self.strategy.begin_round(round)
         rejected: dict[str, str] = {}
         assigned = {cid: self.strategy.assign_rank(self.devices[cid].spec) for cid in ids}
@@ -263,10 +287,11 @@ class _Federation:
                 continue
             try:
                 update = self.strategy.decode_reply(reply, spec=spec)
+                check_reply_identity(update, client_id=cid, round=round)
                 agg.add(update)
-            except ValueError as exc:
-                rejected[cid] = str(exc)
-                log.warning("round %d: reply from %s rejected: %s", round, cid, exc)
+            except Exception as exc:  # noqa: BLE001 - one client's reply never ends the run
+                rejected[cid] = reject_reason(exc)
+                log.warning("round %d: reply from %s rejected: %s", round, cid, rejected[cid])
         train_s = time.perf_counter() - t_round
         try:
             result = agg.finalize()

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.update import (ClientUpdate, GlobalFactors, decode_update, rank_for_module,
-                                scaling)
+from edge_client.update import (ClientUpdate, DecodeLimits, GlobalFactors, decode_update,
+                                rank_for_module, scaling)
 
 __all__ = ["RankSpec", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
            "Strategy", "factor_keys", "split_factors", "join_factors"]
@@ -75,8 +75,18 @@ class StrategyConfig:
     base_model: str | None = None    # fingerprint replies must carry (None: not checked)
     module_shapes: Mapping[str, tuple[int, int]] | None = None   # module -> (d_out, d_in); None: not checked
     seed: int = 0
+    limits: DecodeLimits | None = None   # decoder bounds for replies (None: DecodeLimits() defaults)
+    # per-round aggregator memory budget: bytes the round's aggregator holds plus the next
+    # update's factor bytes must not exceed it, else that reply is rejected (None: no budget)
+    max_round_bytes: int | None = None
 
     def __post_init__(self) -> None:
+        if self.limits is not None and not isinstance(self.limits, DecodeLimits):
+            raise ValueError(f"limits must be a DecodeLimits or None, got {type(self.limits).__name__}")
+        if self.max_round_bytes is not None and (isinstance(self.max_round_bytes, bool)
+                                                 or not isinstance(self.max_round_bytes, int)
+                                                 or self.max_round_bytes < 1):
+            raise ValueError(f"max_round_bytes must be an int >= 1 or None, got {self.max_round_bytes!r}")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
         if isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int) or self.min_clients < 1:
@@ -133,15 +143,29 @@ class RoundAggregation(ABC):
         self.seconds = 0.0              # server time spent in add() and finalize()
         self._losses: list[tuple[float, int]] = []
         self._done = False
+        self._factor_bytes = 0          # factor bytes of the updates added so far
+
+    def held_bytes(self) -> int:
+        """Bytes the aggregator holds now (default: every added update's factors, an upper
+        bound for strategies that accumulate; strategies that know better override it)."""
+        return self._factor_bytes
 
     def add(self, update: ClientUpdate) -> None:
         if self._done:
             raise RuntimeError("round already finalized")
         if update.client_id in self.ranks:
             raise ValueError(f"client {update.client_id!r} already replied in round {self.round}")
+        new = int(sum(np.asarray(v).nbytes for v in update.factors.values()))
+        budget = self.strategy.config.max_round_bytes
+        if budget is not None:
+            held = int(self.held_bytes())
+            if held + new > budget:
+                raise ValueError(f"client {update.client_id!r}: round {self.round} aggregator holds {held} bytes, "
+                                 f"this update's factors add {new}, above max_round_bytes={budget}")
         t0 = time.perf_counter()
         self._add(update)
         self.seconds += time.perf_counter() - t0
+        self._factor_bytes += new
         self.client_ids.append(update.client_id)
         self.ranks[update.client_id] = RankSpec(rank=update.rank, rank_pattern=update.rank_pattern).label()
         self.total_examples += update.num_examples
@@ -207,7 +231,7 @@ class Strategy(ABC):
     # --- how replies are aggregated ----------------------------------------------------
     def decode_reply(self, data: bytes, *, spec: RankSpec) -> ClientUpdate:
         """Decode and validate one reply against what was assigned; ValueError says why."""
-        update = decode_update(data, expected_base_model=self.config.base_model)
+        update = decode_update(data, limits=self.config.limits, expected_base_model=self.config.base_model)
         self.check_ranks(update, spec)
         if self.config.module_shapes is not None:
             self.check_shapes(update, self.config.module_shapes)

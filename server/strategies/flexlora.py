@@ -64,6 +64,9 @@ class _FlexRound(RoundAggregation):
         from server.aggregation import Aggregator  # native core; imported when first needed
         self._agg = Aggregator(strategy.max_rank, method=strategy.method, seed=strategy.config.seed + round)
 
+    def held_bytes(self) -> int:
+        return self._agg.state_bytes()
+
     def _add(self, update: ClientUpdate) -> None:
         self._agg.add_update(update)
 

@@ -75,3 +75,32 @@ def test_ill_conditioned_blocks_fall_back_and_stay_orthonormal():
         U, S, Vt = linalg.lowrank_svd(Bs, As, w, 30, method=method)
         check_svd(dense(Bs, As, w), 30, U, S, Vt, residual_ratio=1.01, compare_product=False,
                   s_rtol=1e-3)
+
+
+def test_aggregator_auto_iterates_adaptively_on_folded_dense():
+    from server.aggregation import Aggregator
+    Bs, As, w = _flat_problem(0)
+    agg = Aggregator(30, dense_threshold=1)  # fold into a dense accumulator at once
+    for k, (b, a) in enumerate(zip(Bs, As)):
+        agg.add({"m.q_proj.lora_B.weight": b, "m.q_proj.lora_A.weight": a},
+                num_examples=int(100 * w[k]) + 1, alpha=30.0)
+    g = agg.finalize()
+    U, S, Vt = g.modules["m.q_proj"]
+    n = np.array([int(100 * x) + 1 for x in w], dtype=np.float64)
+    M = dense(Bs, As, list(n / n.sum()))  # alpha / r = 1
+    assert _ratio(M, 30, (U, S, Vt)) <= 1.01
+
+
+def test_wait_policy_default_and_override():
+    import os
+    import subprocess
+    import sys
+    code = "import os, server; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "active"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "active"

@@ -1,0 +1,145 @@
+"""Server-side guards of a round: decoder limits from the strategy config, the per-round
+aggregator memory budget, replies that claim another client, and unexpected errors while
+handling one reply (which reject that reply, not the run)."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from edge_client.update import DecodeLimits, encode_update
+from server.simulation import runtime as rt
+from server.simulation.runtime import SimulationConfig, run_simulation
+from server.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy
+
+from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/hardening on sys.path)
+
+SMALL = dict(rounds=1, num_clients=3, num_heldout=1, local_steps=1, batch_size=2, rank_distribution="uniform",
+             threads=1, progress=False, eval_max_new_tokens=2)
+
+
+def _strategy(name: str, **config):
+    opts = {"rank": 4} if name == "fedit" else {}
+    return make_strategy(name, StrategyConfig(base_model=BASE, module_shapes=SHAPES, **config), **opts)
+
+
+def test_decode_reply_uses_the_configured_limits():
+    data = encode_update(honest("c0", 0))
+    _strategy("flexlora").decode_reply(data, spec=RankSpec(rank=4))
+    with pytest.raises(ValueError, match="max_bytes|bytes"):
+        _strategy("flexlora", limits=DecodeLimits(max_bytes=len(data) - 1)).decode_reply(data, spec=RankSpec(rank=4))
+    with pytest.raises(ValueError, match="max_rank|rank"):
+        _strategy("flexlora", limits=DecodeLimits(max_rank=3)).decode_reply(data, spec=RankSpec(rank=4))
+
+
+@pytest.mark.parametrize("bad", [0, -5, True, 1.5, "1"])
+def test_bad_max_round_bytes_is_refused(bad):
+    with pytest.raises(ValueError, match="max_round_bytes"):
+        StrategyConfig(max_round_bytes=bad)
+    with pytest.raises(ValueError, match="limits"):
+        StrategyConfig(limits={"max_bytes": 10})
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_round_memory_budget_rejects_the_update_that_would_exceed_it(name):
+    ups = [honest(f"c{i}", i) for i in range(3)]
+    one = sum(v.nbytes for v in ups[0].factors.values())
+    free = _strategy(name).begin_round(1)
+    held = []
+    for u in ups[:2]:
+        free.add(u)
+        held.append(free.held_bytes())
+    # room for exactly what the round held after two updates: the third is refused, the round goes on
+    budget = held[-1] + one - 1
+    agg = _strategy(name, max_round_bytes=budget).begin_round(1)
+    agg.add(ups[0])
+    agg.add(ups[1])
+    with pytest.raises(ValueError, match=f"max_round_bytes={budget}") as exc:
+        agg.add(ups[2])
+    assert "'c2'" in str(exc.value) and "c2" not in agg.client_ids
+    assert agg.finalize().num_clients == 2
+    # the same budget plus one byte admits all three
+    roomy = _strategy(name, max_round_bytes=held[-1] + one).begin_round(1)
+    for u in ups:
+        roomy.add(u)
+    assert roomy.finalize().num_clients == 3
+
+
+def test_flexlora_budget_counts_the_aggregator_state_bytes():
+    agg = _strategy("flexlora").begin_round(1)
+    assert agg.held_bytes() == 0
+    agg.add(honest("c0", 0))
+    assert agg.held_bytes() == agg._agg.state_bytes() > 0
+
+
+def _patch_reply(monkeypatch, cid: str, change):
+    real = rt._Federation._run_client
+
+    def run_client(self, client_id, *args, **kwargs):
+        reply = real(self, client_id, *args, **kwargs)
+        return change(reply) if client_id == cid else reply
+
+    monkeypatch.setattr(rt._Federation, "_run_client", run_client)
+
+
+def test_runtime_rejects_a_reply_that_claims_another_client(monkeypatch, caplog):
+    from edge_client.update import decode_update
+
+    def impersonate(reply: bytes) -> bytes:
+        u = decode_update(reply)
+        u.client_id = "client-000"
+        return encode_update(u)
+
+    _patch_reply(monkeypatch, "client-002", impersonate)
+    with caplog.at_level(logging.WARNING, logger="flexlora.simulate"):
+        doc = run_simulation(SimulationConfig(**SMALL))
+    r = doc["rounds"][0]
+    assert list(r["rejected"]) == ["client-002"]
+    assert "says client 'client-000'" in r["rejected"]["client-002"]
+    assert r["clients"] == 2 and sorted(r["ranks"]) == ["client-000", "client-001"]
+    assert "client-002" in caplog.text
+
+
+def test_runtime_rejects_a_reply_from_another_round(monkeypatch):
+    from edge_client.update import decode_update
+
+    def stale(reply: bytes) -> bytes:
+        u = decode_update(reply)
+        u.round = 7
+        return encode_update(u)
+
+    _patch_reply(monkeypatch, "client-001", stale)
+    doc = run_simulation(SimulationConfig(**SMALL))
+    assert "is for round 7, expected 1" in doc["rounds"][0]["rejected"]["client-001"]
+
+
+def test_an_unexpected_error_in_one_reply_rejects_that_reply_not_the_run(monkeypatch, caplog):
+    from server.strategies.base import Strategy
+
+    real = Strategy.decode_reply
+
+    def decode(self, data, *, spec):
+        update = real(self, data, spec=spec)
+        if update.client_id == "client-001":
+            raise KeyError("simulated decoder bug")
+        return update
+
+    monkeypatch.setattr(Strategy, "decode_reply", decode)
+    with caplog.at_level(logging.WARNING, logger="flexlora.simulate"):
+        doc = run_simulation(SimulationConfig(**{**SMALL, "rounds": 2}))
+    assert doc["rounds_completed"] == 2
+    for r in doc["rounds"]:
+        assert list(r["rejected"]) == ["client-001"]
+        assert r["rejected"]["client-001"].startswith("KeyError while handling the reply")
+        assert r["clients"] == 2
+    assert "simulated decoder bug" in caplog.text
+
+
+def test_runtime_plumbs_limits_and_round_budget():
+    # every reply is bigger than 64 bytes / 1 byte: all rejected for that reason, the round fails
+    with pytest.raises(rt.SimulationError, match="64"):
+        run_simulation(SimulationConfig(**SMALL, limits=DecodeLimits(max_bytes=64)))
+    with pytest.raises(rt.SimulationError, match="max_round_bytes=1"):
+        run_simulation(SimulationConfig(**SMALL, max_round_bytes=1))
+    with pytest.raises(ValueError, match="max_round_bytes"):
+        SimulationConfig(**SMALL, max_round_bytes=0)
