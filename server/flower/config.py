@@ -18,6 +18,7 @@ Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed`
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from edge_client.update import DecodeLimits
 
 from ..simulation.runtime import SimulationConfig
 
-__all__ = ["FlowerRunConfig", "simulation_config", "clients_per_round", "decode_limits"]
+__all__ = ["FlowerRunConfig", "simulation_config", "simulation_defaults", "clients_per_round", "decode_limits"]
 
 
 def _get(cfg: Mapping, key: str, default, kind):
@@ -109,23 +110,43 @@ def decode_limits(cfg: Mapping) -> DecodeLimits | None:
     return DecodeLimits(**given) if given else None
 
 
+_SIM_KEYS = {  # run config key -> SimulationConfig field (the embedded runtime's defaults apply)
+    "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
+    "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
+    "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens"}
+
+
+def simulation_defaults() -> dict:
+    """The run config defaults that map onto ``SimulationConfig`` fields: the embedded runtime's
+    own defaults, so a key left out of a Flower run config means what ``flexlora simulate``
+    means by it (``[tool.flwr.app.config]`` in pyproject.toml must agree; a test checks)."""
+    fields = {f.name: f for f in dataclasses.fields(SimulationConfig)}
+    out = {key: fields[name].default for key, name in _SIM_KEYS.items()}
+    out.update({"rank-distribution": "", "model": "", "data": ""})   # "" = None there
+    return out
+
+
 def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
     """The ``SimulationConfig`` the embedded runtime would run with for these settings."""
+    d = simulation_defaults()
+
+    def get(key: str, kind):
+        return _get(cfg, key, d[key], kind)
+
     def opt_str(key: str) -> str | None:
-        return _get(cfg, key, "", str) or None
+        return get(key, str) or None
 
     threads = _get(cfg, "threads", 0, int)
     round_bytes = _get(cfg, "max-round-bytes", 0, int)
     if round_bytes < 0:
         raise ValueError(f"run config 'max-round-bytes' must be >= 0 (0 = no budget), got {round_bytes}")
     return SimulationConfig(
-        strategy=_get(cfg, "strategy", "flexlora", str), rounds=_get(cfg, "num-server-rounds", 3, int),
+        strategy=get("strategy", str), rounds=_get(cfg, "num-server-rounds", FlowerRunConfig.num_rounds, int),
         num_clients=num_clients, clients_per_round=clients_per_round(cfg, num_clients=num_clients),
         limits=decode_limits(cfg), max_round_bytes=round_bytes or None,
-        num_heldout=_get(cfg, "num-heldout", 4, int), seed=_get(cfg, "seed", 0, int),
-        rank_distribution=opt_str("rank-distribution"), fedit_rank=_get(cfg, "fedit-rank", "min", str),
-        model=opt_str("model"), data=opt_str("data"), local_steps=_get(cfg, "local-steps", 12, int),
-        batch_size=_get(cfg, "batch-size", 8, int), lr=_get(cfg, "lr", 1e-2, float),
-        alpha=_get(cfg, "alpha", 16.0, float), max_length=_get(cfg, "max-length", 64, int),
-        min_clients=_get(cfg, "min-clients", 1, int),
-        eval_max_new_tokens=_get(cfg, "eval-max-new-tokens", 16, int), threads=threads or None, progress=False)
+        num_heldout=get("num-heldout", int), seed=get("seed", int),
+        rank_distribution=opt_str("rank-distribution"), fedit_rank=get("fedit-rank", str),
+        model=opt_str("model"), data=opt_str("data"), local_steps=get("local-steps", int),
+        batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
+        max_length=get("max-length", int), min_clients=get("min-clients", int),
+        eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False)

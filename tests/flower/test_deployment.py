@@ -6,6 +6,7 @@ order. ``flwr run`` exits 0 even when the run fails, so the ServerApp's results 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -64,14 +65,21 @@ def test_two_rounds_through_superlink_and_two_supernodes(flower_run):
 def test_same_final_adapter_as_embedded_runtime(flower_run, tmp_path):
     import torch
 
-    from server.simulation.runtime import SimulationConfig, run_simulation
+    from server.flower.config import simulation_config
+    from server.simulation.runtime import run_simulation
 
     assert flower_run["doc"]["status"] == "ok", flower_run["doc"].get("error")
+    # the embedded run gets the SimulationConfig of the run config the ServerApp actually ran with
+    # (pyproject's [tool.flwr.app.config] defaults + SETTINGS), not a hand-written copy of it
+    run_config = flower_run["doc"]["run_config"]
+    assert {k: run_config[k] for k in SETTINGS} == SETTINGS
+    cfg = dataclasses.replace(simulation_config(run_config, num_clients=len(NODES)),
+                              checkpoint_dir=str(tmp_path / "embedded"), progress=False)
+    assert (cfg.strategy, cfg.rounds, cfg.seed, cfg.local_steps, cfg.batch_size, cfg.threads) == \
+        ("flexlora", 2, SETTINGS["seed"], 2, 4, 1)
+    assert cfg.identity() == flower_run["doc"]["config"]
     threads = torch.get_num_threads()
     try:
-        cfg = SimulationConfig(strategy="flexlora", rounds=2, num_clients=2, num_heldout=1, seed=SETTINGS["seed"],
-                               local_steps=2, batch_size=4, threads=1, eval_max_new_tokens=4,
-                               checkpoint_dir=str(tmp_path / "embedded"), progress=False)
         embedded = run_simulation(cfg)
     finally:
         torch.set_num_threads(threads)
