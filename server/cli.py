@@ -26,7 +26,7 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout-clients", type=int, default=d.num_heldout)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--rank-distribution", choices=["uniform", "heavy_tail_light", "heavy_tail_strong", "normal"],
-                   default=None, help="draw client types from benchmarks/workloads.json instead of the device mix")
+                   default=None, help="draw client types from workloads.json (server/assets) instead of the device mix")
     p.add_argument("--fedit-rank", choices=["min", "max"], default=d.fedit_rank)
     p.add_argument("--model", default=None, help="HF model id or local path (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")

@@ -181,9 +181,9 @@ def _lora_factors(rng, d_out: int, d_in: int, ranks, alpha: float):
 # ---- workloads.json ---------------------------------------------------------------------
 
 def find_workloads(path: str | os.PathLike | None = None) -> Path:
-    """``--workloads`` if given, else $FLEXLORA_WORKLOADS, else the repository's benchmarks/ copy."""
+    """``--workloads`` if given, else $FLEXLORA_WORKLOADS, else the copy shipped in server/assets."""
     candidates = [path, os.environ.get("FLEXLORA_WORKLOADS")]
-    candidates.append(Path(__file__).resolve().parents[2] / "benchmarks" / "workloads.json")
+    candidates.append(Path(__file__).resolve().parents[1] / "assets" / "workloads.json")
     candidates.append(Path.cwd() / "benchmarks" / "workloads.json")
     for c in candidates:
         if c and Path(c).is_file():

@@ -13,6 +13,7 @@ import numpy as np
 
 from .config import ARMS, DISTRIBUTIONS
 from .runner import load_cell, write_json_atomic
+from .spectrum import spectrum_summary
 
 __all__ = ["load_cells", "summarize", "summarize_dir", "render_markdown", "write_report"]
 
@@ -69,8 +70,8 @@ def summarize(cells: Sequence[Mapping]) -> dict:
                 series = np.array([[c["base"]["rougeL"]] + [r["rougeL"] for r in c["rounds"][:n_rounds]]
                                    for c in group])
                 curves[a][d] = {"mean": series.mean(0).tolist(), "std": series.std(0).tolist()}
-                shares = np.array([[r["spectrum_summary"]["min_rank_share"] or 0.0 for r in c["rounds"][:n_rounds]]
-                                   for c in group])
+                shares = np.array([[spectrum_summary(r["spectrum"])["min_rank_share"] or 0.0
+                                    for r in c["rounds"][:n_rounds]] for c in group])
                 final_ret: dict[str, list[float]] = {}
                 for c in group:
                     for m in c["rounds"][-1]["spectrum"].values():
@@ -78,8 +79,10 @@ def summarize(cells: Sequence[Mapping]) -> dict:
                             final_ret.setdefault(r, []).append(v)
                 spectrum[a][d] = {
                     "min_rank_share": shares.mean(0).tolist(),
-                    "final_min_rank_share": _stats([c["rounds"][-1]["spectrum_summary"]["min_rank_share"] for c in group]),
-                    "final_effective_rank": _stats([c["rounds"][-1]["spectrum_summary"]["effective_rank"] for c in group]),
+                    "final_min_rank_share": _stats([spectrum_summary(c["rounds"][-1]["spectrum"])["min_rank_share"]
+                                                    for c in group]),
+                    "final_effective_rank": _stats([spectrum_summary(c["rounds"][-1]["spectrum"])["effective_rank"]
+                                                    for c in group]),
                     "final_retained_by_rank": {r: float(np.mean(v)) for r, v in sorted(final_ret.items(), key=lambda kv: int(kv[0]))},
                     "collapse_warnings": [c["collapse_warning"] for c in group if c["collapse_warning"]],
                 }
@@ -89,12 +92,13 @@ def summarize(cells: Sequence[Mapping]) -> dict:
                 for r in c["rounds"]:
                     agg_vals.append(r["aggregation_s"])
                     for t in r["traffic"]:
-                        slot = tr.setdefault(t["type"], {"sent": [], "received": [], "rank": t["rank"]})
+                        slot = tr.setdefault(f"{t['type']}@{t['rank']}", {"sent": [], "received": [], "rank": t["rank"],
+                                                                         "type": t["type"]})
                         slot["sent"].append(t["sent"])
                         if r["round"] > 1:          # round 1 has no global adapter to send
                             slot["received"].append(t["received"])
         families[a] = {f: _stats(v) for f, v in sorted(fam_vals.items())}
-        traffic[a] = {t: {"rank": v["rank"], "sent": float(np.mean(v["sent"])),
+        traffic[a] = {t: {"rank": v["rank"], "type": v["type"], "sent": float(np.mean(v["sent"])),
                           "received": float(np.mean(v["received"])) if v["received"] else 0.0}
                       for t, v in sorted(tr.items())}
         agg[a] = {**_stats(agg_vals), "max": float(max(agg_vals)) if agg_vals else None}
@@ -224,7 +228,7 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
           "| arm | client type | trains at rank | sent | received |", "|---|---|---|---|---|"]
     for a in arms:
         for t, v in summary["traffic"][a].items():
-            L.append(f"| {a} | {t} | {_rank_label(v['rank'])} | {_kib(v['sent'])} | {_kib(v['received'])} |")
+            L.append(f"| {a} | {v['type']} | {_rank_label(v['rank'])} | {_kib(v['sent'])} | {_kib(v['received'])} |")
     L += [""] + paper_scale_traffic()
     L += ["", "## Server aggregation time per round (add + finalize, all rounds of all cells)", "",
           "| arm | mean ± std (ms) | max (ms) | rounds |", "|---|---|---|---|"]
@@ -233,7 +237,8 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
         if s["n"]:
             L.append(f"| {a} | {s['mean'] * 1e3:.2f} ± {s['std'] * 1e3:.2f} | {s['max'] * 1e3:.2f} | {s['n']} |")
     L += ["", "## Spectrum diagnostic (final round)", "",
-          "Share of ||dW||_F^2 a client at the smallest rank retains (mean over modules and seeds), the "
+          "Share of ||dW||_F^2 a client at the smallest rank retains (mean over seeds and over the modules "
+          "where clients use more than one rank), the "
           "effective rank of dW, and the retained share at each client rank. FedIT arms are homogeneous.", "",
           "| arm | distribution | smallest-rank share | effective rank | retained by rank | collapse warnings |",
           "|---|---|---|---|---|---|"]

@@ -59,9 +59,13 @@ def module_spectrum(delta: Mapping[str, np.ndarray], ranks: Mapping[str, Sequenc
 
 def spectrum_summary(per_module: Mapping[str, Mapping]) -> dict:
     """Mean over modules of the retained share at the smallest and largest client rank, and
-    of the effective rank (modules are equal-weighted: each is its own update)."""
+    of the effective rank (modules are equal-weighted: each is its own update). Where some
+    modules have more than one client rank, only those count (a module every client trains at
+    one rank retains everything and would hide a collapse elsewhere)."""
     if not per_module:
         return {"min_rank_share": None, "max_rank_share": None, "effective_rank": None}
+    hetero = {k: v for k, v in per_module.items() if len(v["retained"]) > 1}
+    per_module = hetero or per_module
     lo, hi, eff = [], [], []
     for m in per_module.values():
         shares = sorted(m["retained"].items(), key=lambda kv: int(kv[0]))

@@ -41,7 +41,8 @@ from ..strategies.base import RankSpec
 __all__ = ["DeviceClass", "DEVICE_MIX", "DEMO_RANKS", "WORKLOADS", "ClientDevice", "assign_devices",
            "load_workloads", "planning_config"]
 
-WORKLOADS = Path(__file__).resolve().parents[2] / "benchmarks" / "workloads.json"
+# Shipped with the package (benchmarks/workloads.json links to it), so installed copies find it.
+WORKLOADS = Path(__file__).resolve().parents[1] / "assets" / "workloads.json"
 _GIB = 2**30
 
 
