@@ -19,9 +19,9 @@ _SCHEMA = 1
 SPLITS = ("balanced", "reference")
 
 
-def split_factor_dict(factors: Mapping[str, Any], who: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """peft-named ``{<module>.lora_A.weight, <module>.lora_B.weight}`` -> ``{module: (B, A)}``,
-    validated (both present, float, finite, ranks agree)."""
+def group_factor_halves(factors: Mapping[str, Any], who: str) -> dict[str, dict[str, Any]]:
+    """peft-named factors -> ``{module: {"A": ..., "B": ...}}`` (a half may be missing; the
+    caller checks), the arrays untouched. Shared by the CPU and CUDA aggregators."""
     if not isinstance(factors, Mapping) or not factors:
         raise ValueError(f"{who}: factors must be a non-empty mapping of peft-named arrays")
     halves: dict[str, dict[str, Any]] = {}
@@ -35,6 +35,13 @@ def split_factor_dict(factors: Mapping[str, Any], who: str) -> dict[str, tuple[n
         else:
             raise ValueError(f"{who}: factor key {key!r} ends in neither {LORA_A_SUFFIX!r} "
                              f"nor {LORA_B_SUFFIX!r}")
+    return halves
+
+
+def split_factor_dict(factors: Mapping[str, Any], who: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """peft-named ``{<module>.lora_A.weight, <module>.lora_B.weight}`` -> ``{module: (B, A)}``,
+    validated (both present, float, finite, ranks agree)."""
+    halves = group_factor_halves(factors, who)
     pairs = {}
     for module in sorted(halves):
         h = halves[module]

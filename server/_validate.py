@@ -79,6 +79,13 @@ def as_factors(Bs: Any, As: Any, weights: Any, prefix: str = "") -> tuple[list, 
     w = as_weights(weights, len(Bs), f"{prefix}weights")
     Bm = [as_matrix(b, f"{prefix}Bs[{k}]") for k, b in enumerate(Bs)]
     Am = [as_matrix(a, f"{prefix}As[{k}]") for k, a in enumerate(As)]
+    check_factor_shapes(Bm, Am, prefix)
+    return Bm, Am, w
+
+
+def check_factor_shapes(Bm: Sequence[Any], Am: Sequence[Any], prefix: str = "") -> None:
+    """Every client's B has d_out rows, every A d_in columns, and each client's ranks agree
+    (any arrays with ``.shape``: numpy here, torch CUDA tensors in ``server.cuda``)."""
     d_out, d_in = Bm[0].shape[0], Am[0].shape[1]
     for k, (b, a) in enumerate(zip(Bm, Am)):
         if b.shape[0] != d_out:
@@ -88,7 +95,6 @@ def as_factors(Bs: Any, As: Any, weights: Any, prefix: str = "") -> tuple[list, 
         if b.shape[1] != a.shape[0]:
             raise ValueError(f"{prefix}Bs[{k}] has {b.shape[1]} columns but {prefix}As[{k}] has "
                              f"{a.shape[0]} rows (the client's rank must agree)")
-    return Bm, Am, w
 
 
 def as_threads(threads: Any) -> int:

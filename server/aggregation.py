@@ -80,28 +80,10 @@ class Aggregator:
         """Add one client's peft-named factors. Validates everything before any state
         changes, so a rejected client leaves the aggregator as it was."""
         who = f"client {client_id!r}" if client_id is not None else f"client #{self.num_clients}"
-        if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
-                or num_examples < 1:
-            raise ValueError(f"num_examples of {who} must be an integer >= 1, got {num_examples!r}")
-        if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha of {who} must be a finite number > 0, got {alpha!r}")
-        w = float(num_examples) if weight is None else weight
-        if not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight of {who} must be finite and >= 0, got {weight!r}")
+        w = check_client_args(who, num_examples=num_examples, alpha=alpha, weight=weight)
         pairs = split_factor_dict(factors, who)
-        if rank is not None or rank_pattern:
-            from edge_client.update import rank_for_module
-            default = self.max_rank if rank is None else as_rank(rank, "rank")
-            for module, (B, _A) in pairs.items():
-                expected = rank_for_module(module, default, rank_pattern)
-                if B.shape[1] != expected:
-                    raise ValueError(f"{who}: module {module!r} has rank {B.shape[1]} but "
-                                     f"rank/rank_pattern say {expected}")
-        for module, (B, A) in pairs.items():
-            state = self._modules.get(module)
-            if state is not None and (B.shape[0], A.shape[1]) != (state.d_out, state.d_in):
-                raise ValueError(f"{who}: module {module!r} is {B.shape[0]}x{A.shape[1]}, "
-                                 f"other clients sent {state.d_out}x{state.d_in}")
+        check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
+                             rank_pattern=rank_pattern)
         for module, (B, A) in pairs.items():
             r = B.shape[1]
             s = alpha / (math.sqrt(r) if rslora else r)
@@ -187,3 +169,36 @@ class Aggregator:
         modules = {n: (U, S, Vt) for n, (U, S, Vt, _r) in zip(names, out)}
         routes = {n: r for n, (_U, _S, _Vt, r) in zip(names, out)}
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=routes)
+
+
+def check_client_args(who: str, *, num_examples: Any, alpha: Any, weight: Any) -> float:
+    """Validated scalar arguments of one client's ``add``; returns its weight (the number of
+    examples unless ``weight`` is given). Shared by the CPU and CUDA aggregators."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
+            or num_examples < 1:
+        raise ValueError(f"num_examples of {who} must be an integer >= 1, got {num_examples!r}")
+    if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha of {who} must be a finite number > 0, got {alpha!r}")
+    w = float(num_examples) if weight is None else weight
+    if not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"weight of {who} must be finite and >= 0, got {weight!r}")
+    return w
+
+
+def check_client_modules(who: str, pairs: Mapping[str, tuple[Any, Any]], modules: Mapping[str, Any], *,
+                         max_rank: int, rank: int | None, rank_pattern: Mapping[str, int] | None) -> None:
+    """Each module's rank against ``rank``/``rank_pattern`` (when given) and its shape against
+    what earlier clients sent (``modules[name].d_out/.d_in``)."""
+    if rank is not None or rank_pattern:
+        from edge_client.update import rank_for_module
+        default = max_rank if rank is None else as_rank(rank, "rank")
+        for module, (B, _A) in pairs.items():
+            expected = rank_for_module(module, default, rank_pattern)
+            if B.shape[1] != expected:
+                raise ValueError(f"{who}: module {module!r} has rank {B.shape[1]} but "
+                                 f"rank/rank_pattern say {expected}")
+    for module, (B, A) in pairs.items():
+        state = modules.get(module)
+        if state is not None and (B.shape[0], A.shape[1]) != (state.d_out, state.d_in):
+            raise ValueError(f"{who}: module {module!r} is {B.shape[0]}x{A.shape[1]}, "
+                             f"other clients sent {state.d_out}x{state.d_in}")

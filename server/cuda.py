@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._validate import as_count, as_method, as_rank, as_weights
+from ._validate import as_count, as_method, as_rank, as_weights, check_factor_shapes
 
 __all__ = ["available", "resolve_device", "is_device_input", "device_info", "lowrank_svd",
            "lowrank_svd_batched", "dense_svd", "weighted_sum", "as_device_matrix"]
@@ -174,15 +174,7 @@ def _factors(Bs, As, weights, prefix: str = "", device=None):
     dev = Bm[0].device
     Am = [as_device_matrix(a, f"{prefix}As[{k}]", dev) for k, a in enumerate(As)]
     Bm = [b if b.device == dev else b.to(dev) for b in Bm]
-    d_out, d_in = Bm[0].shape[0], Am[0].shape[1]
-    for k, (b, a) in enumerate(zip(Bm, Am)):
-        if b.shape[0] != d_out:
-            raise ValueError(f"{prefix}Bs[{k}] has {b.shape[0]} rows, expected {d_out} (d_out)")
-        if a.shape[1] != d_in:
-            raise ValueError(f"{prefix}As[{k}] has {a.shape[1]} columns, expected {d_in} (d_in)")
-        if b.shape[1] != a.shape[0]:
-            raise ValueError(f"{prefix}Bs[{k}] has {b.shape[1]} columns but {prefix}As[{k}] has "
-                             f"{a.shape[0]} rows (the client's rank must agree)")
+    check_factor_shapes(Bm, Am, prefix)
     return Bm, Am, w
 
 

@@ -27,7 +27,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import cuda
-from ._global_adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter
+from .aggregation import check_client_args, check_client_modules
+from ._global_adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter, group_factor_halves
 from ._validate import as_count, as_method, as_rank
 
 __all__ = ["CudaAggregator"]
@@ -92,28 +93,10 @@ class CudaAggregator:
         """Add one client's peft-named factors (numpy arrays or torch tensors)."""
         import torch
         who = f"client {client_id!r}" if client_id is not None else f"client #{self.num_clients}"
-        if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
-                or num_examples < 1:
-            raise ValueError(f"num_examples of {who} must be an integer >= 1, got {num_examples!r}")
-        if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-            raise ValueError(f"alpha of {who} must be a finite number > 0, got {alpha!r}")
-        w = float(num_examples) if weight is None else weight
-        if not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"weight of {who} must be finite and >= 0, got {weight!r}")
+        w = check_client_args(who, num_examples=num_examples, alpha=alpha, weight=weight)
         pairs = _split(factors, who)
-        if rank is not None or rank_pattern:
-            from edge_client.update import rank_for_module
-            default = self.max_rank if rank is None else as_rank(rank, "rank")
-            for module, (B, _A) in pairs.items():
-                expected = rank_for_module(module, default, rank_pattern)
-                if B.shape[1] != expected:
-                    raise ValueError(f"{who}: module {module!r} has rank {B.shape[1]} but "
-                                     f"rank/rank_pattern say {expected}")
-        for module, (B, A) in pairs.items():
-            st = self._modules.get(module)
-            if st is not None and (B.shape[0], A.shape[1]) != (st.d_out, st.d_in):
-                raise ValueError(f"{who}: module {module!r} is {B.shape[0]}x{A.shape[1]}, "
-                                 f"other clients sent {st.d_out}x{st.d_in}")
+        check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
+                             rank_pattern=rank_pattern)
         # Bound the window: wait for the compute of the client `prefetch` places back.
         while len(self._inflight) >= self.prefetch:
             self._inflight.popleft().synchronize()
@@ -236,19 +219,7 @@ class CudaAggregator:
 
 def _split(factors: Mapping[str, Any], who: str) -> dict[str, tuple[Any, Any]]:
     """peft-named mapping -> {module: (B, A)}, shapes checked, arrays left where they are."""
-    if not isinstance(factors, Mapping) or not factors:
-        raise ValueError(f"{who}: factors must be a non-empty mapping of peft-named arrays")
-    halves: dict[str, dict[str, Any]] = {}
-    for key, value in factors.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{who}: factor key {key!r} is not a string")
-        if key.endswith(LORA_A_SUFFIX):
-            halves.setdefault(key[: -len(LORA_A_SUFFIX)], {})["A"] = value
-        elif key.endswith(LORA_B_SUFFIX):
-            halves.setdefault(key[: -len(LORA_B_SUFFIX)], {})["B"] = value
-        else:
-            raise ValueError(f"{who}: factor key {key!r} ends in neither {LORA_A_SUFFIX!r} "
-                             f"nor {LORA_B_SUFFIX!r}")
+    halves = group_factor_halves(factors, who)
     pairs = {}
     for module in sorted(halves):
         h = halves[module]
