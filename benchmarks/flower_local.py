@@ -10,30 +10,16 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from server.flower.loopback import free_port, stop_process_groups, toml_value, wait_listening
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "flexlora-bench"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
 
 
 class Flower:
@@ -71,15 +57,8 @@ class Flower:
         return proc
 
     def _wait_listening(self, port: int, proc: subprocess.Popen, name: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with {proc.returncode}: {self.log(name).read_text()[-2000:]}")
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return
-            time.sleep(0.2)
-        raise RuntimeError(f"{name}: nothing listening on {port} after {timeout:g} s")
+        wait_listening(port, proc, lambda: f"{name} exited with {proc.returncode}: {self.log(name).read_text()[-2000:]}",
+                       lambda t: f"{name}: nothing listening on {port} after {t:g} s", timeout)
 
     def supernode(self, name: str, node_config: str, env: Mapping | None = None) -> subprocess.Popen:
         home = self.root / name
@@ -106,18 +85,7 @@ class Flower:
                                   text=True, timeout=timeout)
 
     def stop(self) -> None:
-        for proc in reversed(list(self.procs.values())):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_groups(self.procs.values(), grace=15)
 
 
 @contextlib.contextmanager

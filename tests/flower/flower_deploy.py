@@ -10,42 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+from server.flower.loopback import free_port, stop_process_groups, toml_value, wait_listening
 
 REPO = Path(__file__).resolve().parents[2]
 CONNECTION = "flexlora-loopback"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_listening(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"nothing listening on port {port} after {timeout:g} s: {log.read_text()[-2000:]}")
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(v)
+    wait_listening(port, proc, lambda: f"process exited with {proc.returncode}: {log.read_text()[-2000:]}",
+                   lambda t: f"nothing listening on port {port} after {t:g} s: {log.read_text()[-2000:]}",
+                   timeout)
 
 
 class Deployment:
@@ -66,23 +45,12 @@ class Deployment:
         return "\n".join(f"===== {log.name}\n{log.read_text(errors='replace')[-4000:]}" for _, log in self.procs)
 
     def run(self, run_config: Mapping, *, timeout: float = 300.0) -> subprocess.CompletedProcess:
-        overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         return subprocess.run(["flwr", "run", str(REPO), CONNECTION, "--stream", "--run-config", overrides],
                               env=self.env, cwd=self.root, capture_output=True, text=True, timeout=timeout)
 
     def stop(self) -> None:
-        for proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc, _ in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_groups([proc for proc, _ in self.procs], grace=10)
 
 
 @contextlib.contextmanager
