@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = ["load_jsonl", "validate_record", "format_prompt", "tokenize_record", "IGNORE_INDEX"]
 
@@ -29,17 +29,22 @@ def validate_record(record, index: int = 0) -> dict:
             "output": record["output"], "category": record.get("category") or ""}
 
 
-def load_jsonl(path: str | os.PathLike) -> list[dict]:
-    records = []
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value)`` for every non-blank line of a JSONL file; a line that is
+    not JSON raises ValueError naming the file and line. The one JSONL reader of the project
+    (client data here, the simulation suite and the experiment converters in ``server``)."""
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {exc}") from None
-            records.append(validate_record(obj, lineno))
+
+
+def load_jsonl(path: str | os.PathLike) -> list[dict]:
+    records = [validate_record(obj, lineno) for lineno, obj in iter_jsonl(path)]
     if not records:
         raise ValueError(f"{path}: no records")
     return records

@@ -222,8 +222,22 @@ def _check_factors(factors, *, rank: int, rank_pattern: Mapping[str, int], targe
 
 # --------------------------------------------------------------------------- dataclasses
 
+class _RankedFactors:
+    """Per-module rank and LoRA scaling of a message with ``factors``, ``rank``,
+    ``rank_pattern``, ``alpha`` and ``rslora`` (ClientUpdate and GlobalFactors)."""
+
+    def module_rank(self, module: str) -> int:
+        return rank_for_module(module, self.rank, self.rank_pattern)
+
+    def module_scaling(self, module: str) -> float:
+        return scaling(self.alpha, self.module_rank(module), self.rslora)
+
+    def modules(self) -> list[str]:
+        return module_names(self.factors)
+
+
 @dataclass(kw_only=True)
-class ClientUpdate:
+class ClientUpdate(_RankedFactors):
     """One client's trained adapter and the facts the server needs to weight and scale it."""
     client_id: str
     factors: dict[str, np.ndarray]
@@ -272,18 +286,10 @@ class ClientUpdate:
         if check_finite:
             _check_delta_norms(self, limits)
 
-    def module_rank(self, module: str) -> int:
-        return rank_for_module(module, self.rank, self.rank_pattern)
-
-    def module_scaling(self, module: str) -> float:
-        return scaling(self.alpha, self.module_rank(module), self.rslora)
-
-    def modules(self) -> list[str]:
-        return module_names(self.factors)
 
 
 @dataclass(kw_only=True)
-class GlobalFactors:
+class GlobalFactors(_RankedFactors):
     """Server -> client: factors at the client's rank (inner rank may be lower: zero-padded on load).
 
     The delta a module stands for is ``scaling(alpha, module rank, rslora) * B @ A``. With
@@ -319,14 +325,6 @@ class GlobalFactors:
                                       target_modules=None, exact_rank=False, limits=limits)
         _check_delta_norms(self, limits)
 
-    def module_rank(self, module: str) -> int:
-        return rank_for_module(module, self.rank, self.rank_pattern)
-
-    def module_scaling(self, module: str) -> float:
-        return scaling(self.alpha, self.module_rank(module), self.rslora)
-
-    def modules(self) -> list[str]:
-        return module_names(self.factors)
 
 
 # --------------------------------------------------------------------------- encoding

@@ -18,6 +18,8 @@ import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from edge_client.data import iter_jsonl
+
 from ..simulation.suite import ClientData, Suite, read_jsonl
 
 __all__ = ["natural_instructions_records", "dolly_records", "convert_natural_instructions",
@@ -82,25 +84,18 @@ def natural_instructions_records(path: str | Path, *, max_per_task: int | None =
 def dolly_records(path: str | Path) -> tuple[list[dict[str, str]], int]:
     """Client records of Dolly-15K JSONL (client = category); returns (records, skipped lines)."""
     records, skipped = [], 0
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected an object")
-            fields = {k: rec.get(k, "") for k in ("instruction", "context", "response", "category")}
-            bad = [k for k, v in fields.items() if not isinstance(v, str)]
-            if bad:
-                raise ValueError(f"{path}:{lineno}: fields {bad} must be strings")
-            if not fields["instruction"].strip() or not fields["response"].strip():
-                skipped += 1           # nothing to learn from; Dolly has a handful of these
-                continue
-            records.append({"instruction": fields["instruction"], "input": fields["context"],
-                            "output": fields["response"], "category": fields["category"] or "default"})
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected an object")
+        fields = {k: rec.get(k, "") for k in ("instruction", "context", "response", "category")}
+        bad = [k for k, v in fields.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{path}:{lineno}: fields {bad} must be strings")
+        if not fields["instruction"].strip() or not fields["response"].strip():
+            skipped += 1           # nothing to learn from; Dolly has a handful of these
+            continue
+        records.append({"instruction": fields["instruction"], "input": fields["context"],
+                        "output": fields["response"], "category": fields["category"] or "default"})
     if not records:
         raise ValueError(f"{path}: no usable records")
     return records, skipped

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_client.data import iter_jsonl
+
 from .tasks import FAMILIES, make_example
 
 __all__ = ["SuiteConfig", "ClientData", "Suite", "build_suite", "write_jsonl", "read_jsonl",
@@ -103,20 +105,13 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, str]]) -> None:
 
 def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) \
-                    or not isinstance(rec.get("output"), str):
-                raise ValueError(f"{path}:{lineno}: record needs string 'instruction' and 'output'")
-            rec.setdefault("input", "")
-            rec.setdefault("category", "default")
-            out.append(rec)
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str) \
+                or not isinstance(rec.get("output"), str):
+            raise ValueError(f"{path}:{lineno}: record needs string 'instruction' and 'output'")
+        rec.setdefault("input", "")
+        rec.setdefault("category", "default")
+        out.append(rec)
     if not out:
         raise ValueError(f"{path}: no records")
     return out
