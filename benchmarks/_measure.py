@@ -73,6 +73,7 @@ def machine(threads):
     except OSError:
         pass
     import torch
+
     from server import _core
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "numpy": np.__version__,

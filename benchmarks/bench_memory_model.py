@@ -45,10 +45,10 @@ def child(args) -> None:
 
     import torch
     torch.set_num_threads(args.threads)
-    from edge_client.testing import synthetic_records, tiny_llama_config  # noqa: F401
-    from edge_client.trainer import LocalTrainer, TrainConfig
-    from edge_client.testing import train_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from edge_client.testing import synthetic_records, tiny_llama_config, train_tokenizer  # noqa: F401
+    from edge_client.trainer import LocalTrainer, TrainConfig
 
     tok = train_tokenizer()
     torch.manual_seed(0)

@@ -55,21 +55,21 @@ def _die() -> None:
 
 def child(point: str, kill_round: int, starts_log: str, cli_args: list[str]) -> int:
     """Install the kill hook for ``point`` at ``kill_round``, then run the real CLI."""
-    from server.simulation import checkpoint, runtime
+    from server.federation import checkpoint, rounds
     from server.strategies import base
 
     state = {"round": 0}
-    run_round = runtime._Federation.run_round
+    run_round = rounds.RoundEngine.run_round
 
-    def logged_run_round(self, round, pool):
+    def logged_run_round(self, round, transport):
         state["round"] = round
         with open(starts_log, "a") as fh:
             fh.write(f"{round}\n")
             fh.flush()
             os.fsync(fh.fileno())
-        return run_round(self, round, pool)
+        return run_round(self, round, transport)
 
-    runtime._Federation.run_round = logged_run_round
+    rounds.RoundEngine.run_round = logged_run_round
     armed = lambda: state["round"] == kill_round  # noqa: E731
 
     if point == "aggregation":
@@ -126,7 +126,7 @@ def child(point: str, kill_round: int, starts_log: str, cli_args: list[str]) -> 
 
 def checkpoint_round(ckpt: Path) -> int:
     """Round of the checkpoint in ``ckpt`` (0: none); raises if it is torn or inconsistent."""
-    from server.simulation.checkpoint import load_checkpoint
+    from server.federation.checkpoint import load_checkpoint
 
     ck = load_checkpoint(ckpt)
     if ck is None:
@@ -215,7 +215,7 @@ def env_float(name: str, default: float) -> float:
 
 
 def final_state(ckpt: Path) -> dict[str, np.ndarray]:
-    from server.simulation.checkpoint import load_checkpoint
+    from server.federation.checkpoint import load_checkpoint
 
     return load_checkpoint(ckpt).strategy_tensors
 

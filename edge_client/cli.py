@@ -34,11 +34,12 @@ def _load_config(name: str):
 
 
 def _common(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    from .trainer import DEFAULT_TARGETS
+
     p.add_argument("--model", required=model_required, default=None, help="local model directory or hub id")
     p.add_argument("--ranks", type=_ranks, default=[4, 8, 16, 32, 64, 128, 200])
     p.add_argument("--paper-types", action="store_true", help="candidates r8, r30, r30_200, r200 instead of --ranks")
-    p.add_argument("--targets", type=_targets, default=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                         "gate_proj", "up_proj", "down_proj"])
+    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -100,19 +101,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _train_config(args, **over):
+    from .trainer import TrainConfig
+
+    return TrainConfig(**{"alpha": args.alpha, "rslora": args.rslora, "target_modules": tuple(args.targets),
+                          "lr": args.lr, "batch_size": args.batch, "max_length": args.seq_len,
+                          "epochs": args.epochs, "steps": args.steps, **over})
+
+
 def cmd_train(args) -> int:
-    from .trainer import LocalTrainer, TrainConfig
-    from .update import decode_global, encode_update
+    from .trainer import LocalTrainer
+    from .wire import RankSpec, decode_global, encode_update
 
     pattern = json.loads(args.rank_pattern) if args.rank_pattern else {}
-    config = TrainConfig(rank=args.rank, alpha=args.alpha, rank_pattern=pattern, rslora=args.rslora,
-                         target_modules=tuple(args.targets), learning_rate=args.lr, batch_size=args.batch,
-                         max_seq_len=args.seq_len, epochs=args.epochs, max_steps=args.max_steps)
-    trainer = LocalTrainer.from_pretrained(args.model, config=config, client_id=args.client_id,
-                                           local_files_only=args.offline)
+    trainer = LocalTrainer.from_pretrained(args.model, config=_train_config(args),
+                                           spec=RankSpec(rank=args.rank, rank_pattern=pattern),
+                                           client_id=args.client_id, local_files_only=args.offline)
     if args.global_factors:
         trainer.load_global(decode_global(Path(args.global_factors).read_bytes()))
-    update = trainer.train(args.data, round=args.round)
+    update = trainer.train(args.data, round=args.round, seed=args.seed)
     Path(args.out).write_bytes(encode_update(update, dtype=args.wire_dtype))
     summary = {"out": args.out, "num_examples": update.num_examples, "rank": update.rank,
                "rank_pattern": update.rank_pattern, **update.metrics}
@@ -127,28 +134,27 @@ def cmd_export(args) -> int:
 
     from .export import OnnxLM, export_onnx, merged_model
     from .trainer import LocalTrainer, TrainConfig
-    from .update import decode_update
+    from .wire import RankSpec, decode_update
 
-    config = None
-    update = None
+    config, spec, update = None, None, None
     if args.adapter:
         update = decode_update(Path(args.adapter).read_bytes())
-        config = TrainConfig(rank=update.rank, rank_pattern=update.rank_pattern, alpha=update.alpha,
-                             rslora=update.rslora, target_modules=tuple(update.target_modules))
-    trainer = LocalTrainer.from_pretrained(args.model, config=config, local_files_only=args.offline)
-    if update is not None:
-        trainer.set_factors(update.factors)
-    path = export_onnx(trainer.model, args.out)
+        config = TrainConfig(alpha=update.alpha, rslora=update.rslora, target_modules=tuple(update.target_modules))
+        spec = RankSpec(rank=update.rank, rank_pattern=update.rank_pattern)
+    trainer = LocalTrainer.from_pretrained(args.model, config=config, spec=spec, local_files_only=args.offline)
+    with trainer.adapter(factors=update.factors if update is not None else None) as model:
+        path = export_onnx(model, args.out)
+        merged = merged_model(model)
     ids = np.array([[trainer.tokenizer.bos_token_id or 0] + list(range(3, 10))], dtype=np.int64)
     onnx_logits = OnnxLM(path).logits(ids)
     with torch.no_grad():
-        ref = merged_model(trainer.model)(input_ids=torch.from_numpy(ids)).logits.numpy()
+        ref = merged(input_ids=torch.from_numpy(ids)).logits.numpy()
     diff = float(np.abs(onnx_logits - ref).max())
     result = {"out": path, "max_abs_logit_diff": diff}
     if args.time_tokens:
         from .export import greedy_torch, time_per_token
         prompt = ids[0].tolist()
-        lm, merged = OnnxLM(path), merged_model(trainer.model)
+        lm = OnnxLM(path)
         ort_s, ort_spread = time_per_token(lm.greedy, prompt, args.time_tokens)
         torch_s, torch_spread = time_per_token(greedy_torch, merged, prompt, args.time_tokens)
         result.update(onnxruntime_ms_per_token=ort_s * 1e3, onnxruntime_spread_ms=ort_spread * 1e3,
@@ -165,6 +171,9 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .trainer import DEFAULT_TARGETS, TrainConfig
+
+    TRAIN_DEFAULTS = TrainConfig()
     parser = argparse.ArgumentParser(prog="flexlora-client", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("probe", help="device profile and the rank it affords")
@@ -182,12 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-pattern", default=None, help='JSON, e.g. {"gate_proj": 200}')
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--rslora", action="store_true")
-    p.add_argument("--targets", type=_targets, default=["q_proj", "v_proj"])
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS))
+    p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr)
+    p.add_argument("--batch", type=int, default=TRAIN_DEFAULTS.batch_size)
+    p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.max_length)
+    p.add_argument("--epochs", type=int, default=TRAIN_DEFAULTS.epochs, help="passes over the data when --steps is 0")
+    p.add_argument("--steps", "--max-steps", dest="steps", type=lambda x: int(x) or None,
+                   default=TRAIN_DEFAULTS.steps, help="optimizer steps (default %(default)s; 0: use --epochs)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the round)")
     p.add_argument("--client-id", default="client")
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32")

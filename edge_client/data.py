@@ -1,19 +1,15 @@
 """Instruction data: JSONL records (`instruction`, `input`, `output`, optional `category`),
-the Alpaca prompt, and tokenisation with the loss on response tokens only."""
+the prompt template, and tokenisation with the loss on response tokens only."""
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 
-__all__ = ["load_jsonl", "validate_record", "format_prompt", "tokenize_record", "IGNORE_INDEX"]
+__all__ = ["load_jsonl", "iter_jsonl", "validate_record", "format_prompt", "prompt_ids", "tokenize_record", "as_records",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
-_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
-               "context. Write a response that appropriately completes the request.\n\n"
-               "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
-_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately "
-             "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
 def validate_record(record, index: int = 0) -> dict:
@@ -50,23 +46,33 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def format_prompt(record: dict) -> str:
-    template = _WITH_INPUT if record.get("input") else _NO_INPUT
-    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+def format_prompt(record: Mapping[str, str]) -> str:
+    """The one prompt template of the project (device, simulation, evaluation): a compact
+    Alpaca-style prompt; the response follows it directly."""
+    if record.get("input"):
+        return f"### Instruction:\n{record['instruction']}\n### Input:\n{record['input']}\n### Response:\n"
+    return f"### Instruction:\n{record['instruction']}\n### Response:\n"
 
 
-def tokenize_record(tokenizer, record: dict, max_len: int) -> tuple[list[int], list[int]]:
-    """input_ids and labels (prompt tokens masked with IGNORE_INDEX); response kept when truncating."""
-    prompt_ids = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+def prompt_ids(tokenizer, record: Mapping[str, str] | str) -> list[int]:
+    """Token ids of the prompt (``bos`` first when the tokenizer has one); a string is taken as an
+    already formatted prompt."""
+    text = record if isinstance(record, str) else format_prompt(record)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids
+
+
+def tokenize_record(tokenizer, record: Mapping[str, str], max_len: int) -> tuple[list[int], list[int]]:
+    """input_ids and labels (prompt tokens masked with IGNORE_INDEX); the response is kept when
+    truncating (the prompt loses tokens from its start), then cut at ``max_len``."""
+    prompt = prompt_ids(tokenizer, record)
+    response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
-        response_ids = response_ids + [tokenizer.eos_token_id]
-    keep_prompt = max(1, max_len - len(response_ids))
-    prompt_ids = prompt_ids[-keep_prompt:] if len(prompt_ids) > keep_prompt else prompt_ids
-    ids = (prompt_ids + response_ids)[:max_len]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_len]
+        response = response + [tokenizer.eos_token_id]
+    keep_prompt = max(1, max_len - len(response))
+    prompt = prompt[-keep_prompt:] if len(prompt) > keep_prompt else prompt
+    ids = (prompt + response)[:max_len]
+    labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_len]
     return ids, labels
 
 
@@ -79,5 +85,3 @@ def as_records(data: Iterable[dict] | str | os.PathLike) -> list[dict]:
     return records
 
 
-def prompts_of(records: Sequence[dict]) -> list[str]:
-    return [format_prompt(r) for r in records]

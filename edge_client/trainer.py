@@ -1,74 +1,119 @@
 """One client's local round: a Hugging Face causal LM with a peft LoRA adapter at the client's rank.
 
-A `LocalTrainer` wraps a base model once; `configure` switches it to another client's rank (the
-adapter is rebuilt only when the LoRA configuration changes), so a simulation reuses one loaded
-base model for every client by swapping adapter weights with `load_global`.
+This is the one trainer of the project: the device CLI (``flexlora-client train``), the Flower
+ClientApp and the embedded simulation all train through :meth:`LocalTrainer.train`. A round is
+
+1. a fresh peft adapter at the client's ``RankSpec``, initialised from the round's seed
+   (peft's init: A random, B zero);
+2. the server's ``GlobalFactors`` loaded into it (``B`` rescaled from the sender's scaling to
+   this adapter's; slots beyond the factors' inner rank keep the fresh init), or, for FLoRA's
+   ``merge_into_base``, the delta merged into the base weights and the adapter left fresh;
+3. ``steps`` AdamW steps on batches drawn from a seeded, repeatedly shuffled order of the
+   examples (loss on response tokens only);
+4. the adapter's factors returned as a ``ClientUpdate``; the adapter is unloaded, so the base
+   model is a plain transformers model between rounds.
+
+A simulation may hand one shared base model to one ``LocalTrainer`` and run every simulated
+client through it (that is why it is fast): the same code path, config, prompt and fingerprint.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import IGNORE_INDEX, as_records, format_prompt, tokenize_record
-from .update import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, module_names, rank_for_module, scaling
+from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
+from .wire import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, RankSpec, module_names, scaling
 
-__all__ = ["TrainConfig", "LocalTrainer", "load_model", "fingerprint"]
+__all__ = ["DEFAULT_TARGETS", "TrainConfig", "LocalTrainer", "load_model", "fingerprint", "merge_deltas"]
+
+# Every linear projection of a LLaMA-style block (attention and MLP), as the paper adapts.
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _positive_float(name: str, value, *, allow_zero: bool = False) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"TrainConfig.{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
+                         f"got {value!r}")
+    return float(value)
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    rslora: bool = False
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_dropout: float = 0.0
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.0
-    batch_size: int = 4
-    max_seq_len: int = 256
+    """How a client trains its round (the rank is the client's ``RankSpec``, not part of this)."""
+    steps: int | None = 30             # optimizer steps per round; None: ``epochs`` passes over the data
     epochs: int = 1
-    max_steps: int | None = None       # bounds the round regardless of epochs
-    seed: int = 0
+    batch_size: int = 8
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    alpha: float = 16.0
+    rslora: bool = False
+    max_length: int = 64               # tokens per example (prompt cut from the left, response kept)
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "max_seq_len", "epochs"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{name} must be an int >= 1, got {value!r}")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise ValueError(f"TrainConfig.max_steps must be None or an int >= 1, got {self.max_steps!r}")
-        if not (math.isfinite(self.alpha) and self.alpha > 0):
-            raise ValueError(f"TrainConfig.alpha must be a positive number, got {self.alpha!r}")
-        if not (self.learning_rate > 0):
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        for name in ("epochs", "batch_size", "max_length"):
+            _positive_int(name, getattr(self, name))
+        if self.steps is not None:
+            _positive_int("steps", self.steps)
+        self.lr = _positive_float("lr", self.lr)
+        self.alpha = _positive_float("alpha", self.alpha)
+        self.weight_decay = _positive_float("weight_decay", self.weight_decay, allow_zero=True)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"TrainConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if isinstance(self.target_modules, str) or not self.target_modules:
             raise ValueError(f"TrainConfig.target_modules must be a non-empty list, got {self.target_modules!r}")
-        self.target_modules = tuple(self.target_modules)
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.rank_pattern[{key!r}] must be an int >= 1, got {value!r}")
-        self.rank_pattern = dict(self.rank_pattern)
+        self.target_modules = tuple(str(t) for t in self.target_modules)
+        self.rslora, self.gradient_checkpointing = bool(self.rslora), bool(self.gradient_checkpointing)
 
-    def lora_key(self) -> tuple:
-        return (self.rank, tuple(sorted(self.rank_pattern.items())), self.alpha, self.rslora,
-                self.target_modules, self.lora_dropout)
+    # The Flower run config keys (``[tool.flwr.app.config]``) that set these fields.
+    RUN_CONFIG_KEYS = {"local-steps": "steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
+                       "max-length": "max_length", "target-modules": "target_modules"}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping) -> "TrainConfig":
+        """The config a Flower run's settings give (keys absent: these defaults)."""
+        kw = {}
+        for key, name in cls.RUN_CONFIG_KEYS.items():
+            if key in run_config:
+                value = run_config[key]
+                if name == "target_modules":
+                    value = tuple(t.strip() for t in str(value).split(",") if t.strip())
+                elif name in ("lr", "alpha") and isinstance(value, int) and not isinstance(value, bool):
+                    value = float(value)
+                kw[name] = value
+        return cls(**kw)
+
+    def lora_config(self, spec: RankSpec):
+        from peft import LoraConfig
+
+        return LoraConfig(r=spec.rank, lora_alpha=self.alpha, rank_pattern=dict(spec.rank_pattern),
+                          use_rslora=self.rslora, target_modules=list(self.target_modules),
+                          lora_dropout=self.lora_dropout, bias="none", task_type="CAUSAL_LM")
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: bool = False):
     """(model, tokenizer) from a local path or hub id; failures name the model and the likely cause."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
@@ -79,11 +124,13 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
                          f"path). Cause: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
     return model, tokenizer
 
 
 def fingerprint(model) -> str:
-    """sha256 of the base model's config, parameter names and shapes, and a strided sample of values."""
+    """sha256 of the base model's config, parameter names and shapes, and a strided sample of
+    every tensor's values: identifies the base model cheaply even for 7B+ weights."""
     h = hashlib.sha256()
     cfg = model.config.to_dict()
     for volatile in ("_name_or_path", "transformers_version", "use_cache", "dtype", "torch_dtype"):
@@ -100,212 +147,203 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-class LocalTrainer:
-    """Local LoRA training for one client (or many, one after another, on the same base model)."""
+_PEFT_PREFIX = "base_model.model."
 
-    def __init__(self, model, tokenizer, *, config: TrainConfig | None = None, client_id: str = "client",
-                 base_model_id: str | None = None):
+
+def merge_deltas(model, deltas: Mapping[str, np.ndarray]) -> None:
+    """Add ``deltas`` (peft module path -> dW, d_out x d_in) to the plain model's weights in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for module, dw in deltas.items():
+            name = (module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module) + ".weight"
+            if name not in params:
+                raise ValueError(f"delta names module {module!r}, which the model does not have")
+            p = params[name]
+            if tuple(p.shape) != tuple(dw.shape):
+                raise ValueError(f"delta for {module!r} is {tuple(dw.shape)}, the weight is {tuple(p.shape)}")
+            p.add_(torch.from_numpy(np.asarray(dw, np.float32)).to(p.dtype))
+
+
+def _batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
+    """``steps`` batches of example indices from a seeded order that is reshuffled whenever fewer
+    than a batch remain (every batch is full; passes over the data run back to back)."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            extra = list(range(n))
+            rng.shuffle(extra)
+            order += extra
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
+class LocalTrainer:
+    """Local LoRA training for one client (or many simulated clients, one after another, on one base)."""
+
+    def __init__(self, model, tokenizer, *, config: TrainConfig | None = None, spec: RankSpec | None = None,
+                 client_id: str = "client", base_model_id: str | None = None):
         from peft import PeftModel
 
         if isinstance(model, PeftModel):
             raise ValueError("model must be a plain transformers model; LocalTrainer adds the adapter itself")
-        self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.base = model
         self.config = config or TrainConfig()
+        self.spec = spec or RankSpec(rank=8)
         self.client_id = client_id
-        model.config.use_cache = False
         self.base_model = base_model_id or fingerprint(model)
-        self._base = model
-        self.model = None
-        self._lora_key = None
-        self._build_adapter()
+        self.factors: dict[str, np.ndarray] | None = None    # the adapter after the last train
+        self.init: GlobalFactors | None = None               # the server's factors for the next round
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, config: TrainConfig | None = None, client_id: str = "client",
-                        dtype: str = "float32", local_files_only: bool = False) -> "LocalTrainer":
+    def from_pretrained(cls, name_or_path: str, *, config: TrainConfig | None = None, spec: RankSpec | None = None,
+                        client_id: str = "client", dtype: str = "float32",
+                        local_files_only: bool = False) -> "LocalTrainer":
         model, tokenizer = load_model(name_or_path, dtype=dtype, local_files_only=local_files_only)
-        return cls(model, tokenizer, config=config, client_id=client_id)
+        return cls(model, tokenizer, config=config, spec=spec, client_id=client_id)
 
-    # ------------------------------------------------------------------ adapter management
-    def _build_adapter(self) -> None:
-        from peft import LoraConfig, get_peft_model
+    # ------------------------------------------------------------------ what the server sends
+    def load_global(self, g: GlobalFactors | None) -> None:
+        """Take the server's message: FLoRA's ``merge_into_base`` is merged into the base weights
+        now (the next adapter starts fresh); other factors initialise the next round's adapter."""
+        if g is None:
+            self.init = None
+        elif g.merge_into_base:
+            merge_deltas(self.base, {m: g.module_delta(m) for m in g.modules()})
+            self.init, self.factors = None, None
+        else:
+            self.init = g
 
-        c = self.config
-        if self.model is not None:
-            self._base = self.model.unload()  # drop the LoRA layers, keep the (possibly merged) base
-        lora = LoraConfig(r=c.rank, lora_alpha=c.alpha, rank_pattern=dict(c.rank_pattern), use_rslora=c.rslora,
-                          target_modules=list(c.target_modules), lora_dropout=c.lora_dropout, bias="none",
-                          task_type="CAUSAL_LM")
-        torch.manual_seed(c.seed)
-        self.model = get_peft_model(self._base, lora)
-        if c.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.enable_input_require_grads()
-        self._lora_key = c.lora_key()
+    # ------------------------------------------------------------------ the adapter
+    @contextlib.contextmanager
+    def adapter(self, spec: RankSpec | None = None, *, seed: int = 0,
+                factors: Mapping[str, np.ndarray] | GlobalFactors | None = None):
+        """A peft model over the base with a fresh adapter at ``spec`` (seeded) and ``factors``
+        loaded (a ``GlobalFactors`` is rescaled from its scaling); unloaded on exit."""
+        from peft import get_peft_model
 
-    def configure(self, config: TrainConfig | None = None, *, client_id: str | None = None, **changes) -> None:
-        """Switch to another client's configuration; rebuilds the adapter only when LoRA settings change."""
-        new = config or replace(self.config, **changes)
-        self.config = new
-        if client_id is not None:
-            self.client_id = client_id
-        if new.lora_key() != self._lora_key:
-            self._build_adapter()
+        spec = spec or self.spec
+        torch.manual_seed(seed)
+        use_cache, self.base.config.use_cache = getattr(self.base.config, "use_cache", None), False
+        peft_model = get_peft_model(self.base, self.config.lora_config(spec))
+        try:
+            if factors is not None:
+                _load_factors(peft_model, factors, self.config, spec)
+            if self.config.gradient_checkpointing:
+                peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                peft_model.enable_input_require_grads()
+            yield peft_model
+        finally:
+            peft_model.eval()
+            if self.config.gradient_checkpointing:
+                peft_model.gradient_checkpointing_disable()
+            peft_model.unload()
+            self.base.config.use_cache = use_cache
 
-    def lora_modules(self) -> dict[str, torch.nn.Module]:
-        """peft module path -> LoRA layer, e.g. 'base_model.model.model.layers.0.self_attn.q_proj'."""
-        return {name: m for name, m in self.model.named_modules()
-                if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
-
-    def module_rank(self, module: str) -> int:
-        return rank_for_module(module, self.config.rank, self.config.rank_pattern)
-
-    def module_scaling(self, module: str) -> float:
-        return scaling(self.config.alpha, self.module_rank(module), self.config.rslora)
-
-    def reset_adapter(self) -> None:
-        """Fresh adapter weights (peft's init: A random, B zero) at the current rank."""
-        torch.manual_seed(self.config.seed)
-        for m in self.lora_modules().values():
-            m.reset_lora_parameters("default", True)
-
-    def get_factors(self) -> dict[str, np.ndarray]:
-        out = {}
-        for name, m in self.lora_modules().items():
-            out[name + LORA_A_SUFFIX] = m.lora_A["default"].weight.detach().to(torch.float32).cpu().numpy().copy()
-            out[name + LORA_B_SUFFIX] = m.lora_B["default"].weight.detach().to(torch.float32).cpu().numpy().copy()
-        return out
-
-    def set_factors(self, factors: Mapping[str, np.ndarray], *, source_scaling: Mapping[str, float] | None = None) -> None:
-        """Load peft-named factors; a lower inner rank is zero-padded, B is rescaled from the sender's scaling."""
-        layers = self.lora_modules()
-        names = module_names(factors)
-        unknown = sorted(set(names) - set(layers))
-        if unknown:
-            raise ValueError(f"factors name modules this model has no adapter on: {unknown[:3]}")
-        with torch.no_grad():
-            for name in names:
-                layer = layers[name]
-                a_param, b_param = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-                a = np.asarray(factors[name + LORA_A_SUFFIX], dtype=np.float32)
-                b = np.asarray(factors[name + LORA_B_SUFFIX], dtype=np.float32)
-                r = a_param.shape[0]
-                if a.shape[0] > r or a.shape[1] != a_param.shape[1] or b.shape[0] != b_param.shape[0]:
-                    raise ValueError(f"factors for {name!r} have shapes A{a.shape} B{b.shape}, adapter expects "
-                                     f"A{tuple(a_param.shape)} B{tuple(b_param.shape)}")
-                ratio = 1.0 if source_scaling is None else source_scaling[name] / self.module_scaling(name)
-                a_param.zero_()
-                b_param.zero_()
-                a_param[: a.shape[0]] = torch.from_numpy(a).to(a_param.dtype)
-                b_param[:, : b.shape[1]] = torch.from_numpy(b * ratio).to(b_param.dtype)
-
-    def load_global(self, factors: GlobalFactors | Mapping[str, np.ndarray]) -> None:
-        """Apply the server's factors. A `GlobalFactors` whose rank differs from the adapter's rebuilds it;
-        with ``merge_into_base`` its delta is merged into the base weights and a fresh adapter starts."""
-        if not isinstance(factors, GlobalFactors):
-            self.set_factors(factors)
-            return
-        g = factors
-        if g.merge_into_base:
-            self._merge_delta(g)
-            self.reset_adapter()
-            return
-        if (g.rank, g.rank_pattern, g.alpha, g.rslora) != (self.config.rank, self.config.rank_pattern,
-                                                           self.config.alpha, self.config.rslora):
-            self.configure(rank=g.rank, rank_pattern=dict(g.rank_pattern), alpha=g.alpha, rslora=g.rslora)
-        self.set_factors(g.factors)
-
-    def _merge_delta(self, g: GlobalFactors) -> None:
-        layers = self.lora_modules()
-        with torch.no_grad():
-            for name in g.modules():
-                if name not in layers:
-                    raise ValueError(f"global factors name module {name!r}, which has no adapter here")
-                weight = layers[name].get_base_layer().weight
-                a = torch.from_numpy(g.factors[name + LORA_A_SUFFIX])
-                b = torch.from_numpy(g.factors[name + LORA_B_SUFFIX])
-                delta = g.module_scaling(name) * (b @ a)
-                if delta.shape != weight.shape:
-                    raise ValueError(f"delta for {name!r} has shape {tuple(delta.shape)}, weight has {tuple(weight.shape)}")
-                weight += delta.to(weight.dtype)
+    def current(self):
+        """:meth:`adapter` with the factors of the last round (or the server's, before any)."""
+        return self.adapter(factors=self.factors if self.factors is not None else self.init)
 
     # ------------------------------------------------------------------ training
-    def _batches(self, records: Sequence[dict], rng: random.Random):
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        bs = self.config.batch_size
-        for start in range(0, len(order), bs):
-            yield self._collate([self._encoded[i] for i in order[start:start + bs]])
-
-    def _collate(self, items):
+    def _collate(self, items: Sequence[tuple[list[int], list[int]]]):
         pad = self.tokenizer.pad_token_id
         width = max(len(ids) for ids, _ in items)
         ids = torch.full((len(items), width), pad, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (i, l) in enumerate(items):
+        for row, (i, lab) in enumerate(items):
             ids[row, : len(i)] = torch.tensor(i)
-            labels[row, : len(l)] = torch.tensor(l)
+            labels[row, : len(lab)] = torch.tensor(lab)
             mask[row, : len(i)] = 1
         return ids, mask, labels
 
-    def train(self, data: Iterable[dict] | str, *, round: int = 0, max_steps: int | None = None) -> ClientUpdate:
-        """Train the adapter for `epochs` (bounded by `max_steps`) and return the update."""
+    def _steps(self, n: int) -> int:
+        c = self.config
+        return c.steps if c.steps is not None else c.epochs * math.ceil(n / c.batch_size)
+
+    def train(self, data: Iterable[dict] | str, *, round: int = 0, seed: int | None = None,
+              spec: RankSpec | None = None, client_id: str | None = None) -> ClientUpdate:
+        """One local round from ``self.init`` (see the module docstring); returns the update."""
         records = as_records(data)
         c = self.config
-        self._encoded = [tokenize_record(self.tokenizer, r, c.max_seq_len) for r in records]
-        limit = max_steps or c.max_steps
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optim = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
-        rng = random.Random(c.seed + round)
-        self.model.train()
-        losses, steps = [], 0
-        for _ in range(c.epochs):
-            for ids, mask, labels in self._batches(records, rng):
-                loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        spec = spec or self.spec
+        seed = round if seed is None else int(seed)
+        encoded = [tokenize_record(self.tokenizer, r, c.max_length) for r in records]
+        rng = random.Random(seed)
+        losses: list[float] = []
+        with self.adapter(spec, seed=seed, factors=self.init) as model:
+            params = [p for p in model.parameters() if p.requires_grad]
+            optim = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+            model.train()
+            for idx in _batches(len(encoded), c.batch_size, self._steps(len(encoded)), rng):
+                ids, mask, labels = self._collate([encoded[i] for i in idx])
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 optim.step()
                 optim.zero_grad(set_to_none=True)
                 losses.append(float(loss.detach()))
-                steps += 1
-                if limit is not None and steps >= limit:
-                    break
-            if limit is not None and steps >= limit:
-                break
-        self.model.eval()
-        metrics = {"train_loss": float(np.mean(losses)), "first_loss": losses[0], "last_loss": losses[-1],
-                   "steps": float(steps)}
-        return ClientUpdate(client_id=self.client_id, factors=self.get_factors(), num_examples=len(records),
-                            rank=c.rank, rank_pattern=dict(c.rank_pattern), alpha=c.alpha, rslora=c.rslora,
+            factors = {}
+            for name, p in model.named_parameters():
+                if ".lora_A.default." in name or ".lora_B.default." in name:
+                    factors[name.replace(".default.", ".")] = p.detach().to(torch.float32).cpu().numpy().copy()
+        self.factors, self.init = factors, None
+        metrics = {"train_loss": float(np.mean(losses[-max(1, len(losses) // 2):])), "first_loss": losses[0],
+                   "last_loss": losses[-1], "steps": float(len(losses))}
+        return ClientUpdate(client_id=client_id or self.client_id, factors=factors, num_examples=len(records),
+                            rank=spec.rank, rank_pattern=dict(spec.rank_pattern), alpha=c.alpha, rslora=c.rslora,
                             base_model=self.base_model, target_modules=list(c.target_modules), round=round,
                             metrics=metrics)
 
     @torch.no_grad()
     def evaluate_loss(self, data: Iterable[dict] | str) -> float:
-        """Mean response-token loss over the records (no gradient)."""
+        """Mean response-token loss over the records with the current adapter (no gradient)."""
         records = as_records(data)
-        self._encoded = [tokenize_record(self.tokenizer, r, self.config.max_seq_len) for r in records]
-        self.model.eval()
+        encoded = [tokenize_record(self.tokenizer, r, self.config.max_length) for r in records]
         total, count = 0.0, 0
-        for start in range(0, len(records), self.config.batch_size):
-            ids, mask, labels = self._collate(self._encoded[start:start + self.config.batch_size])
-            n = int((labels[:, 1:] != IGNORE_INDEX).sum())
-            total += float(self.model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
-            count += n
+        with self.current() as model:
+            for start in range(0, len(encoded), self.config.batch_size):
+                ids, mask, labels = self._collate(encoded[start:start + self.config.batch_size])
+                n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+                total += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * n
+                count += n
         return total / max(count, 1)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str] | Sequence[dict], *, max_new_tokens: int = 32) -> list[str]:
-        """Greedy completions; dict prompts are formatted as Alpaca prompts."""
-        self.model.eval()
+        """Greedy completions with the current adapter; dict prompts are formatted as records."""
         out = []
-        for p in prompts:
-            text = format_prompt(p) if isinstance(p, dict) else p
-            ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
-            ids = torch.tensor([ids + self.tokenizer(text, add_special_tokens=False)["input_ids"]])
-            gen = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                                      eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
-            out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        with self.current() as model:
+            for p in prompts:
+                ids = torch.tensor([prompt_ids(self.tokenizer, p)])
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                     eos_token_id=self.tokenizer.eos_token_id, use_cache=True)
+                out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
         return out
+
+
+def _load_factors(peft_model, factors: Mapping[str, np.ndarray] | GlobalFactors, config: TrainConfig,
+                  spec: RankSpec) -> None:
+    """Copy factors into the adapter's first slots; ``B`` is rescaled from the sender's scaling
+    (a ``GlobalFactors``') to this adapter's; the remaining slots keep the fresh init."""
+    source = factors if isinstance(factors, GlobalFactors) else None
+    tensors = source.factors if source is not None else factors
+    params = dict(peft_model.named_parameters())
+    with torch.no_grad():
+        for module in module_names(tensors):
+            a_name, b_name = f"{module}.lora_A.default.weight", f"{module}.lora_B.default.weight"
+            if a_name not in params:
+                raise ValueError(f"factors name module {module!r}, which has no adapter here")
+            a_param, b_param = params[a_name], params[b_name]
+            a = np.asarray(tensors[module + LORA_A_SUFFIX], np.float32)
+            b = np.asarray(tensors[module + LORA_B_SUFFIX], np.float32)
+            r = a_param.shape[0]
+            if a.shape[0] > r or a.shape[1] != a_param.shape[1] or b.shape[0] != b_param.shape[0]:
+                raise ValueError(f"factors for {module!r} have shapes A{a.shape} B{b.shape}, the adapter "
+                                 f"expects at most A{tuple(a_param.shape)} B{tuple(b_param.shape)}")
+            if source is not None:
+                b = b * (source.module_scaling(module) / scaling(config.alpha, r, config.rslora))
+            a_param[: a.shape[0]] = torch.from_numpy(a).to(a_param.dtype)
+            b_param[:, : b.shape[1]] = torch.from_numpy(np.ascontiguousarray(b)).to(b_param.dtype)

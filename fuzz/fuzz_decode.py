@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import atheris  # noqa: E402
 
 with atheris.instrument_imports():
-    import edge_client.update  # noqa: F401
     import fuzzlib
+
+    import edge_client.wire  # noqa: F401
 
 import numpy as np  # noqa: E402
 

@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 
-from edge_client.update import SCHEMA_VERSION, DecodeLimits, decode_global, decode_update
+from edge_client.wire import SCHEMA_VERSION, DecodeLimits, decode_global, decode_update
 
 __all__ = ["LIMITS", "MODULE", "ST_CODES", "raw_safetensors", "update_meta", "valid_factors",
            "update_bytes", "global_meta", "check_one", "check_accepted"]

@@ -17,10 +17,10 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import fuzzlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-import fuzzlib  # noqa: E402
-from edge_client.update import ClientUpdate, GlobalFactors, encode_global, encode_update  # noqa: E402
+from edge_client.wire import ClientUpdate, GlobalFactors, encode_global, encode_update  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.simulation.suite import format_prompt  # noqa: E402
+from edge_client.data import format_prompt  # noqa: E402
 from server.simulation.tasks import CAPITALS, POLARITY, WORDS  # noqa: E402
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -57,10 +57,10 @@ def generic_corpus(rng: random.Random, n: int) -> list[str]:
             lines.append(f"{w} has {len(w)} letters and starts with {w[0]}. {w.upper()} {w}.")
         elif kind == 5:
             words = rng.sample(vocab, rng.randint(2, 5))
-            lines.append(format_prompt("Copy the input.", " ".join(words)) + " ".join(words))
+            lines.append(format_prompt({"instruction": "Copy the input.", "input": " ".join(words)}) + " ".join(words))
         else:
             words = rng.sample(vocab, rng.randint(2, 5))
-            lines.append(format_prompt("Name the last word.", " ".join(words)) + words[-1])
+            lines.append(format_prompt({"instruction": "Name the last word.", "input": " ".join(words)}) + words[-1])
     return lines
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .linalg import (dense_svd, get_num_threads, lowrank_svd, lowrank_svd_batched, plan,
-                     set_num_threads, weighted_sum)
+from .linalg import dense_svd, get_num_threads, lowrank_svd, lowrank_svd_batched, plan, set_num_threads, weighted_sum
 
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan",
            "set_num_threads", "get_num_threads", "Aggregator", "GlobalAdapter"]

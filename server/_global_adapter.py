@@ -10,32 +10,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edge_client.wire import LORA_A_SUFFIX, LORA_B_SUFFIX, group_factor_halves, rank_for_module, scaling
+
 from ._validate import as_matrix, as_rank
 
-LORA_A_SUFFIX = ".lora_A.weight"
-LORA_B_SUFFIX = ".lora_B.weight"
+__all__ = ["GlobalAdapter", "SPLITS", "split_factor_dict", "group_factor_halves", "LORA_A_SUFFIX", "LORA_B_SUFFIX"]
+
+SPLITS = ("balanced", "reference")
 _METADATA_KEY = "flexlora"
 _SCHEMA = 1
-SPLITS = ("balanced", "reference")
-
-
-def group_factor_halves(factors: Mapping[str, Any], who: str) -> dict[str, dict[str, Any]]:
-    """peft-named factors -> ``{module: {"A": ..., "B": ...}}`` (a half may be missing; the
-    caller checks), the arrays untouched. Shared by the CPU and CUDA aggregators."""
-    if not isinstance(factors, Mapping) or not factors:
-        raise ValueError(f"{who}: factors must be a non-empty mapping of peft-named arrays")
-    halves: dict[str, dict[str, Any]] = {}
-    for key, value in factors.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{who}: factor key {key!r} is not a string")
-        if key.endswith(LORA_A_SUFFIX):
-            halves.setdefault(key[: -len(LORA_A_SUFFIX)], {})["A"] = value
-        elif key.endswith(LORA_B_SUFFIX):
-            halves.setdefault(key[: -len(LORA_B_SUFFIX)], {})["B"] = value
-        else:
-            raise ValueError(f"{who}: factor key {key!r} ends in neither {LORA_A_SUFFIX!r} "
-                             f"nor {LORA_B_SUFFIX!r}")
-    return halves
 
 
 def split_factor_dict(factors: Mapping[str, Any], who: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -86,18 +69,13 @@ class GlobalAdapter:
             raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if rank_pattern:
-            from edge_client.update import rank_for_module
-        else:
-            def rank_for_module(_m, r, _p):
-                return r
         out: dict[str, np.ndarray] = {}
         for module, (U, S, Vt) in self.modules.items():
             r = as_rank(rank_for_module(module, default, rank_pattern), f"rank of {module!r}")
             if r > self.max_rank:
                 raise ValueError(f"rank {r} for module {module!r} exceeds max_rank "
                                  f"{self.max_rank} of this adapter")
-            s = alpha / (math.sqrt(r) if rslora else r)
+            s = scaling(alpha, r, rslora)
             Sr = S[:r].astype(np.float64) / s
             if split == "balanced":
                 root = np.sqrt(Sr)
@@ -109,15 +87,38 @@ class GlobalAdapter:
         return out
 
     # ------------------------------------------------------------------ serialisation
-    def to_bytes(self) -> bytes:
-        """safetensors: ``<module>.U``, ``.S``, ``.Vt`` plus JSON metadata (never pickle)."""
-        from safetensors.numpy import save
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """``<module>.U``, ``<module>.S``, ``<module>.Vt`` (the checkpoint's and the wire's form)."""
         tensors = {}
         for module, (U, S, Vt) in self.modules.items():
             tensors[f"{module}.U"], tensors[f"{module}.S"], tensors[f"{module}.Vt"] = U, S, Vt
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, np.ndarray], max_rank: int,
+                     routes: Mapping[str, str] | None = None) -> "GlobalAdapter":
+        """Inverse of :meth:`to_tensors`; shapes are checked against ``max_rank``."""
+        max_rank = as_rank(max_rank, "max_rank")
+        names = sorted({k.rsplit(".", 1)[0] for k in tensors})
+        modules = {}
+        for module in names:
+            try:
+                U, S, Vt = (np.asarray(tensors[f"{module}.{p}"], np.float32) for p in ("U", "S", "Vt"))
+            except KeyError as exc:
+                raise ValueError(f"module {module!r}: tensor {exc} is missing") from None
+            if U.ndim != 2 or S.shape != (max_rank,) or U.shape[1] != max_rank or \
+                    Vt.ndim != 2 or Vt.shape[0] != max_rank:
+                raise ValueError(f"module {module!r}: shapes {U.shape}, {S.shape}, {Vt.shape} "
+                                 f"do not match max_rank {max_rank}")
+            modules[module] = (U, S, Vt)
+        return cls(modules=modules, max_rank=max_rank, routes=dict(routes or {}))
+
+    def to_bytes(self) -> bytes:
+        """safetensors of :meth:`to_tensors` plus JSON metadata (never pickle)."""
+        from safetensors.numpy import save
         meta = {"schema": _SCHEMA, "kind": "global_adapter", "max_rank": self.max_rank,
                 "modules": sorted(self.modules), "routes": self.routes}
-        return save(tensors, metadata={_METADATA_KEY: json.dumps(meta)})
+        return save(self.to_tensors(), metadata={_METADATA_KEY: json.dumps(meta)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "GlobalAdapter":
@@ -134,17 +135,7 @@ class GlobalAdapter:
             raise ValueError(f"data has no FlexLoRA global-adapter metadata: {exc}") from None
         if meta.get("kind") != "global_adapter" or meta.get("schema") != _SCHEMA:
             raise ValueError(f"data is not a schema-{_SCHEMA} global adapter: {meta!r:.200}")
-        max_rank = as_rank(meta.get("max_rank"), "max_rank")
         tensors = load(bytes(data))
-        modules = {}
-        for module in meta.get("modules", []):
-            try:
-                U, S, Vt = (tensors[f"{module}.{p}"] for p in ("U", "S", "Vt"))
-            except KeyError as exc:
-                raise ValueError(f"module {module!r}: tensor {exc} is missing") from None
-            if U.ndim != 2 or S.shape != (max_rank,) or U.shape[1] != max_rank or \
-                    Vt.ndim != 2 or Vt.shape[0] != max_rank:
-                raise ValueError(f"module {module!r}: shapes {U.shape}, {S.shape}, {Vt.shape} "
-                                 f"do not match max_rank {max_rank}")
-            modules[module] = (U, S, Vt)
-        return cls(modules=modules, max_rank=max_rank, routes=dict(meta.get("routes", {})))
+        listed = set(meta.get("modules", []))
+        return cls.from_tensors({k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] in listed},
+                                meta.get("max_rank"), meta.get("routes", {}))

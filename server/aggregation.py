@@ -94,7 +94,7 @@ class Aggregator:
             self.client_ids.append(str(client_id))
 
     def add_update(self, update: Any) -> None:
-        """Add an ``edge_client.update.ClientUpdate`` (or any object with its fields)."""
+        """Add an ``edge_client.wire.ClientUpdate`` (or any object with its fields)."""
         self.add(update.factors, num_examples=update.num_examples, alpha=update.alpha,
                  rank=update.rank, rank_pattern=update.rank_pattern or None,
                  rslora=update.rslora, client_id=update.client_id)
@@ -190,7 +190,7 @@ def check_client_modules(who: str, pairs: Mapping[str, tuple[Any, Any]], modules
     """Each module's rank against ``rank``/``rank_pattern`` (when given) and its shape against
     what earlier clients sent (``modules[name].d_out/.d_in``)."""
     if rank is not None or rank_pattern:
-        from edge_client.update import rank_for_module
+        from edge_client.wire import rank_for_module
         default = max_rank if rank is None else as_rank(rank, "rank")
         for module, (B, _A) in pairs.items():
             expected = rank_for_module(module, default, rank_pattern)

@@ -134,7 +134,7 @@ class CudaAggregator:
             self.client_ids.append(str(client_id))
 
     def add_update(self, update: Any) -> None:
-        """Add an ``edge_client.update.ClientUpdate`` (or any object with its fields)."""
+        """Add an ``edge_client.wire.ClientUpdate`` (or any object with its fields)."""
         self.add(update.factors, num_examples=update.num_examples, alpha=update.alpha,
                  rank=update.rank, rank_pattern=update.rank_pattern or None,
                  rslora=update.rslora, client_id=update.client_id)

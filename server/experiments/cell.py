@@ -1,12 +1,10 @@
 """One grid cell: a federation run on a shared, already loaded base model.
 
-The loop is the embedded runtime's (``server.simulation.runtime``): every sampled client gets
-its rank-specific ``GlobalFactors`` through the wire encoding, trains a peft adapter with
-``train_client`` and replies with an encoded ``ClientUpdate`` that the strategy decodes,
-validates and streams into its round; FLoRA's clients merge the stack into their base. It is
-driven here from the same building blocks so that one process reuses one base model for many
-cells and records what the runtime does not expose: wire bytes per client and round, held-out
-Rouge-L per task family, and the spectrum of the global update after every round.
+The rounds are the federation core's (``server.federation.RoundEngine``) with the simulation's
+in-process clients (``server.simulation.clients``), exactly as ``flexlora simulate`` runs them;
+one process reuses one base model for many cells, and each round's entry gains what the report
+needs: held-out Rouge-L per task family, the held-out loss, and the spectrum of the global
+update (the engine already records wire bytes per client and round).
 
 Client ranks come from ``benchmarks/workloads.json`` client types in the proportions of the
 rank distribution, allotted by largest remainder (not drawn), so a 16-client federation has
@@ -18,19 +16,20 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-from edge_client.update import decode_global, encode_global, encode_update
+from edge_client.trainer import LocalTrainer, TrainConfig
 
+from ..federation import RoundEngine
+from ..simulation.clients import InProcessClients
 from ..simulation.devices import DEMO_RANKS, load_workloads
-from ..simulation.evaluate import generate, score
-from ..simulation.local_train import TrainConfig, encode_examples, train_client
-from ..simulation.model import TARGET_MODULES, apply_delta, fingerprint, linear_shapes, load_base
+from ..simulation.evaluate import Evaluator
+from ..simulation.model import TARGET_MODULES, fingerprint, linear_shapes, load_base
 from ..simulation.suite import Suite, SuiteConfig, build_suite
-from ..strategies import RankSpec, StrategyConfig, make_strategy
+from ..strategies import RankSpec, StrategyConfig, build_strategy
 from .config import ARMS, Cell, CellSettings
 from .convert import suite_by_category
 from .spectrum import collapse_warning, module_spectrum, spectrum_summary
@@ -98,57 +97,8 @@ def _suite(settings: CellSettings, seed: int) -> Suite:
                                    heldout_examples=settings.heldout_examples, seed=seed))
 
 
-def _evaluate(base: SharedBase, delta: Mapping[str, np.ndarray], examples: Sequence[Mapping[str, str]],
-              max_new_tokens: int) -> dict:
-    apply_delta(base.eval_model, base.state, delta)
-    preds = generate(base.eval_model, base.tokenizer, examples, max_new_tokens=max_new_tokens)
-    out = score(preds, [ex["output"] for ex in examples])
-    families: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        families.setdefault(ex.get("category", "default"), []).append(i)
-    out["families"] = {f: score([preds[i] for i in idx], [examples[i]["output"] for i in idx])["rougeL"]
-                       for f, idx in sorted(families.items())}
-    out["heldout_loss"] = heldout_loss(base.eval_model, base.tokenizer, examples)
-    return out
-
-
-def heldout_loss(model, tokenizer, examples: Sequence[Mapping[str, str]], *, batch_size: int = 32,
-                 max_length: int = 128) -> float:
-    """Teacher-forced cross-entropy of the responses (token mean): a far less noisy signal
-    than greedy-generation Rouge-L on a small held-out set."""
-    import torch
-
-    data = encode_examples(tokenizer, examples, max_length)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            chunk = data[i:i + batch_size]
-            n = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), n), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(chunk), n), -100, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for j, (x, y) in enumerate(chunk):
-                ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((target != -100).sum())
-    return total / max(count, 1)
-
-
 def _shape_check(base: SharedBase) -> dict:
-    """``module_shapes`` for replies' shape validation, where StrategyConfig has the field."""
-    from dataclasses import fields
-
-    if "module_shapes" not in {f.name for f in fields(StrategyConfig)}:
-        return {}
-    return {"module_shapes": linear_shapes(base.model, TARGET_MODULES)}
-
-
-def _client_seed(seed: int, round: int, index: int) -> int:
-    return (seed * 1_000_003 + round * 10_007 + index) % (2**31)
+    return linear_shapes(base.model, TARGET_MODULES)
 
 
 def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
@@ -166,68 +116,43 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
     ids_all = sorted(clients)
     types = dict(zip(ids_all, allot_types(wl["rank_distributions"][cell.distribution], len(ids_all), cell.seed)))
     specs = {cid: type_spec(t, demo=base.demo, workloads=wl) for cid, t in types.items()}
-    options = {}
-    if arm.strategy == "fedit":
-        options["rank"] = (min(s.module_rank("x.q_proj") for s in specs.values()) if arm.fedit_rank == "min"
-                           else max(s.max_rank() for s in specs.values()))
     scfg = StrategyConfig(alpha=settings.alpha, base_model=base.fingerprint, seed=cell.seed,
-                          **_shape_check(base))
-    strategy = make_strategy(arm.strategy, scfg, **options)
+                          module_shapes=_shape_check(base))
+    strategy = build_strategy(arm.strategy, scfg, specs=specs.values(), fedit_rank=arm.fedit_rank or "min")
     tcfg = TrainConfig(steps=settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
-                       alpha=settings.alpha, max_length=settings.max_length, target_modules=TARGET_MODULES)
-    heldout = suite.heldout_examples()
-    rng = random.Random(f"runtime-{cell.seed}")
-    client_delta: dict[str, np.ndarray] = {}
-    history = []
-    base_scores = _evaluate(base, {}, heldout, settings.eval_max_new_tokens)
-    try:
-        for rnd in range(1, settings.rounds + 1):
-            ids = ids_all if settings.clients_per_round is None else sorted(rng.sample(ids_all, settings.clients_per_round))
-            assigned = {cid: strategy.assign_rank(specs[cid]) for cid in ids}
-            agg = strategy.begin_round(rnd)
-            apply_delta(base.model, base.state, client_delta)
-            merged, traffic = False, []
-            t_round = time.perf_counter()
-            for index, cid in enumerate(ids):
-                msg = strategy.configure(client_id=cid, spec=assigned[cid], round=rnd)
-                if msg is not None and msg.merge_into_base and not merged:
-                    for module in msg.modules():     # FLoRA: every client merges the same stack
-                        a, b = msg.factors[module + ".lora_A.weight"], msg.factors[module + ".lora_B.weight"]
-                        d = msg.module_scaling(module) * (b @ a)
-                        client_delta[module] = client_delta.get(module, 0) + d
-                    apply_delta(base.model, base.state, client_delta)
-                    merged = True
-                wire = encode_global(msg) if msg is not None else None
-                update = train_client(base.model, base.tokenizer, client_id=cid, examples=clients[cid].examples,
-                                      spec=assigned[cid], init=decode_global(wire) if wire is not None else None,
-                                      config=tcfg, seed=_client_seed(cell.seed, rnd, index),
-                                      base_model=base.fingerprint, round=rnd)
-                reply = encode_update(update)
-                agg.add(strategy.decode_reply(reply, spec=assigned[cid]))
-                traffic.append({"client": cid, "type": types[cid], "rank": assigned[cid].label(),
-                                "sent": len(reply), "received": len(wire) if wire is not None else 0})
-                if on_client is not None:
-                    on_client(rnd, index + 1, len(ids))
-            train_s = time.perf_counter() - t_round
-            result = agg.finalize()
-            delta = strategy.global_delta()
-            t_eval = time.perf_counter()
-            scores = _evaluate(base, delta, heldout, settings.eval_max_new_tokens)
-            eval_s = time.perf_counter() - t_eval
-            # the ranks clients train at (FedIT: one rank, so no collapse warning is possible)
-            module_ranks = {m: sorted({s.module_rank(m) for s in assigned.values()}) for m in delta}
-            spectrum = module_spectrum(delta, module_ranks)
-            history.append({"round": rnd, **scores, "aggregation_s": result.aggregation_s,
-                            "train_loss": result.metrics.get("train_loss"), "clients": result.num_clients,
-                            "traffic": traffic, "spectrum": spectrum, "spectrum_summary": spectrum_summary(spectrum),
-                            "train_s": train_s, "eval_s": eval_s})
-    finally:
-        apply_delta(base.model, base.state, {})     # leave the shared base clean for the next cell
+                       alpha=settings.alpha, max_length=settings.max_length, target_modules=tuple(TARGET_MODULES))
+    evaluator = Evaluator(base.eval_model, base.tokenizer, base.state, suite.heldout_examples(),
+                          max_new_tokens=settings.eval_max_new_tokens, families=True)
+
+    def progress(orders, rnd):
+        for done, order in enumerate(orders, 1):
+            yield order
+            if on_client is not None:
+                on_client(rnd, done, len(orders))
+
+    def add_spectrum(entry: dict) -> None:
+        delta = strategy.global_delta()
+        # the ranks clients trained at this round (FedIT: one rank, so no collapse warning is possible)
+        assigned = [strategy.assign_rank(specs[cid]) for cid in entry["ranks"]]
+        module_ranks = {m: sorted({s.module_rank(m) for s in assigned}) for m in delta}
+        entry["spectrum"] = module_spectrum(delta, module_ranks)
+        entry["spectrum_summary"] = spectrum_summary(entry["spectrum"])
+        for t in entry["traffic"]:
+            t["type"] = types[t["client"]]
+
+    trainer = LocalTrainer(base.model, base.tokenizer, config=tcfg, base_model_id=base.fingerprint)
+    with InProcessClients(trainer, {cid: c.examples for cid, c in clients.items()}, base_state=base.state,
+                          progress=progress) as transport:
+        engine = RoundEngine(strategy, specs, seed=cell.seed, clients_per_round=settings.clients_per_round,
+                             evaluate=lambda s: evaluator(s.global_delta()), on_round=add_spectrum,
+                             base_model=base.fingerprint, runtime="experiment")
+        engine.run(transport, settings.rounds)
+    history = engine.history
     warning = collapse_warning(history[-1]["spectrum"], settings.collapse_threshold) if history else None
     final = history[-1]
     return {"cell": {"arm": cell.arm, "strategy": arm.strategy, "distribution": cell.distribution,
                      "seed": cell.seed, "key": cell.key},
-            "fedit_rank": options.get("rank"), "base": base_scores,
+            "fedit_rank": getattr(strategy, "rank", None) if arm.strategy == "fedit" else None, "base": engine.base,
             "final": {"rougeL": final["rougeL"], "exact_match": final["exact_match"],
                       "families": final["families"], "heldout_loss": final["heldout_loss"]},
             "rounds": history, "collapse_warning": warning,

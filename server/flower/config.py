@@ -22,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from edge_client.update import DecodeLimits
+from edge_client.wire import DecodeLimits
 
 from ..simulation.runtime import SimulationConfig
 
@@ -113,7 +113,8 @@ def decode_limits(cfg: Mapping) -> DecodeLimits | None:
 _SIM_KEYS = {  # run config key -> SimulationConfig field (the embedded runtime's defaults apply)
     "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
-    "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens"}
+    "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
+    "target-modules": "target_modules"}
 
 
 def simulation_defaults() -> dict:
@@ -123,6 +124,7 @@ def simulation_defaults() -> dict:
     fields = {f.name: f for f in dataclasses.fields(SimulationConfig)}
     out = {key: fields[name].default for key, name in _SIM_KEYS.items()}
     out.update({"rank-distribution": "", "model": "", "data": ""})   # "" = None there
+    out["target-modules"] = ",".join(out["target-modules"])
     return out
 
 
@@ -149,4 +151,5 @@ def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
         model=opt_str("model"), data=opt_str("data"), local_steps=get("local-steps", int),
         batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
         max_length=get("max-length", int), min_clients=get("min-clients", int),
+        target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()),
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False)

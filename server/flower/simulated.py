@@ -3,8 +3,8 @@
 SuperNode ``--node-config "partition-id=P num-partitions=N"`` makes the node the P-th client
 (in sorted client-id order) of the federation ``flexlora simulate`` builds for N clients with
 the run's seed: the same bundled suite (or ``data`` JSONL), the same device mix and rank
-policy, the same base model and the same local training function
-(``server.simulation.local_train.train_client``) with the per-client seed the server sends.
+policy, the same base model and the same trainer
+(``edge_client.trainer.LocalTrainer``) with the per-client seed the server sends.
 That is what makes a Flower run reproduce the embedded run's adapter for the same seed.
 FLoRA's merged updates persist across rounds in the node's Flower ``Context.state``.
 """
@@ -16,32 +16,17 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.flower_app import NodeProbe, TrainOrder
-from edge_client.update import ClientUpdate
+from edge_client.trainer import LocalTrainer
+from edge_client.wire import ClientUpdate, NodeProbe, RankSpec, TrainOrder, parse_rank_pattern
 
-from ..strategies.base import RankSpec
 from ..simulation.devices import DEMO_RANKS, assign_devices
-from ..simulation.local_train import TrainConfig, train_client
-from ..simulation.model import TARGET_MODULES, apply_delta, fingerprint, load_base
-from ..simulation.suite import SuiteConfig, build_suite, load_suite_from_jsonl
+from ..simulation.model import apply_delta, fingerprint, load_base
+from ..simulation.runtime import build_suite_for, train_config_for
 from .config import simulation_config
 
-__all__ = ["SimulatedTask", "build_suite_for", "train_config_for"]
+__all__ = ["SimulatedTask"]
 
 _MERGED_KEY = "flexlora.client-delta"
-
-
-def build_suite_for(cfg):
-    """The suite the embedded runtime builds for ``cfg`` (a ``SimulationConfig``)."""
-    if cfg.data:
-        return load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
-                                     seed=cfg.seed)
-    return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout, seed=cfg.seed))
-
-
-def train_config_for(cfg) -> TrainConfig:
-    return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
-                       max_length=cfg.max_length, target_modules=TARGET_MODULES)
 
 
 def _node_int(node_config: Mapping, key: str) -> int:
@@ -102,8 +87,6 @@ class SimulatedTask:
         self.examples = clients[self.client_id].examples
         self.device = devices[self.client_id]
         if "rank" in node_config:  # an explicit rank overrides the simulated device
-            from edge_client.flower_app import parse_rank_pattern
-
             self.spec = RankSpec(rank=int(node_config["rank"]),
                                  rank_pattern=parse_rank_pattern(node_config.get("rank-pattern", "")))
         else:
@@ -114,6 +97,8 @@ class SimulatedTask:
     def _load(self) -> None:
         if self.model is None:
             self.model, self.tokenizer, self.fingerprint, self.base_state = _base(self.cfg.model)
+            self.trainer = LocalTrainer(self.model, self.tokenizer, config=self.train_cfg,
+                                        base_model_id=self.fingerprint, client_id=self.client_id)
 
     def describe(self) -> NodeProbe:
         return NodeProbe(client_id=self.client_id, rank=self.spec.rank, rank_pattern=dict(self.spec.rank_pattern),
@@ -131,14 +116,14 @@ class SimulatedTask:
         self._load()
         init = order.init()
         merged = self._merged(state)
-        if init is not None and init.merge_into_base:  # FLoRA: fold the stacked update into the base
+        if init is not None and init.merge_into_base:  # FLoRA: this node's base gains the stack
             for module in init.modules():
-                a, b = init.factors[module + ".lora_A.weight"], init.factors[module + ".lora_B.weight"]
-                merged[module] = merged.get(module, 0) + init.module_scaling(module) * (b @ a)
+                merged[module] = merged.get(module, 0) + init.module_delta(module)
             state.array_records[_MERGED_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
                                                             for k, v in merged.items()})
+            init = None
+        # the base may be shared with other nodes served by this process: reset it per message
         apply_delta(self.model, self.base_state, merged)
-        spec = RankSpec(rank=order.rank, rank_pattern=order.rank_pattern)
-        return train_client(self.model, self.tokenizer, client_id=self.client_id, examples=self.examples,
-                            spec=spec, init=init, config=self.train_cfg, seed=order.seed,
-                            base_model=self.fingerprint, round=order.round)
+        self.trainer.load_global(init)
+        return self.trainer.train(self.examples, round=order.round, seed=order.seed, spec=order.spec,
+                                  client_id=self.client_id)

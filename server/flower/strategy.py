@@ -19,21 +19,20 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 from flwr.serverapp.strategy import Strategy as FlowerStrategyBase
 
-from edge_client.flower_app import PROBE_KEY, QUERY_KEY, TRAIN_KEY, UPDATE_KEY, NodeProbe, TrainOrder
-from edge_client.update import encode_global
+from edge_client.wire import PROBE_KEY, QUERY_KEY, TRAIN_KEY, UPDATE_KEY, NodeProbe, RankSpec, TrainOrder
 
-from ..simulation.runtime import _client_seed, check_reply_identity, reject_reason, sample_clients
-from ..strategies.base import RankSpec, Strategy
+from ..federation import Reply, RoundEngine, RoundPlan
+from ..strategies import Strategy
 
-__all__ = ["NodeInfo", "probe_nodes", "FlexLoRAFlowerStrategy"]
+__all__ = ["NodeInfo", "probe_nodes", "FlowerTransport", "FlexLoRAFlowerStrategy"]
 
 log = logging.getLogger("flexlora.flower")
 
@@ -87,39 +86,92 @@ def probe_nodes(grid: Grid, *, min_nodes: int, wait_s: float, timeout_s: float) 
     return [nodes[cid] for cid in sorted(nodes)]
 
 
-@dataclass(kw_only=True)
-class _Round:
-    assigned: dict[int, RankSpec] = field(default_factory=dict)     # node id -> spec sent
-    rejected: dict[str, str] = field(default_factory=dict)           # client id -> reason
-    started: float = field(default_factory=time.perf_counter)
+def _train_message(order, node_id: int) -> Message:
+    rec = TrainOrder(client_id=order.client_id, round=order.round, seed=order.seed, rank=order.spec.rank,
+                     rank_pattern=dict(order.spec.rank_pattern), global_bytes=order.wire).to_record()
+    return Message(RecordDict({TRAIN_KEY: rec}), dst_node_id=node_id, message_type=MessageType.TRAIN)
+
+
+def _reply(node: NodeInfo, message: Message) -> Reply:
+    if message.has_error():
+        return Reply(client_id=node.client_id, error=f"client failed: {message.error.reason}")
+    records = message.content.config_records
+    if UPDATE_KEY not in records or not isinstance(records[UPDATE_KEY].get("update"), bytes):
+        return Reply(client_id=node.client_id, error=f"reply has no {UPDATE_KEY!r} ConfigRecord with bytes 'update'")
+    return Reply(client_id=node.client_id, data=records[UPDATE_KEY]["update"])
+
+
+class FlowerTransport:
+    """The round engine's transport over a Flower ``Grid``: one ``train`` message per order to the
+    node of that client, replies mapped back to client ids (unknown senders are ignored)."""
+
+    def __init__(self, grid: Grid, nodes: list[NodeInfo], *, timeout_s: float) -> None:
+        self.grid = grid
+        self.by_client = {n.client_id: n for n in nodes}
+        self.timeout_s = timeout_s
+
+    def messages(self, plan: RoundPlan, connected: set[int]) -> tuple[list[Message], list[Reply]]:
+        """The train messages of ``plan`` and the replies of clients whose node is not connected."""
+        messages, skipped = [], []
+        for order in plan.orders:
+            node = self.by_client[order.client_id]
+            if node.node_id not in connected:
+                skipped.append(Reply(client_id=node.client_id, error="node not connected; skipped"))
+            else:
+                messages.append(_train_message(order, node.node_id))
+        return messages, skipped
+
+    def replies(self, plan: RoundPlan, messages: Iterable[Message]) -> list[Reply]:
+        by_node = {n.node_id: n for n in self.by_client.values()}
+        asked = {o.client_id for o in plan.orders}
+        out = []
+        for message in messages:
+            node = by_node.get(message.metadata.src_node_id)
+            if node is None or node.client_id not in asked:
+                log.warning("round %d: reply from node %d ignored%s", plan.round, message.metadata.src_node_id,
+                            "" if node is not None else " (unknown)")
+                continue
+            out.append(_reply(node, message))
+        got = {r.client_id for r in out}
+        out += [Reply(client_id=cid, error=f"no reply within {self.timeout_s:g} s; dropped")
+                for cid in sorted(asked - got)]
+        return out
+
+    def exchange(self, plan: RoundPlan) -> list[Reply]:
+        messages, skipped = self.messages(plan, set(self.grid.get_node_ids()))
+        # a list, not a generator: Flower's grid iterates the messages twice
+        received = self.grid.send_and_receive(messages=messages, timeout=self.timeout_s)
+        return [*skipped, *[r for r in self.replies(plan, received) if r.client_id not in
+                            {s.client_id for s in skipped}]]
 
 
 class FlexLoRAFlowerStrategy(FlowerStrategyBase):
-    """Flower strategy wrapping ``strategy`` for the ``nodes`` found by :func:`probe_nodes`.
+    """A Flower ``Strategy`` over the federation core: ``configure_train`` is the round engine's
+    ``plan`` (as train messages), ``aggregate_train`` its ``complete``.
 
-    ``on_round(round, entry)`` is called after each round (evaluation, checkpoint, results);
-    ``first_round`` > 1 resumes a run whose earlier rounds are already in ``strategy``.
-    ``clients_per_round`` samples that many nodes each round with ``rng`` (default
-    ``random.Random(f"runtime-{seed}")``, the embedded runtime's; a resume passes the
-    checkpointed one); None trains every node every round.
+    ``engine`` carries evaluation and checkpoints (the ServerApp builds one); without it a bare
+    engine over ``strategy`` and the probed ``nodes`` is made. ``on_round(round, entry)`` is
+    called after each round; ``first_round`` > 1 resumes a run whose earlier rounds are already in
+    the engine; ``clients_per_round`` samples that many nodes each round with ``rng`` (default
+    ``random.Random(f"runtime-{seed}")``, the embedded runtime's).
     """
 
     def __init__(self, strategy: Strategy, nodes: list[NodeInfo], *, seed: int, round_timeout_s: float,
                  on_round: Callable[[int, dict], None] | None = None, first_round: int = 1,
-                 clients_per_round: int | None = None, rng: random.Random | None = None) -> None:
+                 clients_per_round: int | None = None, rng: random.Random | None = None,
+                 engine: RoundEngine | None = None) -> None:
         if not nodes:
             raise ValueError("nodes must be non-empty")
-        if clients_per_round is not None and not 1 <= clients_per_round <= len(nodes):
-            raise ValueError(f"clients_per_round must be in [1, {len(nodes)}] (the nodes), got {clients_per_round}")
-        self.clients_per_round = clients_per_round
-        self.rng = rng if rng is not None else random.Random(f"runtime-{seed}")
-        self.strategy = strategy
         self.nodes = sorted(nodes, key=lambda n: n.client_id)
-        self.seed = seed
+        self.engine = engine or RoundEngine(strategy, {n.client_id: n.spec for n in self.nodes}, seed=seed,
+                                            clients_per_round=clients_per_round, rng=rng, runtime="flower",
+                                            logger=log)
+        self.strategy = self.engine.strategy
         self.round_timeout_s = round_timeout_s
         self.on_round = on_round
         self.first_round = first_round
-        self._round: _Round | None = None
+        self._plan: RoundPlan | None = None
+        self._skipped: list[Reply] = []
         self.last_entry: dict | None = None
 
     def summary(self) -> None:
@@ -127,77 +179,30 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
                  len(self.nodes), ", ".join(f"{n.client_id}@{n.node_id}" for n in self.nodes),
                  self.strategy.config.min_clients)
 
+    def _transport(self, grid: Grid | None) -> FlowerTransport:
+        return FlowerTransport(grid, self.nodes, timeout_s=self.round_timeout_s)
+
     # --- training ----------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._round = _Round()
-        # a list, not a generator: Flower's grid iterates the messages twice
-        return list(self._train_messages(server_round, set(grid.get_node_ids()), self._round))
-
-    def _train_messages(self, server_round: int, connected: set[int], rnd: _Round) -> Iterator[Message]:
-        by_id = {n.client_id: n for n in self.nodes}
-        sampled = sample_clients(self.rng, list(by_id), self.clients_per_round)
-        for index, node in enumerate(by_id[cid] for cid in sampled):
-            if node.node_id not in connected:
-                rnd.rejected[node.client_id] = "node not connected; skipped"
-                log.warning("round %d: %s", server_round, rnd.rejected[node.client_id])
-                continue
-            spec = self.strategy.assign_rank(node.spec)
-            rnd.assigned[node.node_id] = spec
-            msg = self.strategy.configure(client_id=node.client_id, spec=spec, round=server_round)
-            order = TrainOrder(client_id=node.client_id, round=server_round,
-                               seed=_client_seed(self.seed, server_round, index), rank=spec.rank,
-                               rank_pattern=dict(spec.rank_pattern),
-                               global_bytes=encode_global(msg) if msg is not None else None)
-            yield Message(RecordDict({TRAIN_KEY: order.to_record()}), dst_node_id=node.node_id,
-                          message_type=MessageType.TRAIN)
-
-    def _decode(self, server_round: int, node: NodeInfo, reply: Message, spec: RankSpec):
-        if reply.has_error():
-            raise ValueError(f"client failed: {reply.error.reason}")
-        records = reply.content.config_records
-        if UPDATE_KEY not in records or not isinstance(records[UPDATE_KEY].get("update"), bytes):
-            raise ValueError(f"reply has no {UPDATE_KEY!r} ConfigRecord with bytes 'update'")
-        update = self.strategy.decode_reply(records[UPDATE_KEY]["update"], spec=spec)
-        check_reply_identity(update, client_id=node.client_id, round=server_round)
-        return update
+        self._plan = self.engine.plan(server_round)
+        messages, self._skipped = self._transport(grid).messages(self._plan, set(grid.get_node_ids()))
+        return messages
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rnd = self._round if self._round is not None else _Round()
-        self._round = None
-        by_node: dict[int, Message] = {}
-        known = {n.node_id for n in self.nodes}
-        for reply in replies:
-            src = reply.metadata.src_node_id
-            if src not in rnd.assigned:
-                log.warning("round %d: reply from node %d%s ignored", server_round, src,
-                            "" if src in known else " (unknown)")
-                continue
-            by_node[src] = reply
-        agg = self.strategy.begin_round(server_round)
-        for node in self.nodes:  # the embedded runtime's order: sorted client ids
-            if node.node_id not in rnd.assigned:
-                continue
-            reply = by_node.pop(node.node_id, None)
-            if reply is None:
-                rnd.rejected[node.client_id] = f"no reply within {self.round_timeout_s:g} s; dropped"
-                log.warning("round %d: client %s dropped: %s", server_round, node.client_id,
-                            rnd.rejected[node.client_id])
-                continue
-            try:
-                agg.add(self._decode(server_round, node, reply, rnd.assigned[node.node_id]))
-            except Exception as exc:  # noqa: BLE001 - one node's reply never ends the run
-                rnd.rejected[node.client_id] = reject_reason(exc)
-                log.warning("round %d: reply from %s rejected: %s", server_round, node.client_id,
-                            rnd.rejected[node.client_id])
-        result = agg.finalize()    # RoundFailed below min_clients; strategy state unchanged then
-        self.last_entry = {"round": server_round, "clients": result.num_clients, "ranks": result.ranks,
-                           "rejected": dict(rnd.rejected), "aggregation_s": result.aggregation_s,
-                           "train_s": time.perf_counter() - rnd.started, **result.metrics}
-        metrics = {"clients": result.num_clients, "rejected": len(rnd.rejected),
-                   "aggregation-s": result.aggregation_s, "total-examples": result.total_examples}
-        metrics.update({k: float(v) for k, v in result.metrics.items()})
+        plan, skipped = self._plan, self._skipped
+        self._plan, self._skipped = None, []
+        if plan is None or plan.round != server_round:
+            raise RuntimeError(f"aggregate_train({server_round}) without configure_train for that round")
+        got = self._transport(None).replies(plan, replies)
+        skipped_ids = {r.client_id for r in skipped}
+        entry = self.engine.complete(plan, [*skipped, *[r for r in got if r.client_id not in skipped_ids]])
+        self.last_entry = entry
+        metrics = {"clients": entry["clients"], "rejected": len(entry["rejected"]),
+                   "aggregation-s": entry["aggregation_s"]}
+        metrics.update({k: float(v) for k, v in entry.items()
+                        if k in ("train_loss", "rougeL", "exact_match", "heldout_loss")})
         return None, MetricRecord(metrics)
 
     # --- evaluation happens on the server (held-out clients), not on the nodes --------------
@@ -214,24 +219,19 @@ class FlexLoRAFlowerStrategy(FlowerStrategyBase):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
         """Rounds ``first_round..num_rounds``; ``on_round`` after each (checkpoint, results)."""
         self.summary()
-        timeout = self.round_timeout_s if timeout is None else timeout
+        if timeout is not None:
+            self.round_timeout_s = timeout
         arrays = initial_arrays if initial_arrays is not None else ArrayRecord()
         result = Result()
+        self.engine.start()
         for rnd in range(self.first_round, num_rounds + 1):
             log.info("[ROUND %d/%d]", rnd, num_rounds)
-            started = time.perf_counter()
             replies = grid.send_and_receive(messages=self.configure_train(rnd, arrays, ConfigRecord(), grid),
-                                            timeout=timeout)
+                                            timeout=self.round_timeout_s)
             _, metrics = self.aggregate_train(rnd, replies)
             result.train_metrics_clientapp[rnd] = metrics
-            entry = dict(self.last_entry or {})
-            if evaluate_fn is not None:
-                scores = evaluate_fn(rnd, arrays)
-                if scores is not None:
-                    result.evaluate_metrics_serverapp[rnd] = scores
-                    entry.update({k: float(v) for k, v in scores.items()})
-            entry["round_s"] = time.perf_counter() - started   # send, train, aggregate, evaluate
-            log.info("round %d: %s", rnd, {k: v for k, v in entry.items() if k not in ("ranks",)})
+            log.info("round %d: %s", rnd, {k: v for k, v in self.last_entry.items()
+                                            if k not in ("ranks", "traffic")})
             if self.on_round is not None:
-                self.on_round(rnd, entry)
+                self.on_round(rnd, self.last_entry)
         return result

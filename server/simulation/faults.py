@@ -12,7 +12,7 @@ import json
 import numpy as np
 import safetensors.numpy
 
-from edge_client.update import SCHEMA_VERSION, ClientUpdate, encode_update
+from edge_client.wire import SCHEMA_VERSION, ClientUpdate, encode_update
 
 __all__ = ["FAULTS", "faulty_reply"]
 

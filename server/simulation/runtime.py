@@ -13,31 +13,26 @@ from __future__ import annotations
 
 import copy
 import logging
-import random
 import resource
 import sys
-import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
+from edge_client.trainer import DEFAULT_TARGETS, LocalTrainer, TrainConfig
+from edge_client.wire import DecodeLimits
 
-from edge_client.update import DecodeLimits, decode_global, encode_global, encode_update
-
-from ..strategies import RankSpec, RoundFailed, StrategyConfig, make_strategy
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..federation import ResumeError, RoundEngine
+from ..strategies import RoundFailed, StrategyConfig, build_strategy
+from .clients import InProcessClients
 from .devices import DEMO_RANKS, assign_devices
-from .evaluate import evaluate
-from .faults import FAULTS, faulty_reply
-from .local_train import TrainConfig, train_client
-from .model import TARGET_MODULES, apply_delta, fingerprint, linear_shapes, load_base
-from .suite import SuiteConfig, build_suite, load_suite_from_jsonl
+from .evaluate import Evaluator
+from .faults import FAULTS
+from .model import fingerprint, linear_shapes, load_base
+from .suite import Suite, SuiteConfig, build_suite, load_suite_from_jsonl
 
-__all__ = ["SimulationConfig", "SimulationError", "run_simulation"]
+__all__ = ["SimulationConfig", "SimulationError", "run_simulation", "results_summary", "build_suite_for",
+           "train_config_for", "strategy_for"]
 
 log = logging.getLogger("flexlora.simulate")
 
@@ -63,6 +58,7 @@ class SimulationConfig:
     lr: float = 5e-3
     alpha: float = 16.0
     max_length: int = 64
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # short names of the linear layers that get LoRA
     min_clients: int = 1
     client_timeout_s: float | None = 60.0
     eval_max_new_tokens: int = 16
@@ -79,6 +75,10 @@ class SimulationConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.target_modules, str) or not self.target_modules or not all(
+                isinstance(t, str) and t.isidentifier() for t in self.target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        self.target_modules = tuple(self.target_modules)
         if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
             raise ValueError(f"clients_per_round must be in [1, num_clients={self.num_clients}], "
                              f"got {self.clients_per_round}")
@@ -97,8 +97,11 @@ class SimulationConfig:
     def identity(self) -> dict:
         """Fields a resumed run must share with the checkpoint it resumes."""
         keep = ("strategy", "num_clients", "clients_per_round", "num_heldout", "seed", "rank_distribution",
-                "fedit_rank", "model", "data", "local_steps", "batch_size", "lr", "alpha", "max_length")
-        return {k: getattr(self, k) for k in keep}
+                "fedit_rank", "model", "data", "local_steps", "batch_size", "lr", "alpha", "max_length",
+                "target_modules")
+        out = {k: getattr(self, k) for k in keep}
+        out["target_modules"] = list(self.target_modules)
+        return out
 
 
 def _peak_rss_bytes() -> int:
@@ -139,182 +142,33 @@ def _vm_hwm_bytes() -> int | None:
     return None
 
 
-def check_reply_identity(update, *, client_id: str, round: int) -> None:
-    """A reply must come from the client it was asked of, for the round it was asked in."""
-    if update.client_id != client_id:
-        raise ValueError(f"reply from client {client_id!r} says client {update.client_id!r}")
-    if update.round != round:
-        raise ValueError(f"reply from client {client_id!r} is for round {update.round}, expected {round}")
-
-
-def reject_reason(exc: BaseException) -> str:
-    """The logged reason a reply was rejected: a ValueError's message, else the error's type too
-    (an unexpected error while decoding or adding one reply rejects that reply, not the run)."""
-    return str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__} while handling the reply: {exc}"
-
-
-def sample_clients(rng: random.Random, ids: list[str], k: int | None) -> list[str]:
-    """The round's clients: all (``k`` None) or ``k`` drawn by ``rng`` from the sorted ``ids``, sorted.
-    Both runtimes sample with this rule and a ``random.Random(f"runtime-{seed}")``."""
-    ids = sorted(ids)
-    return ids if k is None else sorted(rng.sample(ids, k))
-
-
-def _client_seed(seed: int, round: int, index: int) -> int:
-    return (seed * 1_000_003 + round * 10_007 + index) % (2**31)
-
-
-class _Federation:
-    """Everything one run holds: data, devices, model, strategy, history."""
-
-    def __init__(self, cfg: SimulationConfig) -> None:
-        import torch
-
-        self.cfg = cfg
-        # The shipped tiny model trains fastest on one thread (tiny matmuls); the native
-        # aggregation core keeps its own thread setting.
-        threads = cfg.threads or (1 if cfg.model is None else None)
-        if threads:
-            torch.set_num_threads(threads)
-        self.model, self.tokenizer = load_base(cfg.model)
-        self.fingerprint = fingerprint(self.model)
-        self.base_state = copy.deepcopy(self.model.state_dict())
-        self.eval_model = copy.deepcopy(self.model)
-        if cfg.data:
-            self.suite = load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients,
-                                               num_heldout=cfg.num_heldout, seed=cfg.seed)
-        else:
-            self.suite = build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
-                                                 seed=cfg.seed))
-        self.clients = {c.client_id: c for c in self.suite.train}
-        rank_map = DEMO_RANKS if cfg.model is None else None
-        self.devices = {d.client_id: d for d in assign_devices(
-            list(self.clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution, rank_map=rank_map)}
-        scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=self.fingerprint,
-                              module_shapes=linear_shapes(self.model, TARGET_MODULES), seed=cfg.seed,
-                              limits=cfg.limits, max_round_bytes=cfg.max_round_bytes)
-        options = {}
-        if cfg.strategy == "fedit":
-            ranks = [d.spec.module_rank("x.q_proj") for d in self.devices.values()]
-            options["rank"] = min(ranks) if cfg.fedit_rank == "min" else max(
-                d.spec.max_rank() for d in self.devices.values())
-        self.strategy = make_strategy(cfg.strategy, scfg, **options)
-        self.train_cfg = TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                     alpha=cfg.alpha, max_length=cfg.max_length, target_modules=TARGET_MODULES)
-        self.rng = random.Random(f"runtime-{cfg.seed}")
-        self.client_delta: dict[str, np.ndarray] = {}   # FLoRA: what clients merged into their base
-        self.history: list[dict] = []
-        self.round = 0
-
-    # --- state -------------------------------------------------------------------------
-    def save(self) -> None:
-        if not self.cfg.checkpoint_dir:
-            return
-        rng_state = self.rng.getstate()
-        meta = {"round": self.round, "config": self.cfg.identity(), "strategy": self.strategy.state_meta(),
-                "rng": [rng_state[0], list(rng_state[1]), rng_state[2]], "history": self.history,
-                "base_model": self.fingerprint}
-        save_checkpoint(self.cfg.checkpoint_dir, meta=meta, strategy_tensors=self.strategy.state_tensors(),
-                        runtime_tensors={f"client_delta.{k}": v for k, v in self.client_delta.items()})
-
-    def restore(self) -> bool:
-        ck = load_checkpoint(self.cfg.checkpoint_dir)
-        if ck is None:
-            return False
-        mine, theirs = self.cfg.identity(), ck.meta["config"]
-        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if diff:
-            raise SimulationError(f"--resume: checkpoint in {self.cfg.checkpoint_dir} was made with other "
-                                  f"settings (checkpoint, now): {diff}")
-        if ck.meta["base_model"] != self.fingerprint:
-            raise SimulationError("--resume: checkpoint was made with another base model")
-        self.strategy.load_state(ck.strategy_tensors, ck.meta["strategy"])
-        version, internal, gauss = ck.meta["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
-        self.history = list(ck.meta["history"])
-        self.round = int(ck.meta["round"])
-        self.client_delta = {k[len("client_delta."):]: v for k, v in ck.runtime_tensors.items()}
-        return True
-
-    # --- one client --------------------------------------------------------------------
-    def _run_client(self, cid: str, spec: RankSpec, wire, round: int, index: int, cancel: threading.Event):
-        fault = self.cfg.faults.get(cid)
-        if fault == "straggler":
-            cancel.wait()           # never answers; released when the server gives up
-            return None
-        init = decode_global(wire) if wire is not None else None
-        update = train_client(self.model, self.tokenizer, client_id=cid, examples=self.clients[cid].examples,
-                              spec=spec, init=init, config=self.train_cfg,
-                              seed=_client_seed(self.cfg.seed, round, index), base_model=self.fingerprint,
-                              round=round)
-        return faulty_reply(update, fault) if fault else encode_update(update)
-
-    def _set_train_base(self) -> None:
-        apply_delta(self.model, self.base_state, self.client_delta)
-
-    # --- one round ---------------------------------------------------------------------
-    def run_round(self, round: int, pool: ThreadPoolExecutor) -> dict:
-        cfg = self.cfg
-        ids = sample_clients(self.rng, list(self.clients), cfg.clients_per_round)
-        agg = self.strategy.begin_round(round)
-        rejected: dict[str, str] = {}
-        assigned = {cid: self.strategy.assign_rank(self.devices[cid].spec) for cid in ids}
-        merged = False
-        self._set_train_base()
-        bar = _progress(ids, round, cfg)
-        t_round = time.perf_counter()
-        for index, cid in enumerate(bar):
-            spec = assigned[cid]
-            msg = self.strategy.configure(client_id=cid, spec=spec, round=round)
-            if msg is not None and msg.merge_into_base and not merged:
-                # FLoRA: every client receives the same stack and merges it into its base weights
-                for module in msg.modules():
-                    a, b = msg.factors[module + ".lora_A.weight"], msg.factors[module + ".lora_B.weight"]
-                    d = msg.module_scaling(module) * (b @ a)
-                    self.client_delta[module] = self.client_delta.get(module, 0) + d
-                self._set_train_base()
-                merged = True
-            wire = encode_global(msg) if msg is not None else None
-            cancel = threading.Event()
-            future = pool.submit(self._run_client, cid, spec, wire, round, ids.index(cid), cancel)
-            try:
-                reply = future.result(timeout=cfg.client_timeout_s)
-            except FutureTimeout:
-                cancel.set()
-                future.result()  # a simulated straggler returns at once when cancelled
-                rejected[cid] = f"no reply within {cfg.client_timeout_s:g} s; dropped"
-                log.warning("round %d: client %s dropped: %s", round, cid, rejected[cid])
-                continue
-            try:
-                update = self.strategy.decode_reply(reply, spec=spec)
-                check_reply_identity(update, client_id=cid, round=round)
-                agg.add(update)
-            except Exception as exc:  # noqa: BLE001 - one client's reply never ends the run
-                rejected[cid] = reject_reason(exc)
-                log.warning("round %d: reply from %s rejected: %s", round, cid, rejected[cid])
-        train_s = time.perf_counter() - t_round
-        try:
-            result = agg.finalize()
-        except RoundFailed as exc:
-            raise SimulationError(f"{exc} (rejected: {rejected})") from None
-        t_eval = time.perf_counter()
-        scores = self.evaluate()
-        return {"round": round, **scores, "aggregation_s": result.aggregation_s, "clients": result.num_clients,
-                "ranks": result.ranks, "rejected": rejected, "train_s": train_s,
-                "eval_s": time.perf_counter() - t_eval, **result.metrics}
-
-    def evaluate(self) -> dict[str, float]:
-        apply_delta(self.eval_model, self.base_state, self.strategy.global_delta())
-        return evaluate(self.eval_model, self.tokenizer, self.suite.heldout_examples(),
-                        max_new_tokens=self.cfg.eval_max_new_tokens)
-
-
-def _progress(ids, round: int, cfg: SimulationConfig):
+def _progress(cfg: SimulationConfig):
     if not cfg.progress:
-        return ids
+        return None
     from tqdm import tqdm
 
-    return tqdm(ids, desc=f"round {round}/{cfg.rounds}", unit="client", file=sys.stderr, leave=False)
+    return lambda orders, rnd: tqdm(orders, desc=f"round {rnd}/{cfg.rounds}", unit="client", file=sys.stderr,
+                                    leave=False)
+
+
+def build_suite_for(cfg: SimulationConfig) -> Suite:
+    """The suite (training and held-out clients) a run with ``cfg`` uses."""
+    if cfg.data:
+        return load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
+                                     seed=cfg.seed)
+    return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout, seed=cfg.seed))
+
+
+def train_config_for(cfg: SimulationConfig) -> TrainConfig:
+    return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
+                       max_length=cfg.max_length, target_modules=tuple(cfg.target_modules))
+
+
+def strategy_for(cfg: SimulationConfig, specs, *, base_model: str, module_shapes) -> object:
+    scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=base_model,
+                          module_shapes=module_shapes, seed=cfg.seed, limits=cfg.limits,
+                          max_round_bytes=cfg.max_round_bytes)
+    return build_strategy(cfg.strategy, scfg, specs=specs, fedit_rank=cfg.fedit_rank)
 
 
 def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> dict:
@@ -322,37 +176,52 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
 
     ``stop_after`` ends the run after that many rounds of this invocation (tests).
     """
+    import torch
+
     t0 = time.perf_counter()
-    fed = _Federation(cfg)
-    resumed = bool(cfg.resume and fed.restore())
-    if fed.history and "base" in fed.history[0]:
-        base = fed.history[0]["base"]
-    else:
-        base = fed.evaluate() if not resumed else {}
-    if not resumed or not fed.history:
-        fed.history = [{"base": base}]
-    setup_peak = _peak_rss_bytes()
-    _release_free_memory()
-    reset = _reset_peak_rss()
-    done_now = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="client") as pool:
-        for rnd in range(fed.round + 1, cfg.rounds + 1):
-            if stop_after is not None and done_now >= stop_after:
-                break
-            entry = fed.run_round(rnd, pool)
-            fed.history.append(entry)
-            fed.round = rnd
-            fed.save()
-            done_now += 1
-            log.info("round %d: rougeL %.4f exact %.4f agg %.3fs", rnd, entry["rougeL"], entry["exact_match"],
-                     entry["aggregation_s"])
-    rounds = fed.history[1:]
+    # The shipped tiny model trains fastest on one thread (tiny matmuls); the native
+    # aggregation core keeps its own thread setting.
+    threads = cfg.threads or (1 if cfg.model is None else None)
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_base(cfg.model)
+    base_model = fingerprint(model)
+    base_state = copy.deepcopy(model.state_dict())
+    suite = build_suite_for(cfg)
+    clients = {c.client_id: c for c in suite.train}
+    devices = {d.client_id: d for d in assign_devices(
+        list(clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution,
+        rank_map=DEMO_RANKS if cfg.model is None else None)}
+    specs = {cid: d.spec for cid, d in devices.items()}
+    strategy = strategy_for(cfg, specs.values(), base_model=base_model,
+                            module_shapes=linear_shapes(model, cfg.target_modules))
+    evaluator = Evaluator(copy.deepcopy(model), tokenizer, base_state, suite.heldout_examples(),
+                          max_new_tokens=cfg.eval_max_new_tokens)
+    trainer = LocalTrainer(model, tokenizer, config=train_config_for(cfg), base_model_id=base_model)
+    with InProcessClients(trainer, {cid: c.examples for cid, c in clients.items()}, base_state=base_state,
+                          timeout_s=cfg.client_timeout_s, faults=cfg.faults, progress=_progress(cfg)) as transport:
+        engine = RoundEngine(strategy, specs, seed=cfg.seed, clients_per_round=cfg.clients_per_round,
+                             evaluate=lambda s: evaluator(s.global_delta()), checkpoint_dir=cfg.checkpoint_dir,
+                             identity=cfg.identity(), base_model=base_model, runtime_state=transport,
+                             runtime="embedded", logger=log)
+        try:
+            resumed = bool(cfg.resume and engine.restore())
+        except ResumeError as exc:
+            raise SimulationError(f"--{exc}") from None
+        engine.start()
+        setup_peak = _peak_rss_bytes()
+        _release_free_memory()
+        reset = _reset_peak_rss()
+        try:
+            engine.run(transport, cfg.rounds, stop_after=stop_after)
+        except RoundFailed as exc:
+            raise SimulationError(str(exc)) from None
     return {
-        "strategy": cfg.strategy, "config": asdict(cfg), "base_model": fed.fingerprint,
-        "base": fed.history[0]["base"], "rounds": rounds, "rounds_completed": fed.round, "resumed": resumed,
-        "devices": [d.to_json() for d in fed.devices.values()],
-        "heldout_examples": len(fed.suite.heldout_examples()),
-        "heldout_families": [c.families for c in fed.suite.heldout],
+        "strategy": cfg.strategy, "config": asdict(cfg), "base_model": base_model,
+        "base": engine.base, "rounds": engine.history, "rounds_completed": engine.round, "resumed": resumed,
+        "devices": [d.to_json() for d in devices.values()],
+        "heldout_examples": len(suite.heldout_examples()),
+        "heldout_families": [c.families for c in suite.heldout],
         # ru_maxrss is reset with VmHWM on Linux, hence the max with the setup's peak
         "peak_rss_bytes": max(setup_peak, _peak_rss_bytes()), "setup_peak_rss_bytes": setup_peak,
         # peak RSS while rounds ran (server + simulated clients), setup (model load, rank policy) excluded
@@ -371,13 +240,15 @@ def results_summary(doc: Mapping) -> str:
         key = f"{d['device']} -> {d['client_type']} (rank {d['rank']})"
         counts[key] = counts.get(key, 0) + 1
     lines.append("devices and ranks: " + "; ".join(f"{n} x {k}" for k, n in sorted(counts.items())))
-    lines.append(f"{'round':>5}  {'rougeL':>7}  {'exact':>6}  {'clients':>7}  {'rejected':>8}  "
+    lines.append(f"{'round':>5}  {'rougeL':>7}  {'exact':>6}  {'ho_loss':>7}  {'clients':>7}  {'rejected':>8}  "
                  f"{'train_loss':>10}  {'agg_s':>7}  {'train_s':>7}")
     b = doc["base"]
     if b:
-        lines.append(f"{'base':>5}  {b['rougeL']:7.4f}  {b['exact_match']:6.3f}")
+        lines.append(f"{'base':>5}  {b['rougeL']:7.4f}  {b['exact_match']:6.3f}  "
+                     f"{b.get('heldout_loss', float('nan')):7.4f}")
     for r in doc["rounds"]:
-        lines.append(f"{r['round']:>5}  {r['rougeL']:7.4f}  {r['exact_match']:6.3f}  {r['clients']:>7}  "
+        lines.append(f"{r['round']:>5}  {r['rougeL']:7.4f}  {r['exact_match']:6.3f}  "
+                     f"{r.get('heldout_loss', float('nan')):7.4f}  {r['clients']:>7}  "
                      f"{len(r['rejected']):>8}  {r.get('train_loss', float('nan')):10.4f}  "
                      f"{r['aggregation_s']:7.3f}  {r['train_s']:7.1f}")
     rounds_peak = doc.get("rounds_peak_rss_bytes")

@@ -20,14 +20,7 @@ from edge_client.data import iter_jsonl
 from .tasks import FAMILIES, make_example
 
 __all__ = ["SuiteConfig", "ClientData", "Suite", "build_suite", "write_jsonl", "read_jsonl",
-           "format_prompt", "load_suite_from_jsonl"]
-
-
-def format_prompt(instruction: str, inp: str = "") -> str:
-    """Compact Alpaca-style prompt; the response follows it directly."""
-    if inp:
-        return f"### Instruction:\n{instruction}\n### Input:\n{inp}\n### Response:\n"
-    return f"### Instruction:\n{instruction}\n### Response:\n"
+           "load_suite_from_jsonl"]
 
 
 @dataclass(kw_only=True)

@@ -6,15 +6,15 @@ interface runtimes (embedded simulation, Flower) drive.
 
 from __future__ import annotations
 
-from .base import (RankSpec, RoundAggregation, RoundFailed, RoundResult, Strategy,
-                   StrategyConfig)
-from .fedit import FedIT
+from .base import RankSpec, RoundAggregation, RoundFailed, RoundResult, Strategy, StrategyConfig
+from .fedit import FedIT, federation_rank
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
 
 __all__ = ["RankSpec", "RoundAggregation", "RoundFailed", "RoundResult", "Strategy",
-           "StrategyConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "STRATEGIES", "make_strategy"]
+           "StrategyConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "STRATEGIES", "make_strategy",
+           "build_strategy"]
 
 STRATEGIES = {"flexlora": FlexLoRA, "hetlora": HetLoRA, "flora": FLoRA, "fedit": FedIT}
 
@@ -23,3 +23,11 @@ def make_strategy(name: str, config: StrategyConfig | None = None, **options) ->
     if name not in STRATEGIES:
         raise ValueError(f"strategy={name!r} is not one of {sorted(STRATEGIES)}")
     return STRATEGIES[name](config, **options)
+
+
+def build_strategy(name: str, config: StrategyConfig, *, specs, fedit_rank: str = "min", **options) -> Strategy:
+    """``make_strategy`` for a federation whose devices afford ``specs`` (RankSpecs): the one place
+    where strategy options that depend on the federation are derived (FedIT's rank)."""
+    if name == "fedit" and "rank" not in options:
+        options["rank"] = federation_rank(specs, fedit_rank)
+    return make_strategy(name, config, **options)

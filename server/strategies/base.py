@@ -27,8 +27,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edge_client.update import (ClientUpdate, DecodeLimits, GlobalFactors, decode_update,
-                                rank_for_module, scaling)
+from edge_client.wire import (
+    ClientUpdate,
+    DecodeLimits,
+    GlobalFactors,
+    RankSpec,
+    decode_update,
+    factor_keys,
+    join_factors,
+    scaling,
+    split_factors,
+)
 
 __all__ = ["RankSpec", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
            "Strategy", "factor_keys", "split_factors", "join_factors"]
@@ -36,35 +45,6 @@ __all__ = ["RankSpec", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAgg
 
 class RoundFailed(RuntimeError):
     """A round could not be aggregated (e.g. fewer than ``min_clients`` valid replies)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class RankSpec:
-    """A client's LoRA rank: a default rank and a peft-style ``rank_pattern``."""
-    rank: int
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank < 1:
-            raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
-        for key, value in dict(self.rank_pattern).items():
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"rank_pattern[{key!r}] must be an int >= 1, got {value!r}")
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-
-    def module_rank(self, module: str) -> int:
-        return rank_for_module(module, self.rank, self.rank_pattern)
-
-    def max_rank(self) -> int:
-        return max([self.rank, *self.rank_pattern.values()])
-
-    def to_json(self) -> dict:
-        return {"rank": int(self.rank), "rank_pattern": {k: int(v) for k, v in self.rank_pattern.items()}}
-
-    def label(self) -> str:
-        if not self.rank_pattern:
-            return str(self.rank)
-        return f"{self.rank}|" + ",".join(f"{k}={v}" for k, v in sorted(self.rank_pattern.items()))
 
 
 @dataclass(kw_only=True)
@@ -102,33 +82,6 @@ class RoundResult:
     client_ids: list[str]
     ranks: dict[str, str]            # client id -> rank label
     metrics: dict[str, float] = field(default_factory=dict)
-
-
-def factor_keys(module: str) -> tuple[str, str]:
-    return module + ".lora_A.weight", module + ".lora_B.weight"
-
-
-def split_factors(factors: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """peft-named dict -> {module: (B, A)}."""
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for key in sorted(factors):
-        if key.endswith(".lora_A.weight"):
-            module = key[: -len(".lora_A.weight")]
-            a_key, b_key = factor_keys(module)
-            if b_key not in factors:
-                raise ValueError(f"factors has {a_key!r} but no {b_key!r}")
-            out[module] = (np.asarray(factors[b_key], np.float32), np.asarray(factors[a_key], np.float32))
-    return out
-
-
-def join_factors(modules: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    """{module: (B, A)} -> peft-named dict (float32, C-contiguous)."""
-    out: dict[str, np.ndarray] = {}
-    for module, (b, a) in modules.items():
-        a_key, b_key = factor_keys(module)
-        out[a_key] = np.ascontiguousarray(a, dtype=np.float32)
-        out[b_key] = np.ascontiguousarray(b, dtype=np.float32)
-    return out
 
 
 class RoundAggregation(ABC):
@@ -245,8 +198,7 @@ class Strategy(ABC):
                 raise ValueError(f"client {update.client_id!r}: module {module!r} is not a LoRA target "
                                  f"of the base model")
             d_out, d_in = shapes[module]
-            a = update.factors[module + ".lora_A.weight"]
-            b = update.factors[module + ".lora_B.weight"]
+            b, a = update.pair(module)
             if a.shape[1] != d_in or b.shape[0] != d_out:
                 raise ValueError(f"client {update.client_id!r}: module {module!r} factors are "
                                  f"B {b.shape} / A {a.shape}, the base weight is {d_out}x{d_in}")
@@ -254,7 +206,7 @@ class Strategy(ABC):
     @staticmethod
     def check_ranks(update: ClientUpdate, spec: RankSpec) -> None:
         for module in update.modules():
-            got = update.factors[module + ".lora_A.weight"].shape[0]
+            got = update.pair(module)[1].shape[0]
             allowed = spec.module_rank(module)
             if got > allowed:
                 raise ValueError(f"client {update.client_id!r}: module {module!r} has rank {got}, "

@@ -12,16 +12,29 @@ which is not ``sum p_k s_k B_k A_k``: the averaging error FlexLoRA avoids.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edge_client.update import ClientUpdate, GlobalFactors
+from edge_client.wire import ClientUpdate, GlobalFactors
 
-from .base import (RankSpec, RoundAggregation, Strategy, StrategyConfig, join_factors,
-                   split_factors)
+from .base import RankSpec, RoundAggregation, Strategy, StrategyConfig, join_factors, split_factors
 
-__all__ = ["FedIT", "fedavg_factors"]
+__all__ = ["FedIT", "fedavg_factors", "federation_rank"]
+
+
+def federation_rank(specs: Iterable[RankSpec], which: str) -> int:
+    """FedIT's one rank for a federation whose devices afford ``specs``: the smallest rank any
+    client trains any module at (``"min"``, the resource-constrained baseline) or the largest
+    (``"max"``, the resource-unaware upper bound)."""
+    specs = list(specs)
+    if not specs:
+        raise ValueError("specs must be non-empty")
+    if which == "min":
+        return min(s.min_rank() for s in specs)
+    if which == "max":
+        return max(s.max_rank() for s in specs)
+    raise ValueError(f"fedit_rank must be 'min' or 'max', got {which!r}")
 
 
 def fedavg_factors(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]

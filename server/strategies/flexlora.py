@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge_client.update import ClientUpdate, GlobalFactors, scaling
+from edge_client.wire import ClientUpdate, GlobalFactors, factor_keys, scaling
 
 from .base import RankSpec, RoundAggregation, Strategy, StrategyConfig, split_factors
 
@@ -108,21 +108,22 @@ class FlexLoRA(Strategy):
         return {m: np.asarray(self.adapter.delta(m), np.float32) for m in sorted(self.adapter.modules)}
 
     def state_tensors(self) -> dict[str, np.ndarray]:
-        if self.adapter is None:
-            return {}
-        return {"flexlora.adapter": np.frombuffer(self.adapter.to_bytes(), dtype=np.uint8).copy()}
+        """Per module ``<module>.U``, ``.S``, ``.Vt`` of the global adapter (empty before round 1)."""
+        return {} if self.adapter is None else self.adapter.to_tensors()
 
     def state_meta(self) -> dict:
-        return {**super().state_meta(), "max_rank": self.max_rank, "split": self.split}
+        meta = {**super().state_meta(), "max_rank": self.max_rank, "split": self.split}
+        if self.adapter is not None:
+            meta.update(adapter_rank=self.adapter.max_rank, routes=self.adapter.routes)
+        return meta
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping) -> None:
         self._check_meta(meta)
-        blob = tensors.get("flexlora.adapter")
-        if blob is None:
+        if not tensors:
             self.adapter = None
             return
-        from server.aggregation import GlobalAdapter
-        self.adapter = GlobalAdapter.from_bytes(np.asarray(blob, np.uint8).tobytes())
+        from server._global_adapter import GlobalAdapter
+        self.adapter = GlobalAdapter.from_tensors(tensors, meta["adapter_rank"], meta.get("routes", {}))
 
 
 def reference_client_factors(updates: Sequence[ClientUpdate], spec: RankSpec, *, alpha: float,
@@ -137,5 +138,6 @@ def reference_client_factors(updates: Sequence[ClientUpdate], spec: RankSpec, *,
             clients.append((b, a, u.module_scaling(module), u.num_examples))
         r = spec.module_rank(module)
         b, a = truncate_delta(flexlora_delta(clients), r, scaling(alpha, r, rslora), split=split)
-        out[module + ".lora_A.weight"], out[module + ".lora_B.weight"] = a, b
+        a_key, b_key = factor_keys(module)
+        out[a_key], out[b_key] = a, b
     return out

@@ -17,10 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge_client.update import ClientUpdate, GlobalFactors
+from edge_client.wire import ClientUpdate, GlobalFactors
 
-from .base import (RankSpec, RoundAggregation, Strategy, StrategyConfig, join_factors,
-                   split_factors)
+from .base import RankSpec, RoundAggregation, Strategy, StrategyConfig, join_factors, split_factors
 
 __all__ = ["FLoRA", "stack_factors"]
 

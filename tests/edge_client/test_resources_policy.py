@@ -20,19 +20,18 @@ def test_probe_fields_json():
     assert DeviceProfile.from_dict(d) == p
 
 
-def test_import_resources_and_update_without_torch_or_server():
-    code = ("import sys, edge_client, edge_client.resources, edge_client.update, edge_client.rank_policy;"
-            "print('torch' in sys.modules and 'edge_client.resources', any(m == 'server' or m.startswith('server.') for m in sys.modules))")
-    code_light = ("import sys, edge_client.resources, edge_client.update;"
-                  "print('torch' in sys.modules, any(m == 'server' or m.startswith('server.') for m in sys.modules))")
+def test_import_resources_and_wire_without_torch_flower_or_server():
+    code_light = ("import sys, edge_client.resources, edge_client.wire;"
+                  "print('torch' in sys.modules, 'flwr' in sys.modules,"
+                  " any(m == 'server' or m.startswith('server.') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code_light], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]
 
 
 def test_edge_client_never_imports_server():
     import pathlib
     root = pathlib.Path(__file__).resolve().parents[2] / "edge_client"
-    for f in root.glob("*.py"):
+    for f in root.rglob("*.py"):
         text = f.read_text()
         assert "import server" not in text and "from server" not in text, f
 

@@ -6,14 +6,14 @@ import torch
 
 from edge_client.testing import synthetic_records
 from edge_client.trainer import LocalTrainer, TrainConfig, fingerprint, load_model
-from edge_client.update import GlobalFactors, decode_update, encode_update
+from edge_client.wire import GlobalFactors, RankSpec, decode_update, encode_update
 
 
 def test_training_lowers_loss_and_returns_update(tiny_model, tokenizer):
     records = synthetic_records(32, seed=3)
-    tr = LocalTrainer(tiny_model, tokenizer, config=TrainConfig(rank=4, rank_pattern={"v_proj": 8}, batch_size=8,
-                                                                learning_rate=5e-3, epochs=6, max_steps=20,
-                                                                max_seq_len=96), client_id="c7")
+    tr = LocalTrainer(tiny_model, tokenizer, config=TrainConfig(batch_size=8, lr=5e-3, steps=20, max_length=96,
+                                                                target_modules=("q_proj", "v_proj")),
+                      spec=RankSpec(rank=4, rank_pattern={"v_proj": 8}), client_id="c7")
     before = tr.evaluate_loss(records)
     u = tr.train(records, round=2)
     after = tr.evaluate_loss(records)
@@ -24,6 +24,18 @@ def test_training_lowers_loss_and_returns_update(tiny_model, tokenizer):
     assert u.factors[v].shape[0] == 8 and u.factors[q].shape[0] == 4
     assert q.startswith("base_model.model.model.layers.0.self_attn.q_proj")
     assert decode_update(encode_update(u)).base_model == u.base_model == fingerprint(tiny_model)
+    # the base model is left a plain transformers model between rounds
+    assert not any("lora_" in n for n, _ in tiny_model.named_parameters())
+
+
+def test_same_seed_same_update_and_epochs_bound_the_steps(tiny_model, tokenizer):
+    records = synthetic_records(12, seed=5)
+    cfg = TrainConfig(batch_size=4, steps=None, epochs=2, target_modules=("q_proj",))
+    tr = LocalTrainer(tiny_model, tokenizer, config=cfg, spec=RankSpec(rank=2))
+    a, b = tr.train(records, seed=3), tr.train(records, seed=3)
+    assert a.metrics["steps"] == 6.0 and all(np.array_equal(a.factors[k], b.factors[k]) for k in a.factors)
+    c = tr.train(records, seed=4)
+    assert any(not np.array_equal(a.factors[k], c.factors[k]) for k in a.factors)
 
 
 def test_response_only_labels(tokenizer):
@@ -35,26 +47,36 @@ def test_response_only_labels(tokenizer):
     assert len(ids) - n_resp == 1 + len(tokenizer(format_prompt(r), add_special_tokens=False)["input_ids"])
 
 
-def test_load_global_rank_change_and_merge(tiny_model, tokenizer):
+def test_load_global_rescales_keeps_fresh_slots_and_merges(tiny_model, tokenizer):
     records = synthetic_records(16, seed=4)
-    tr = LocalTrainer(tiny_model, tokenizer, config=TrainConfig(rank=4, batch_size=8, max_steps=3, learning_rate=1e-2))
+    cfg = TrainConfig(batch_size=8, steps=3, lr=1e-2, target_modules=("q_proj", "v_proj"))
+    tr = LocalTrainer(tiny_model, tokenizer, config=cfg, spec=RankSpec(rank=4))
     u = tr.train(records)
     trained = tr.evaluate_loss(records)
-    # same factors sent back at the same rank and alpha: identical model
-    tr.reset_adapter()
+    # the same factors sent back at the same rank and alpha: the same model
+    tr.factors = None
     tr.load_global(GlobalFactors(factors=u.factors, rank=4, alpha=16.0))
     assert tr.evaluate_loss(records) == pytest.approx(trained, abs=1e-5)
-    # rank changed: adapter rebuilt at rank 8, factors zero-padded, B rescaled to the new scaling
-    tr.load_global(GlobalFactors(factors=u.factors, rank=8, alpha=32.0))
-    assert tr.config.rank == 8 and next(iter(tr.lora_modules().values())).lora_A["default"].weight.shape[0] == 8
-    assert tr.evaluate_loss(records) == pytest.approx(trained, abs=1e-5)
-    # FLoRA: merge into base weights, start a fresh adapter; the model's function is unchanged
-    tr.configure(rank=4, alpha=16.0)
+    # sent with alpha 32 and trained at rank 8: B rescaled to this adapter's scaling, the extra
+    # slots keep peft's fresh init (A random, B zero), so the model's function is unchanged
+    tr.load_global(GlobalFactors(factors={k: v * (0.5 if ".lora_B." in k else 1.0) for k, v in u.factors.items()},
+                                 rank=4, alpha=32.0))
+    with tr.adapter(RankSpec(rank=8), factors=tr.init) as model:
+        layer = next(m for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.shape[0] == 8 and float(b[:, 4:].abs().sum()) == 0 and float(a[4:].abs().sum()) > 0
+        base_a = u.factors[next(k for k in u.factors if k.endswith("q_proj.lora_A.weight"))]
+        np.testing.assert_allclose(a[:4].detach().numpy(), base_a, rtol=0, atol=0)
+    before_merge = tr.evaluate_loss(records)
+    assert before_merge == pytest.approx(trained, abs=1e-5)
+    # FLoRA: merged into the base weights, the next adapter starts fresh; the function is unchanged
     tr.load_global(GlobalFactors(factors=u.factors, rank=4, alpha=16.0, merge_into_base=True))
-    assert all(float(m.lora_B["default"].weight.abs().sum()) == 0 for m in tr.lora_modules().values())
+    assert tr.init is None and tr.factors is None
     assert tr.evaluate_loss(records) == pytest.approx(trained, abs=1e-4)
     with pytest.raises(ValueError, match="no adapter"):
-        tr.set_factors({"base_model.model.nope.lora_A.weight": np.zeros((4, 4)), "base_model.model.nope.lora_B.weight": np.zeros((4, 4))})
+        with tr.adapter(factors={"base_model.model.nope.lora_A.weight": np.zeros((4, 4)),
+                                 "base_model.model.nope.lora_B.weight": np.zeros((4, 4))}):
+            pass
 
 
 def test_offline_failure_names_model(tmp_path):
@@ -63,30 +85,36 @@ def test_offline_failure_names_model(tmp_path):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="TrainConfig.rank "):
-        TrainConfig(rank=0)
-    with pytest.raises(ValueError, match="max_steps"):
-        TrainConfig(max_steps=0)
+    with pytest.raises(ValueError, match="TrainConfig.steps "):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="TrainConfig.lr "):
+        TrainConfig(lr=float("nan"))
+    with pytest.raises(ValueError, match="target_modules"):
+        TrainConfig(target_modules="q_proj")
+    cfg = TrainConfig.from_run_config({"local-steps": 3, "lr": 1, "target-modules": "q_proj, v_proj"})
+    assert (cfg.steps, cfg.lr, cfg.target_modules) == (3, 1.0, ("q_proj", "v_proj"))
 
 
 def test_onnx_matches_torch(tiny_model, tokenizer, tmp_path):
     from edge_client.export import OnnxLM, export_onnx, greedy_torch, merged_model
-    tr = LocalTrainer(tiny_model, tokenizer, config=TrainConfig(rank=4))
-    with torch.no_grad():
-        for m in tr.lora_modules().values():
-            m.lora_B["default"].weight.normal_(0, 0.2)
-    path = export_onnx(tr.model, tmp_path / "m.onnx")
-    lm = OnnxLM(path)
-    ids = np.random.default_rng(0).integers(3, 400, (3, 13))
-    with torch.no_grad():
-        ref = tr.model(input_ids=torch.from_numpy(ids)).logits.numpy()
-    np.testing.assert_allclose(lm.logits(ids), ref, rtol=0, atol=1e-4)
-    ids2 = ids[:1, :5]
-    with torch.no_grad():
-        ref2 = tr.model(input_ids=torch.from_numpy(ids2)).logits.numpy()
-    np.testing.assert_allclose(lm.logits(ids2), ref2, rtol=0, atol=1e-4)
-    prompt = [1, 5, 9, 30]
-    assert lm.greedy(prompt, 6) == greedy_torch(merged_model(tr.model), prompt, 6)
+    tr = LocalTrainer(tiny_model, tokenizer, spec=RankSpec(rank=4))
+    with tr.adapter() as model:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.2)
+        path = export_onnx(model, tmp_path / "m.onnx")
+        lm = OnnxLM(path)
+        ids = np.random.default_rng(0).integers(3, 400, (3, 13))
+        with torch.no_grad():
+            ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        np.testing.assert_allclose(lm.logits(ids), ref, rtol=0, atol=1e-4)
+        ids2 = ids[:1, :5]
+        with torch.no_grad():
+            ref2 = model(input_ids=torch.from_numpy(ids2)).logits.numpy()
+        np.testing.assert_allclose(lm.logits(ids2), ref2, rtol=0, atol=1e-4)
+        prompt = [1, 5, 9, 30]
+        assert lm.greedy(prompt, 6) == greedy_torch(merged_model(model), prompt, 6)
 
 
 def test_cli(model_dir, tmp_path, capsys):
@@ -99,7 +127,7 @@ def test_cli(model_dir, tmp_path, capsys):
     assert "total" in capsys.readouterr().out
     out = tmp_path / "u.safetensors"
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--rank", "4",
-                 "--max-steps", "2", "--offline", "--json"]) == 0
+                 "--steps", "2", "--offline", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 2.0
     assert decode_update(out.read_bytes()).rank == 4
     assert main(["train", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(out), "--offline"]) == 2

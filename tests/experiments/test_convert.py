@@ -7,8 +7,12 @@ import json
 import pytest
 
 from server.experiments.cli import main
-from server.experiments.convert import (convert_dolly, convert_natural_instructions,
-                                        natural_instructions_records, suite_by_category)
+from server.experiments.convert import (
+    convert_dolly,
+    convert_natural_instructions,
+    natural_instructions_records,
+    suite_by_category,
+)
 from server.simulation.suite import read_jsonl
 
 

@@ -99,18 +99,19 @@ def test_module_entry_point_help():
 
 
 def test_heldout_loss_matches_the_models_own_loss(grid):
+    import random
+
     import torch
 
-    from server.experiments.cell import heldout_loss
-    from server.simulation.local_train import encode_examples
+    from edge_client.data import tokenize_record
+    from server.simulation.evaluate import heldout_loss
     from server.simulation.model import load_base
     from server.simulation.tasks import make_example
-    import random
 
     model, tok = load_base()
     rng = random.Random(0)
     examples = [make_example("reverse_words", rng) for _ in range(3)]
-    ids, labels = encode_examples(tok, examples[:1], 128)[0]
+    ids, labels = tokenize_record(tok, examples[0], 128)
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
     assert heldout_loss(model, tok, examples[:1]) == pytest.approx(ref, rel=1e-5, abs=1e-6)

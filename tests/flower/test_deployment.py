@@ -38,7 +38,7 @@ def flower_run(tmp_path_factory):
 
 
 def _global_delta(directory, strategy_name: str) -> dict[str, np.ndarray]:
-    from server.simulation.checkpoint import load_checkpoint
+    from server.federation.checkpoint import load_checkpoint
     from server.strategies import make_strategy
 
     ck = load_checkpoint(directory)

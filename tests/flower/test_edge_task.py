@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from edge_client.flower_app import EdgeTask, TrainOrder
-from edge_client.update import decode_global, encode_global, encode_update
+from edge_client.flower_app import EdgeTask
+from edge_client.wire import TrainOrder, decode_global, encode_global, encode_update
 from server.simulation.model import ASSET_MODEL, linear_shapes, load_base
 from server.strategies import RankSpec, StrategyConfig, make_strategy
 

@@ -6,15 +6,15 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_flower_strategy import FP, FakeGrid, FakeNode, make_update, task_identity  # noqa: F401
 
-from edge_client.flower_app import FAULT_ENV, TRAIN_KEY, TrainOrder, _faulty, garbage_bytes
-from edge_client.update import encode_update
+from edge_client.flower_app import FAULT_ENV, _faulty, garbage_bytes
+from edge_client.wire import TRAIN_KEY, TrainOrder, encode_update
+from server.federation import client_seed, sample_clients
 from server.flower.config import clients_per_round, decode_limits, simulation_config
 from server.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
-from server.simulation.runtime import SimulationConfig, _client_seed, run_simulation, sample_clients
+from server.simulation.runtime import SimulationConfig, run_simulation
 from server.strategies import StrategyConfig, make_strategy
-
-from test_flower_strategy import FP, FakeGrid, FakeNode, make_update, task_identity  # noqa: F401
 
 NAMES = [f"client-{i:03d}" for i in range(10)]
 
@@ -39,7 +39,7 @@ def test_each_round_trains_only_the_seeded_sample():
     assert [[o.client_id for o in orders if o.round == r] for r in (1, 2, 3)] == expected
     assert len({tuple(e) for e in expected}) > 1          # the sample changes between rounds
     for r, ids in enumerate(expected, start=1):
-        assert [o.seed for o in orders if o.round == r] == [_client_seed(7, r, i) for i in range(3)]
+        assert [o.seed for o in orders if o.round == r] == [client_seed(7, r, i) for i in range(3)]
     assert [sorted(e["ranks"]) for e in entries] == expected
     assert all(e["clients"] == 3 and e["rejected"] == {} for e in entries)
 

@@ -9,11 +9,18 @@ import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from edge_client.flower_app import (PROBE_KEY, TRAIN_KEY, UPDATE_KEY, NodeProbe, TrainOrder,
-                                    parse_rank_pattern)
-from edge_client.update import ClientUpdate, encode_update
+from edge_client.wire import (
+    PROBE_KEY,
+    TRAIN_KEY,
+    UPDATE_KEY,
+    ClientUpdate,
+    NodeProbe,
+    TrainOrder,
+    encode_update,
+    parse_rank_pattern,
+)
+from server.federation import client_seed
 from server.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
-from server.simulation.runtime import _client_seed
 from server.strategies import RoundFailed, StrategyConfig, make_strategy
 
 FP = "ab" * 16
@@ -119,9 +126,9 @@ def test_each_node_gets_its_own_rank_client_order_and_seed():
     train = [m for m in grid.sent if m.metadata.message_type == "train"]
     orders = [TrainOrder.from_record(m.content.config_records[TRAIN_KEY]) for m in train]
     assert [o.client_id for o in orders] == ["client-000", "client-001", "client-002"] * 2
-    assert [o.seed for o in orders[:3]] == [_client_seed(7, 1, i) for i in range(3)]
+    assert [o.seed for o in orders[:3]] == [client_seed(7, 1, i) for i in range(3)]
     assert all(o.global_bytes is None for o in orders[:3])      # round 1: fresh adapters
-    from edge_client.update import decode_global
+    from edge_client.wire import decode_global
 
     for order, node in zip(orders[3:], nodes):
         g = decode_global(order.global_bytes)

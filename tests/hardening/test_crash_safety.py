@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.simulation import checkpoint as ckpt_mod
-from server.simulation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from server.federation import checkpoint as ckpt_mod
+from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 import fuzzlib  # noqa: E402
 
-from edge_client.update import DecodeLimits, decode_update  # noqa: E402
+from edge_client.wire import DecodeLimits, decode_update  # noqa: E402
 
 LIMITS = fuzzlib.LIMITS
 GOOD = fuzzlib.update_bytes()

@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/hardening on sys.path)
 
-from edge_client.update import DecodeLimits, encode_update
+from edge_client.wire import DecodeLimits, encode_update
 from server.simulation import runtime as rt
 from server.simulation.runtime import SimulationConfig, run_simulation
 from server.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy
-
-from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/hardening on sys.path)
 
 SMALL = dict(rounds=1, num_clients=3, num_heldout=1, local_steps=1, batch_size=2, rank_distribution="uniform",
              threads=1, progress=False, eval_max_new_tokens=2)
@@ -73,17 +72,19 @@ def test_flexlora_budget_counts_the_aggregator_state_bytes():
 
 
 def _patch_reply(monkeypatch, cid: str, change):
-    real = rt._Federation._run_client
+    from server.simulation.clients import InProcessClients
 
-    def run_client(self, client_id, *args, **kwargs):
-        reply = real(self, client_id, *args, **kwargs)
-        return change(reply) if client_id == cid else reply
+    real = InProcessClients._train
 
-    monkeypatch.setattr(rt._Federation, "_run_client", run_client)
+    def train(self, order, cancel):
+        reply = real(self, order, cancel)
+        return change(reply) if order.client_id == cid else reply
+
+    monkeypatch.setattr(InProcessClients, "_train", train)
 
 
 def test_runtime_rejects_a_reply_that_claims_another_client(monkeypatch, caplog):
-    from edge_client.update import decode_update
+    from edge_client.wire import decode_update
 
     def impersonate(reply: bytes) -> bytes:
         u = decode_update(reply)
@@ -101,7 +102,7 @@ def test_runtime_rejects_a_reply_that_claims_another_client(monkeypatch, caplog)
 
 
 def test_runtime_rejects_a_reply_from_another_round(monkeypatch):
-    from edge_client.update import decode_update
+    from edge_client.wire import decode_update
 
     def stale(reply: bytes) -> bytes:
         u = decode_update(reply)

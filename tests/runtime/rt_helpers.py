@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_client.update import ClientUpdate
+from edge_client.wire import ClientUpdate
 
 # Tolerances (float32 data; strategies accumulate in float64 and return float32).
 F32 = {"rtol": 1e-5, "atol": 1e-6}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.cli import main
-from server.simulation.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from server.simulation.devices import DEVICE_MIX, assign_devices
 from server.simulation.runtime import SimulationConfig, SimulationError, run_simulation
 

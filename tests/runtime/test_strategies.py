@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from rt_helpers import F32, FINGERPRINT, MODULES, SVD32, make_update
 
-from edge_client.update import encode_global, decode_global, encode_update
-from server.strategies import (FedIT, FLoRA, FlexLoRA, HetLoRA, RankSpec, RoundFailed, StrategyConfig,
-                               make_strategy)
+from edge_client.wire import decode_global, encode_global, encode_update
+from server.strategies import FedIT, FlexLoRA, FLoRA, HetLoRA, RankSpec, RoundFailed, StrategyConfig, make_strategy
 from server.strategies.base import split_factors
 from server.strategies.fedit import fedavg_factors
 from server.strategies.flexlora import flexlora_delta, truncate_delta

@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from server.simulation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from server.simulation.evaluate import score
-from server.simulation.suite import (SuiteConfig, build_suite, load_suite_from_jsonl, read_jsonl,
-                                     write_jsonl)
+from server.simulation.suite import SuiteConfig, build_suite, load_suite_from_jsonl, read_jsonl, write_jsonl
 from server.simulation.tasks import FAMILIES, make_example
 
 

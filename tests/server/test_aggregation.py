@@ -119,7 +119,7 @@ def test_serialisation_roundtrip():
 
 
 def test_add_update_with_client_update_and_rank_check():
-    from edge_client.update import ClientUpdate
+    from edge_client.wire import ClientUpdate
     rng = np.random.default_rng(6)
     factors = _client(rng, 4)
     up = ClientUpdate(client_id="c0", factors=factors, num_examples=10, rank=4, alpha=8.0,

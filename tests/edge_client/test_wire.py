@@ -4,8 +4,18 @@ import struct
 import numpy as np
 import pytest
 
-from edge_client.update import (ClientUpdate, DecodeLimits, GlobalFactors, decode_global, decode_update,
-                                encode_global, encode_update, module_names, rank_for_module, scaling)
+from edge_client.wire import (
+    ClientUpdate,
+    DecodeLimits,
+    GlobalFactors,
+    decode_global,
+    decode_update,
+    encode_global,
+    encode_update,
+    module_names,
+    rank_for_module,
+    scaling,
+)
 
 PREFIX = "base_model.model.model.layers.{}.{}.{}"
 

@@ -1,0 +1,148 @@
+"""The protocol's records on Flower: message keys and the typed probe and train records.
+
+Every payload is a ``ConfigRecord`` in the Message's ``RecordDict``; adapters travel as the
+bytes of :mod:`edge_client.wire.codec`, never pickle:
+
+* ``query``  server -> node: ``{QUERY_KEY: {}}``; node -> server ``{PROBE_KEY: NodeProbe}``: who
+  the node is and the rank its device affords.
+* ``train``  server -> node: ``{TRAIN_KEY: TrainOrder}`` (no ``global``: start a fresh adapter);
+  node -> server ``{UPDATE_KEY: {update: encode_update(...) bytes}, METRICS_KEY: MetricRecord}``.
+
+flwr is imported only by ``to_record``, so the records can be built and checked without it.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .codec import decode_global
+from .messages import GlobalFactors, RankSpec
+
+__all__ = ["QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "NodeProbe", "TrainOrder",
+           "parse_rank_pattern"]
+
+QUERY_KEY = "flexlora.query"
+PROBE_KEY = "flexlora.probe"
+TRAIN_KEY = "flexlora.train"
+UPDATE_KEY = "flexlora.update"
+METRICS_KEY = "metrics"
+
+def parse_rank_pattern(value) -> dict[str, int]:
+    """``"gate_proj=16,up_proj=16"``, a JSON object string, or a mapping -> ``{name: rank}``."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, Mapping):
+        items = dict(value)
+    elif isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"rank-pattern is not valid JSON: {value!r} ({exc.msg})") from None
+    elif isinstance(value, str):
+        items = {}
+        for part in value.split(","):
+            key, sep, rank = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"rank-pattern entry {part!r} is not 'module=rank'")
+            items[key.strip()] = rank.strip()
+    else:
+        raise ValueError(f"rank-pattern must be a string or mapping, got {type(value).__name__}")
+    out = {}
+    for key, rank in items.items():
+        text = str(rank).strip()
+        if isinstance(rank, bool) or not text.isdigit() or int(text) < 1:
+            raise ValueError(f"rank-pattern[{key!r}] must be an int >= 1, got {rank!r}")
+        out[str(key)] = int(text)
+    return out
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclass(kw_only=True)
+class NodeProbe:
+    """What a node tells the server about itself (reply to ``query``)."""
+    client_id: str
+    rank: int
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    num_examples: int
+    device: str = ""
+    reasons: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.client_id, str) or not self.client_id:
+            raise ValueError(f"client-id must be a non-empty string, got {self.client_id!r}")
+        _positive_int("rank", self.rank)
+        _positive_int("num-examples", self.num_examples)
+        self.rank_pattern = parse_rank_pattern(self.rank_pattern)
+
+    @property
+    def spec(self) -> RankSpec:
+        return RankSpec(rank=self.rank, rank_pattern=self.rank_pattern)
+
+    def to_record(self):
+        from flwr.app import ConfigRecord
+
+        return ConfigRecord({"client-id": self.client_id, "rank": int(self.rank),
+                             "rank-pattern": json.dumps(self.rank_pattern, sort_keys=True),
+                             "num-examples": int(self.num_examples), "device": self.device,
+                             "reasons": json.dumps(list(self.reasons))})
+
+    @classmethod
+    def from_record(cls, rec: Mapping) -> "NodeProbe":
+        for key in ("client-id", "rank", "num-examples"):
+            if key not in rec:
+                raise ValueError(f"probe reply has no {key!r}")
+        reasons = json.loads(str(rec.get("reasons", "[]")))
+        return cls(client_id=rec["client-id"], rank=rec["rank"], rank_pattern=rec.get("rank-pattern", ""),
+                   num_examples=rec["num-examples"], device=str(rec.get("device", "")),
+                   reasons=[str(r) for r in reasons] if isinstance(reasons, list) else [])
+
+
+@dataclass(kw_only=True)
+class TrainOrder:
+    """One round's instructions for one node (the ``train`` message)."""
+    client_id: str
+    round: int
+    seed: int
+    rank: int
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    global_bytes: bytes | None = None          # encode_global(...); None: fresh adapter
+
+    def __post_init__(self) -> None:
+        _positive_int("round", self.round)
+        _positive_int("rank", self.rank)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        self.rank_pattern = parse_rank_pattern(self.rank_pattern)
+
+    @property
+    def spec(self) -> RankSpec:
+        return RankSpec(rank=self.rank, rank_pattern=self.rank_pattern)
+
+    def to_record(self):
+        from flwr.app import ConfigRecord
+
+        rec = ConfigRecord({"client-id": self.client_id, "round": self.round, "seed": self.seed,
+                            "rank": self.rank, "rank-pattern": json.dumps(self.rank_pattern, sort_keys=True)})
+        if self.global_bytes is not None:
+            rec["global"] = bytes(self.global_bytes)
+        return rec
+
+    @classmethod
+    def from_record(cls, rec: Mapping) -> "TrainOrder":
+        for key in ("client-id", "round", "seed", "rank"):
+            if key not in rec:
+                raise ValueError(f"train message has no {key!r}")
+        data = rec.get("global")
+        if data is not None and not isinstance(data, bytes):
+            raise ValueError(f"train message 'global' must be bytes, got {type(data).__name__}")
+        return cls(client_id=str(rec["client-id"]), round=rec["round"], seed=rec["seed"], rank=rec["rank"],
+                   rank_pattern=rec.get("rank-pattern", ""), global_bytes=data)
+
+    def init(self) -> GlobalFactors | None:
+        return decode_global(self.global_bytes) if self.global_bytes is not None else None
