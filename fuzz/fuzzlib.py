@@ -16,7 +16,7 @@ import struct
 
 import numpy as np
 
-from edge_client.wire import SCHEMA_VERSION, DecodeLimits, decode_global, decode_update
+from edge_client.wire import SCHEMA_VERSION, DecodeLimits, decode_global, decode_update, factor_keys
 
 __all__ = ["LIMITS", "MODULE", "ST_CODES", "raw_safetensors", "update_meta", "valid_factors",
            "update_bytes", "global_meta", "check_one", "check_accepted"]
@@ -55,8 +55,9 @@ def raw_safetensors(tensors, *, metadata=None, header_extra: str = "", dtype_cod
 
 def valid_factors(rank: int = 4, d_out: int = 8, d_in: int = 6, *, seed: int = 0, module: str = MODULE):
     rng = np.random.default_rng(seed)
-    return {module + ".lora_A.weight": (0.1 * rng.standard_normal((rank, d_in))).astype(np.float32),
-            module + ".lora_B.weight": (0.1 * rng.standard_normal((d_out, rank))).astype(np.float32)}
+    a_key, b_key = factor_keys(module)
+    return {a_key: (0.1 * rng.standard_normal((rank, d_in))).astype(np.float32),
+            b_key: (0.1 * rng.standard_normal((d_out, rank))).astype(np.float32)}
 
 
 def update_meta(**changes) -> dict:

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fuzzlib  # noqa: E402
 import numpy as np  # noqa: E402
 
-from edge_client.wire import ClientUpdate, GlobalFactors, encode_global, encode_update  # noqa: E402
+from edge_client.wire import LORA_A_SUFFIX, ClientUpdate, GlobalFactors, encode_global, encode_update  # noqa: E402
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
@@ -48,9 +48,9 @@ def seeds() -> dict[str, bytes]:
         "bad-dtype-f64": fuzzlib.update_bytes({k: v.astype(np.float64) for k, v in f.items()}),
         "bad-dtype-i32": fuzzlib.update_bytes({k: v.astype(np.int32) for k, v in f.items()}),
         "bad-shape-inner": fuzzlib.update_bytes(fuzzlib.valid_factors() | {
-            fuzzlib.MODULE + ".lora_A.weight": np.zeros((3, 6), np.float32)}),
+            fuzzlib.MODULE + LORA_A_SUFFIX: np.zeros((3, 6), np.float32)}),
         "bad-shape-1d": fuzzlib.update_bytes(fuzzlib.valid_factors() | {
-            fuzzlib.MODULE + ".lora_A.weight": np.zeros(24, np.float32)}),
+            fuzzlib.MODULE + LORA_A_SUFFIX: np.zeros(24, np.float32)}),
         "bad-nan": fuzzlib.update_bytes({k: np.where(k.endswith("A.weight"), np.nan, v).astype(np.float32)
                                          for k, v in f.items()}),
         "bad-inf": fuzzlib.update_bytes({k: np.full_like(v, np.inf) for k, v in f.items()}),

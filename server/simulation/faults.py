@@ -12,7 +12,7 @@ import json
 import numpy as np
 import safetensors.numpy
 
-from edge_client.wire import SCHEMA_VERSION, ClientUpdate, encode_update
+from edge_client.wire import LORA_A_SUFFIX, SCHEMA_VERSION, ClientUpdate, encode_update
 
 __all__ = ["FAULTS", "faulty_reply"]
 
@@ -35,7 +35,7 @@ def _raw(update: ClientUpdate, **changes) -> bytes:
 def faulty_reply(update: ClientUpdate, fault: str) -> bytes:
     """Bytes of ``update`` corrupted by ``fault`` (one of ``FAULTS`` except "straggler")."""
     factors = {k: v.copy() for k, v in update.factors.items()}
-    first_a = sorted(k for k in factors if k.endswith(".lora_A.weight"))[0]
+    first_a = sorted(k for k in factors if k.endswith(LORA_A_SUFFIX))[0]
     if fault == "truncated":
         data = encode_update(update)
         return data[: len(data) // 2]
@@ -51,7 +51,7 @@ def faulty_reply(update: ClientUpdate, fault: str) -> bytes:
         # a consistent update at twice the rank it was assigned
         grown = {}
         for k, v in factors.items():
-            axis = 0 if k.endswith(".lora_A.weight") else 1
+            axis = 0 if k.endswith(LORA_A_SUFFIX) else 1
             grown[k] = np.concatenate([v, v], axis=axis)
         pattern = {m: 2 * r for m, r in update.rank_pattern.items()}
         return _raw(update, factors=grown, rank=2 * update.rank, rank_pattern=pattern)
