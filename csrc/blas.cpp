@@ -137,6 +137,91 @@ void orthonormalize(Mat& X, const std::vector<double>* G0) {
   thin_qr(X, nullptr);  // wide, rank-deficient or non-finite: Householder, always stable
 }
 
+std::vector<double> gram_f64(const float* X, int rows, int cols, int ld, bool of_rows) {
+  const int n = of_rows ? rows : cols;
+  std::vector<double> G(static_cast<size_t>(n) * n, 0.0);
+  if (rows == 0 || cols == 0) return G;
+  constexpr int kBlock = 256;  // columns (of_rows) or rows (else) converted at a time
+  const int total = of_rows ? cols : rows;
+  std::vector<double> buf(static_cast<size_t>(kBlock) * n);
+  for (int b0 = 0; b0 < total; b0 += kBlock) {
+    const int b = std::min(kBlock, total - b0);
+    if (of_rows) {  // X[:, b0:b0+b] -> buf (rows x b, ld rows); G += buf buf^T
+      for (int j = 0; j < b; ++j) {
+        const float* src = X + static_cast<size_t>(b0 + j) * ld;
+        double* dst = buf.data() + static_cast<size_t>(j) * rows;
+        for (int i = 0; i < rows; ++i) dst[i] = src[i];
+      }
+      scipy_cblas_dsyrk(CblasColMajor, CblasUpper, CblasNoTrans, n, b, 1.0, buf.data(), rows,
+                        1.0, G.data(), n);
+    } else {  // X[b0:b0+b, :] -> buf (b x cols, ld b); G += buf^T buf
+      for (int j = 0; j < cols; ++j) {
+        const float* src = X + b0 + static_cast<size_t>(j) * ld;
+        double* dst = buf.data() + static_cast<size_t>(j) * b;
+        for (int i = 0; i < b; ++i) dst[i] = src[i];
+      }
+      scipy_cblas_dsyrk(CblasColMajor, CblasUpper, CblasTrans, n, b, 1.0, buf.data(), b, 1.0,
+                        G.data(), n);
+    }
+  }
+  for (int j = 0; j < n; ++j)
+    for (int i = j + 1; i < n; ++i) G[i + static_cast<size_t>(j) * n] = G[j + static_cast<size_t>(i) * n];
+  return G;
+}
+
+bool scaled_cholesky(std::vector<double>& G, int n, double min_pivot) {
+  std::vector<double> d(n);
+  for (int i = 0; i < n; ++i) {
+    const double g = G[i + static_cast<size_t>(i) * n];
+    if (!(g > 0.0) || !std::isfinite(g)) return false;
+    d[i] = 1.0 / std::sqrt(g);
+  }
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i <= j; ++i) G[i + static_cast<size_t>(j) * n] *= d[i] * d[j];
+  if (scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', n, G.data(), n) != 0) return false;
+  for (int j = 0; j < n; ++j) {
+    const double p = G[j + static_cast<size_t>(j) * n];
+    if (!(p * p >= min_pivot)) return false;
+    for (int i = 0; i <= j; ++i) G[i + static_cast<size_t>(j) * n] /= d[j];  // Rf = Rs D^{-1}
+    for (int i = j + 1; i < n; ++i) G[i + static_cast<size_t>(j) * n] = 0.0;
+  }
+  return true;
+}
+
+void trmm_upper(bool left, bool trans, int rows, int cols, const double* T, int ldt, double* B,
+                int ldb) {
+  if (rows == 0 || cols == 0) return;
+  scipy_cblas_dtrmm(CblasColMajor, left ? CblasLeft : CblasRight, CblasUpper,
+                    trans ? CblasTrans : CblasNoTrans, CblasNonUnit, rows, cols, 1.0, T, ldt, B,
+                    ldb);
+}
+
+void trsm_upper_left(int n, int cols, const double* T, int ldt, double* B, int ldb) {
+  if (n == 0 || cols == 0) return;
+  scipy_cblas_dtrsm(CblasColMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, n, cols,
+                    1.0, T, ldt, B, ldb);
+}
+
+void top_eigenpairs(std::vector<double>& G, int n, int k, std::vector<double>& lam,
+                    std::vector<double>& V) {
+  k = std::min(k, n);
+  lam.assign(n, 0.0);
+  V.assign(static_cast<size_t>(n) * std::max(k, 1), 0.0);
+  if (k <= 0) return;
+  std::vector<lapack_int> isuppz(2 * static_cast<size_t>(std::max(k, 1)));
+  lapack_int found = 0;
+  const lapack_int info = scipy_LAPACKE_dsyevr(LAPACK_COL_MAJOR, 'V', 'I', 'U', n, G.data(), n,
+                                               0.0, 0.0, n - k + 1, n, 0.0, &found, lam.data(),
+                                               V.data(), n, isuppz.data());
+  if (info != 0 || found != k) throw std::runtime_error("dsyevr failed, info=" + std::to_string(info));
+  // ascending -> descending
+  lam.resize(k);
+  std::reverse(lam.begin(), lam.end());
+  for (int j = 0; j < k / 2; ++j)
+    std::swap_ranges(V.begin() + static_cast<size_t>(j) * n, V.begin() + static_cast<size_t>(j + 1) * n,
+                     V.begin() + static_cast<size_t>(k - 1 - j) * n);
+}
+
 double top_eigen_sum(std::vector<double>& G, int n, int k) {
   std::vector<double> w(n);
   if (scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', n, G.data(), n, w.data()) != 0)
