@@ -186,6 +186,8 @@ py::dict plan(int d_out, int d_in, long long total_rank, int rank, int oversampl
   d["flops"] = py::dict(py::arg("exact") = p.flops_exact,
                         py::arg("randomized") = p.flops_randomized,
                         py::arg("dense") = p.flops_dense);
+  d["flops_f64"] = py::dict(py::arg("exact") = p.flops_exact_f64, py::arg("randomized") = 0.0,
+                            py::arg("dense") = 0.0);
   return d;
 }
 

@@ -66,10 +66,25 @@ RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& 
   const double q = std::max(0, opt.power_iters) + (adaptive ? kAutoPlanExtraIters : 0);
   RoutePlan p;
   const double kb = std::min(m, R), ka = std::min(n, R);
-  const double ex_gemm = 2 * kb * ka * R + 2 * m * kb * r + 2 * n * ka * r;
-  const double ex_qr = qr_flops(m, R) + qr_flops(n, R), ex_svd = svd_flops(kb, ka);
-  p.flops_exact = ex_gemm + ex_qr + ex_svd;
-  p.cost_exact = ex_gemm + kQrWeight * ex_qr + kSvdWeight * ex_svd;
+  if (R <= std::min(m, n)) {
+    // Gram route (routes.cpp exact_gram), taken when both factors are well conditioned:
+    // float64 Grams (m + n) R^2 (dsyrk), two scaled Cholesky R^3/3 each, K = Rb Ga Rb^T
+    // (2 dtrmm, R^3 each), dsytrd 4/3 R^3 + dormtr 2 R^2 k, trsm + trmm 2 R^2 k, then two
+    // float32 GEMMs 2 (m + n) R k. Double BLAS-3 runs at about half the sgemm rate (weight
+    // 2), the tridiagonal reduction is half BLAS-2 (weight 4).
+    const double k = std::min(r, R);
+    const double f64_blas3 = (m + n) * R * R + 2.0 / 3.0 * R * R * R + 2 * R * R * R + 4 * R * R * k;
+    const double f64_eig = 4.0 / 3.0 * R * R * R;
+    const double f32 = 2 * (m + n) * R * k;
+    p.flops_exact_f64 = f64_blas3 + f64_eig;
+    p.flops_exact = f32 + p.flops_exact_f64;
+    p.cost_exact = f32 + 2 * f64_blas3 + kSvdWeight * f64_eig;
+  } else {  // Householder route
+    const double ex_gemm = 2 * kb * ka * R + 2 * m * kb * r + 2 * n * ka * r;
+    const double ex_qr = qr_flops(m, R) + qr_flops(n, R), ex_svd = svd_flops(kb, ka);
+    p.flops_exact = ex_gemm + ex_qr + ex_svd;
+    p.cost_exact = ex_gemm + kQrWeight * ex_qr + kSvdWeight * ex_svd;
+  }
 
   // Randomized routes: 2q+2 operator passes of width l; CholQR2 after each of the 2q+1
   // products but the last (2 syrk + 2 trsm, BLAS-3 speed: 4 d l^2); the final SVD of the

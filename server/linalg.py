@@ -7,8 +7,12 @@ Every function takes and returns numpy float32 arrays and runs in the native cor
 
 Routes (``method``):
 
-* ``"exact"``: thin QR of the concatenated factors on both sides and an SVD of the small
-  core; dW is never formed. Exact up to float32 rounding.
+* ``"exact"``: dW is never formed; exact up to float32 rounding. When both concatenated
+  factors are well conditioned (the usual case, R <= min(d_out, d_in)): float64 Gram
+  matrices of the factors (dsyrk), a column-scaled Cholesky of one, the R x R matrix
+  ``K = Rb Ga Rb^T`` and its top-``rank`` eigenpairs, then two float32 GEMMs, all BLAS-3.
+  Otherwise (duplicated clients, rank-deficient factors, zero weights, R above d): thin
+  Householder QR of both factors and an SVD of the small core.
 * ``"randomized"``: Halko-Martinsson-Tropp range finder applied through the factors, with
   ``oversample`` extra test vectors and ``power_iters`` power iterations, QR between them;
   the Gaussian test matrix comes from ``seed`` (same seed, same answer).
@@ -40,7 +44,7 @@ lowered it); the core never runs more BLAS x OpenMP threads than there are cores
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -55,8 +59,7 @@ if "GOMP_SPINCOUNT" not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _core  # noqa: E402
-from ._validate import (METHODS, as_count, as_factors, as_matrix, as_method, as_rank,  # noqa: E402
-                        as_threads)
+from ._validate import METHODS, as_count, as_factors, as_matrix, as_method, as_rank, as_threads  # noqa: E402
 
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan", "Plan",
            "set_num_threads", "get_num_threads", "METHODS", "EXACT_PREFERENCE",
@@ -159,14 +162,17 @@ def weighted_sum(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Se
 class Plan:
     """The route ``method="auto"`` takes for one module and the cost model behind it.
 
-    ``cost`` is FLOPs weighted by kernel efficiency (GEMM x1, QR x2, SVD x4), ``flops`` the
-    raw FLOP count of each route (what benchmarks divide by time for GFLOP/s).
+    ``cost`` is FLOPs weighted by kernel efficiency (GEMM x1, float64 BLAS-3 and QR x2, SVD
+    x4), ``flops`` the raw FLOP count of each route (what benchmarks divide by time for
+    GFLOP/s), ``flops_f64`` the part of ``flops`` done in float64 (the exact route's Grams
+    and R x R steps; a floor at GEMM speed charges them at the dgemm rate).
     """
     method: str
     reason: str
     total_rank: int
     cost: Mapping[str, float]
     flops: Mapping[str, float]
+    flops_f64: Mapping[str, float] = field(default_factory=dict)
 
 
 def plan(d_out: int, d_in: int, ranks: Sequence[int] | int, rank: int, *, oversample: int = 10,
@@ -187,7 +193,7 @@ def plan(d_out: int, d_in: int, ranks: Sequence[int] | int, rank: int, *, oversa
     d = _core.plan(d_out, d_in, total, rank, as_count(oversample, "oversample"),
                    as_count(power_iters, "power_iters"), False, as_method(method))
     return Plan(method=d["method"], reason=d["reason"], total_rank=total,
-                cost=dict(d["cost"]), flops=dict(d["flops"]))
+                cost=dict(d["cost"]), flops=dict(d["flops"]), flops_f64=dict(d["flops_f64"]))
 
 
 def _per_layer_ranks(rank: Any, n: int) -> list[int]:

@@ -62,11 +62,14 @@ constexpr int kAutoMaxPowerIters = 10;
 constexpr int kAutoPlanExtraIters = 2;
 
 // Cost model (floating-point operations, weighted by how efficiently each kind of kernel
-// runs: GEMM x1, QR x2, SVD x4) behind the auto planner.
+// runs: GEMM x1, float64 BLAS-3 and QR x2, SVD and tridiagonal reduction x4) behind the
+// auto planner. The exact route is priced as its Gram form when R <= min(d_out, d_in) (the
+// Householder fallback for ill-conditioned factors is not predictable from shapes).
 struct RoutePlan {
   Method method = Method::Exact;       // route auto takes
   double cost_exact = 0, cost_randomized = 0, cost_dense = 0;
   double flops_exact = 0, flops_randomized = 0, flops_dense = 0;   // raw FLOP counts
+  double flops_exact_f64 = 0;          // part of flops_exact done in float64 (Gram route)
   std::string reason;
 };
 // Exact is preferred unless an approximate route is more than this factor cheaper.
