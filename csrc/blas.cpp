@@ -196,6 +196,14 @@ void trmm_upper(bool left, bool trans, int rows, int cols, const double* T, int 
                     ldb);
 }
 
+void trsm_f32(bool left, bool trans, int rows, int cols, const float* T, int ldt, float* B,
+              int ldb) {
+  if (rows == 0 || cols == 0) return;
+  scipy_cblas_strsm(CblasColMajor, left ? CblasLeft : CblasRight, CblasUpper,
+                    trans ? CblasTrans : CblasNoTrans, CblasNonUnit, rows, cols, 1.0f, T, ldt, B,
+                    ldb);
+}
+
 void trsm_upper_left(int n, int cols, const double* T, int ldt, double* B, int ldb) {
   if (n == 0 || cols == 0) return;
   scipy_cblas_dtrsm(CblasColMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, n, cols,

@@ -96,6 +96,10 @@ void top_eigenpairs(std::vector<double>& G, int n, int k, std::vector<double>& l
 // Sum of the k largest eigenvalues of the symmetric (n x n) G (destroyed).
 double top_eigen_sum(std::vector<double>& G, int n, int k);
 
+// B <- op(T)^{-1} B (left) or B op(T)^{-1} (right), T upper triangular float32, col-major.
+void trsm_f32(bool left, bool trans, int rows, int cols, const float* T, int ldt, float* B,
+              int ldb);
+
 // Thin SVD of a (m x n) (destroyed): U (m x k), S (k), Vt (k x n), k = min(m, n).
 void thin_svd(Mat& a, Mat& U, std::vector<float>& S, Mat& Vt);
 

@@ -13,6 +13,14 @@ Clients are added one at a time; each module keeps only what its route needs:
   (factors as large as dW), which is also about where forming dW starts to pay off in the
   cost model of :func:`server.linalg.plan`. Unfolded modules let ``auto`` pick their route
   at :meth:`Aggregator.finalize` from the final ``R``.
+* ``method="sketch"``: a one-pass streaming sketch per module
+  (:class:`server.linalg.StreamingSketch`): ``k (d_out + d_in) + s^2`` floats, flat in the
+  number of clients and far below ``d_out d_in``; approximate.
+* ``max_state_bytes`` (with ``auto``): when a client brings modules whose worst-case state
+  on the other routes (the dense accumulator, ``4 d_out d_in`` bytes; factors fold into it
+  at the break-even rank) would push the projected total past the budget, those modules go
+  to the sketch route instead; modules already held keep their route. A budget that even
+  the sketches cannot meet is an error when the first client arrives.
 
 Weights: client ``k`` contributes ``p_k s_k B_k A_k`` with ``p_k = weight_k / sum(weight)``
 (weight defaults to ``num_examples``) and ``s_k = alpha_k / r`` (``alpha_k / sqrt(r)`` with
@@ -45,9 +53,14 @@ class _Module:
     total_rank: int = 0
     total_weight: float = 0.0
     dense: np.ndarray | None = None
+    sketch: linalg.StreamingSketch | None = None
 
     def factor_bytes(self) -> int:
         return sum(b.nbytes + a.nbytes for b, a in zip(self.Bs, self.As))
+
+    def held_bytes(self) -> int:
+        return self.factor_bytes() + (self.dense.nbytes if self.dense is not None else 0) + \
+            (self.sketch.nbytes if self.sketch is not None else 0)
 
 
 class Aggregator:
@@ -55,7 +68,8 @@ class Aggregator:
 
     def __init__(self, max_rank: int, *, method: str = "auto", oversample: int = 10,
                  power_iters: int = 2, seed: int = 0, threads: int | None = None,
-                 dense_threshold: int | None = None) -> None:
+                 dense_threshold: int | None = None, max_state_bytes: int | None = None,
+                 sketch_size: int | None = None, core_size: int | None = None) -> None:
         self.max_rank = as_rank(max_rank, "max_rank")
         self.method = as_method(method)
         self.oversample = as_count(oversample, "oversample")
@@ -67,6 +81,13 @@ class Aggregator:
         as_threads(threads)
         self.dense_threshold = None if dense_threshold is None else \
             as_count(dense_threshold, "dense_threshold")
+        self.max_state_bytes = None if max_state_bytes is None else \
+            as_count(max_state_bytes, "max_state_bytes")
+        if max_state_bytes is not None and self.method not in ("auto", "sketch"):
+            raise ValueError(f"max_state_bytes needs method 'auto' (or 'sketch'), got {self.method!r}")
+        self.sketch_size = None if sketch_size is None else as_rank(sketch_size, "sketch_size")
+        self.core_size = None if core_size is None else as_rank(core_size, "core_size")
+        linalg.sketch_sizes(self.max_rank, 1 << 30, 1 << 30, self.sketch_size, self.core_size)
         self._modules: dict[str, _Module] = {}
         self.num_clients = 0
         self.total_weight = 0.0
@@ -84,10 +105,27 @@ class Aggregator:
         pairs = split_factor_dict(factors, who)
         check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
                              rank_pattern=rank_pattern)
+        sketch_new = self._sketch_new_modules(pairs)
+        sketched = []
         for module, (B, A) in pairs.items():
             r = B.shape[1]
             s = alpha / (math.sqrt(r) if rslora else r)
-            self._add_module(module, B, A, float(w) * s, float(w))
+            st = self._modules.get(module)
+            if st is None:
+                st = self._modules[module] = _Module(d_out=B.shape[0], d_in=A.shape[1])
+                if sketch_new:
+                    st.sketch = linalg.StreamingSketch(st.d_out, st.d_in, self.max_rank,
+                                                       sketch_size=self.sketch_size,
+                                                       core_size=self.core_size, seed=self.seed)
+            if st.sketch is not None:
+                st.total_weight += float(w)
+                st.total_rank += r
+                sketched.append((st.sketch, B, A, float(w) * s))
+            else:
+                self._add_module(module, B, A, float(w) * s, float(w))
+        if sketched:  # every sketched module of this client in one parallel native call
+            linalg.sketch_update_batched([x[0] for x in sketched], [([x[1]], [x[2]]) for x in sketched],
+                                         [[x[3]] for x in sketched], threads=self.threads, validated=True)
         self.num_clients += 1
         self.total_weight += float(w)
         if client_id is not None:
@@ -99,6 +137,27 @@ class Aggregator:
                  rank=update.rank, rank_pattern=update.rank_pattern or None,
                  rslora=update.rslora, client_id=update.client_id)
 
+    def _sketch_new_modules(self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bool:
+        """Whether the modules this client brings for the first time go to the sketch route."""
+        if self.method == "sketch":
+            return True
+        new = [(B.shape[0], A.shape[1]) for m, (B, A) in pairs.items() if m not in self._modules]
+        if self.max_state_bytes is None or not new:
+            return False
+        held = sum(4 * st.d_out * st.d_in if st.sketch is None else st.sketch.nbytes
+                   for st in self._modules.values())
+        if held + sum(4 * m * n for m, n in new) <= self.max_state_bytes:
+            return False
+        shapes = {(st.d_out, st.d_in) for st in self._modules.values() if st.sketch is not None}
+        need = held + sum(linalg.StreamingSketch.projected_bytes(m, n, self.max_rank, self.sketch_size,
+                                                                 self.core_size) for m, n in new)
+        need += sum(linalg.StreamingSketch.test_bytes(m, n, self.max_rank, self.sketch_size, self.core_size)
+                    for m, n in set(new) - shapes)
+        if need > self.max_state_bytes:
+            raise ValueError(f"max_state_bytes={self.max_state_bytes} is below what even the sketch route "
+                             f"needs for these modules ({need} bytes); raise it or lower max_rank/sketch_size")
+        return True
+
     def _threshold(self, st: _Module) -> int:
         if self.dense_threshold is not None:
             return self.dense_threshold
@@ -106,9 +165,7 @@ class Aggregator:
 
     def _add_module(self, module: str, B: np.ndarray, A: np.ndarray, w: float,
                     raw_weight: float) -> None:
-        st = self._modules.get(module)
-        if st is None:
-            st = self._modules[module] = _Module(d_out=B.shape[0], d_in=A.shape[1])
+        st = self._modules[module]
         st.total_weight += raw_weight
         st.total_rank += B.shape[1]
         if st.dense is None and self.method in ("dense", "auto") and (
@@ -130,15 +187,20 @@ class Aggregator:
         return sorted(self._modules)
 
     def state_bytes(self) -> int:
-        """Bytes of factors and dense accumulators held now."""
-        return sum(st.factor_bytes() + (st.dense.nbytes if st.dense is not None else 0)
-                   for st in self._modules.values())
+        """Bytes of factors, dense accumulators and sketches held now (sketch test matrices
+        counted once per shape: modules of one shape share them)."""
+        tests = {(st.d_out, st.d_in): linalg.StreamingSketch.test_bytes(
+                     st.d_out, st.d_in, self.max_rank, self.sketch_size, self.core_size)
+                 for st in self._modules.values() if st.sketch is not None}
+        return sum(st.held_bytes() for st in self._modules.values()) + sum(tests.values())
 
     def routes_planned(self) -> dict[str, str]:
         """Per module: 'dense (folded)' or the route auto would take with the factors so far."""
         out = {}
         for name, st in sorted(self._modules.items()):
-            if st.dense is not None:
+            if st.sketch is not None:
+                out[name] = "sketch"
+            elif st.dense is not None:
                 out[name] = "dense"
             elif self.method != "auto":
                 out[name] = self.method
@@ -154,20 +216,33 @@ class Aggregator:
         if self.num_clients == 0:
             raise ValueError("finalize() needs at least one client; none was added")
         names = sorted(self._modules)
-        tasks = []
         for name in names:
-            st = self._modules[name]
-            if st.total_weight <= 0:
+            if self._modules[name].total_weight <= 0:
                 raise ValueError(f"module {name!r}: the clients that sent it all have weight 0")
-            if st.dense is not None:
-                tasks.append((st.dense, 1.0 / st.total_weight))
-            else:
-                tasks.append((st.Bs, st.As, [w / st.total_weight for w in st.ws]))
-        out = _core.svd_batched(tasks, [self.max_rank] * len(tasks), self.method,
-                                self.oversample, self.power_iters, self.seed,
-                                False, as_threads(self.threads))
-        modules = {n: (U, S, Vt) for n, (U, S, Vt, _r) in zip(names, out)}
-        routes = {n: r for n, (_U, _S, _Vt, r) in zip(names, out)}
+        sketched = [n for n in names if self._modules[n].sketch is not None]
+        others = [n for n in names if self._modules[n].sketch is None]
+        results: dict[str, tuple] = {}
+        if sketched:
+            sts = [self._modules[n] for n in sketched]
+            outs = linalg.sketch_finalize_batched([st.sketch for st in sts], self.max_rank,
+                                                  scales=[1.0 / st.total_weight for st in sts],
+                                                  threads=self.threads)
+            results.update({n: (*o, "sketch") for n, o in zip(sketched, outs)})
+        if others:
+            tasks = []
+            for name in others:
+                st = self._modules[name]
+                if st.dense is not None:
+                    tasks.append((st.dense, 1.0 / st.total_weight))
+                else:
+                    tasks.append((st.Bs, st.As, [w / st.total_weight for w in st.ws]))
+            method = "auto" if self.method == "sketch" else self.method
+            out = _core.svd_batched(tasks, [self.max_rank] * len(tasks), method,
+                                    self.oversample, self.power_iters, self.seed,
+                                    False, as_threads(self.threads))
+            results.update({n: tuple(o) for n, o in zip(others, out)})
+        modules = {n: results[n][:3] for n in names}
+        routes = {n: results[n][3] for n in names}
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=routes)
 
 

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._validate import as_count, as_method, as_rank, as_weights, check_factor_shapes
+from ._validate import GPU_METHODS, as_count, as_method, as_rank, as_weights, check_factor_shapes
 
 __all__ = ["available", "resolve_device", "is_device_input", "device_info", "lowrank_svd",
            "lowrank_svd_batched", "dense_svd", "weighted_sum", "as_device_matrix"]
@@ -185,7 +185,7 @@ def _options(method, oversample, power_iters, seed, streams, tf32):
         raise ValueError(f"streams must be an integer >= 1, got {streams!r}")
     if not isinstance(tf32, bool):
         raise ValueError(f"tf32 must be True or False, got {tf32!r}")
-    return dict(method=as_method(method), oversample=as_count(oversample, "oversample"),
+    return dict(method=as_method(method, GPU_METHODS), oversample=as_count(oversample, "oversample"),
                 power_iters=as_count(power_iters, "power_iters"), seed=int(seed) % (1 << 64),
                 streams=int(streams), tf32=tf32)
 

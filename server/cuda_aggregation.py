@@ -27,9 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import cuda
-from .aggregation import check_client_args, check_client_modules
 from ._global_adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter, group_factor_halves
-from ._validate import as_count, as_method, as_rank
+from ._validate import GPU_METHODS, as_count, as_method, as_rank
+from .aggregation import check_client_args, check_client_modules
 
 __all__ = ["CudaAggregator"]
 
@@ -63,7 +63,7 @@ class CudaAggregator:
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.max_rank = as_rank(max_rank, "max_rank")
-        self.method = as_method(method)
+        self.method = as_method(method, GPU_METHODS)
         self.oversample = as_count(oversample, "oversample")
         self.power_iters = as_count(power_iters, "power_iters")
         self._opts = cuda._options(method, oversample, power_iters, seed, streams, tf32)
