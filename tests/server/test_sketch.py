@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _server_testutil import check_svd, dense, make_problem
 
 from server import linalg
 from server.aggregation import Aggregator
 from server.reference import reference_aggregate
-from _server_testutil import check_svd, dense, make_problem
 
 
 def test_sketch_exact_when_it_covers_the_operator():
