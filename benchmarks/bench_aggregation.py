@@ -170,12 +170,28 @@ def flops(modules, rank, route):
             q = linalg.plan(m, n, R, rank, method=route)
             total += q.flops[route]
             f64 += q.flops_f64.get(route, 0.0)
+        elif route == "sketch":
+            total += sketch_flops(m, n, R, rank)
         elif route == "torch":
             total += linalg.plan(m, n, R, rank, method="dense").flops["dense"]
         else:  # reference: per-client products + a full SVD (4mn^2 + 8n^3, n = min)
             s, b = min(m, n), max(m, n)
             total += 2.0 * m * n * R + 4.0 * b * s * s + 8.0 * s**3
     return total, f64
+
+
+def sketch_flops(m, n, R, rank):
+    """One-pass sketch (server.linalg.StreamingSketch at the default sizes): per client
+    A [Omega | Xi^T] and [Psi; Phi] B (2 r (n + m)(k + s)), then B (A Omega), (Psi B) A,
+    (Phi B)(A Xi^T) (2 r (m k + k n + s^2)); finalize: two Householder QRs (4 d k^2),
+    Phi Q and Xi P (2 s k (m + n)), QRs of s x k (4 s k^2 each), Q1^T Z Q2 (2 k s^2 + 2 k^2 s),
+    SVD of k x k (22 k^3), U and V (2 (m + n) k rank)."""
+    from server import linalg
+    k, s = linalg.sketch_sizes(rank, m, n)
+    upd = 2 * R * ((m + n) * (k + s) + m * k + k * n + s * s)
+    fin = 4 * (m + n) * k * k + 2 * s * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
+        + 22 * k**3 + 2 * (m + n) * k * rank
+    return upd + fin
 
 
 def dgemm_peak(threads):
@@ -298,13 +314,45 @@ def bench_per_shape(modules, tails, rank, threads, repeats, warmup, rates):
     return rows
 
 
+def bench_sketch_sizes(modules, tails, rank, threads, sizes, target=1.05):
+    """err/opt of method="sketch" against the sketch size k (core s = 2k + 1) on one module
+    of each shape: the default k = 2 rank + 1 and the smallest k of `sizes` reaching
+    `target`."""
+    from server import linalg
+    seen, rows = set(), []
+    for mod, tail in zip(modules, tails):
+        m, n = mod[1][0].shape[0], mod[2][0].shape[1]
+        if (m, n) in seen:
+            continue
+        seen.add((m, n))
+        R = sum(b.shape[1] for b in mod[1])
+        default_k = linalg.sketch_sizes(rank, m, n)[0]
+        row = {"module": mod[0], "shape": f"{m}x{n}", "R": R, "errors": {}}
+        for k in sorted({default_k, *[x for x in sizes if x <= min(m, n)]}):
+            t0 = time.perf_counter()
+            out = linalg.lowrank_svd_batched([(mod[1], mod[2])], [mod[3]], rank, method="sketch",
+                                             sketch_size=k, threads=threads)
+            dt = time.perf_counter() - t0
+            row["errors"][k] = {"err_over_opt": error_ratio([tail], out), "seconds": dt,
+                                "state_mb": linalg.StreamingSketch.projected_bytes(m, n, rank, k) / 2**20}
+        row["default_k"] = default_k
+        row["default_err"] = row["errors"][default_k]["err_over_opt"]
+        ok = [k for k, e in sorted(row["errors"].items()) if e["err_over_opt"] <= target]
+        row["k_for_target"] = ok[0] if ok else None
+        print(f"  sketch {row['shape']:>10} R={R:<5} " + "  ".join(
+            f"k={k}: {e['err_over_opt']:.4f}" for k, e in sorted(row["errors"].items()))
+            + f"  -> smallest k with err/opt <= {target}: {row['k_for_target']}", flush=True)
+        rows.append(row)
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", default="cpu_small")
     ap.add_argument("--mixes", default="heavy_tail_light,heavy_tail_strong")
     ap.add_argument("--rank", type=int, default=200, help="aggregation max_rank")
-    ap.add_argument("--methods", default="auto,exact,randomized,dense,torch,reference")
+    ap.add_argument("--methods", default="auto,exact,randomized,dense,sketch,torch,reference")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reference-repeats", type=int, default=1,
                     help="the reference takes minutes; one timed run by default")
@@ -318,6 +366,8 @@ def main(argv=None):
     ap.add_argument("--skip-extras", action="store_true", help="skip batched and streaming")
     ap.add_argument("--skip-shapes", action="store_true",
                     help="skip the per-shape table (auto/exact vs torch on one module per shape)")
+    ap.add_argument("--sketch-sizes", default="",
+                    help="comma-separated sketch sizes k for the sketch accuracy table (e.g. 401,600,800,1200,1600)")
     ap.add_argument("--_stream", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._stream:
@@ -395,6 +445,10 @@ def main(argv=None):
                 r["speedup_vs_torch"] = mixres["torch"]["median_s"] / r["median_s"]
             rows.append((mix, method, r))
         results["mixes"][mix] = mixres
+        if args.sketch_sizes:
+            print("  sketch sizes (core s = 2k + 1):", flush=True)
+            results.setdefault("sketch_sizes", {})[mix] = bench_sketch_sizes(
+                modules, tails, args.rank, args.threads, [int(x) for x in args.sketch_sizes.split(",")])
         if not args.skip_shapes:
             print("  per shape (one module each):", flush=True)
             mixres_shapes = bench_per_shape(modules, tails, args.rank, args.threads, args.repeats,
@@ -408,7 +462,7 @@ def main(argv=None):
         print(f"## streaming (dense route): {json.dumps(extras['streaming'])}", flush=True)
     results["extras"] = extras
     info["loadavg_end"] = os.getloadavg()
-    md = markdown(rows, extras, info, args, results.get("per_shape", {}))
+    md = markdown(rows, extras, info, args, results.get("per_shape", {}), results.get("sketch_sizes", {}))
     print("\n" + md)
     print(acceptance(results))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -417,7 +471,7 @@ def main(argv=None):
     print(f"wrote {args.out}.json and {args.out}.md")
 
 
-def markdown(rows, extras, info, args, per_shape=None):
+def markdown(rows, extras, info, args, per_shape=None, sketch_rows=None):
     lines = [f"Machine: {info['cpu']}, {info['threads']} threads; sgemm peak "
              f"{info['sgemm_peak_gflops']:.1f} GFLOP/s. Scale `{args.scale}`, max_rank {args.rank}, "
              f"median of {args.repeats} (reference: {args.reference_repeats}); methods timed "
@@ -448,6 +502,15 @@ def markdown(rows, extras, info, args, per_shape=None):
                              f"{a['error_ratio']:.6f} | {a['x_floor']:.2f} | {1e3 * e['median_s']:.1f} | "
                              f"{e['speedup_vs_torch']:.2f}x | {e['error_ratio']:.6f} | {e['x_floor']:.2f} | "
                              f"{1e3 * t['median_s']:.1f} | {t['error_ratio']:.6f} |")
+    if args.sketch_sizes and sketch_rows:
+        lines += ["", "Sketch route: err/opt against the sketch size k (core s = 2k + 1), one module per shape:", "",
+                  "| mix | shape | R | default k | err/opt at default | smallest k with err/opt <= 1.05 | all (k: err/opt) |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for mix, rws in sketch_rows.items():
+            for r in rws:
+                allk = ", ".join(f"{k}: {e['err_over_opt']:.4f}" for k, e in sorted(r["errors"].items()))
+                lines.append(f"| {mix} | {r['shape']} | {r['R']} | {r['default_k']} | {r['default_err']:.4f} | "
+                             f"{r['k_for_target'] or '> tried'} | {allk} |")
     if "batched" in extras:
         b = extras["batched"]
         lines += ["", f"lowrank_svd_batched over {b['modules']} modules ({b['shape']}), "
