@@ -121,6 +121,8 @@ def main(argv=None):
     model = wl["models"][args.model]
     layers = args.layers or model["layers"]
     types = client_types(wl["rank_distributions"][args.mix], args.clients)
+    # clients arrive in random order (a seeded shuffle), not grouped by type
+    types = [types[i] for i in np.random.default_rng([args.seed, 1]).permutation(len(types))]
     n_examples = np.random.default_rng(args.seed).integers(50, 500, len(types))
     alpha = float(wl["lora_alpha"])
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
