@@ -137,6 +137,110 @@ void orthonormalize(Mat& X, const std::vector<double>* G0) {
   thin_qr(X, nullptr);  // wide, rank-deficient or non-finite: Householder, always stable
 }
 
+std::vector<double> gram_f64(const float* X, int rows, int cols, int ld, bool of_rows) {
+  const int n = of_rows ? rows : cols;
+  std::vector<double> G(static_cast<size_t>(n) * n, 0.0);
+  if (rows == 0 || cols == 0) return G;
+  constexpr int kBlock = 256;  // columns (of_rows) or rows (else) converted at a time
+  const int total = of_rows ? cols : rows;
+  std::vector<double> buf(static_cast<size_t>(kBlock) * n);
+  for (int b0 = 0; b0 < total; b0 += kBlock) {
+    const int b = std::min(kBlock, total - b0);
+    if (of_rows) {  // X[:, b0:b0+b] -> buf (rows x b, ld rows); G += buf buf^T
+      for (int j = 0; j < b; ++j) {
+        const float* src = X + static_cast<size_t>(b0 + j) * ld;
+        double* dst = buf.data() + static_cast<size_t>(j) * rows;
+        for (int i = 0; i < rows; ++i) dst[i] = src[i];
+      }
+      scipy_cblas_dsyrk(CblasColMajor, CblasUpper, CblasNoTrans, n, b, 1.0, buf.data(), rows,
+                        1.0, G.data(), n);
+    } else {  // X[b0:b0+b, :] -> buf (b x cols, ld b); G += buf^T buf
+      for (int j = 0; j < cols; ++j) {
+        const float* src = X + b0 + static_cast<size_t>(j) * ld;
+        double* dst = buf.data() + static_cast<size_t>(j) * b;
+        for (int i = 0; i < b; ++i) dst[i] = src[i];
+      }
+      scipy_cblas_dsyrk(CblasColMajor, CblasUpper, CblasTrans, n, b, 1.0, buf.data(), b, 1.0,
+                        G.data(), n);
+    }
+  }
+  for (int j = 0; j < n; ++j)
+    for (int i = j + 1; i < n; ++i) G[i + static_cast<size_t>(j) * n] = G[j + static_cast<size_t>(i) * n];
+  return G;
+}
+
+bool scaled_cholesky(std::vector<double>& G, int n, double min_pivot) {
+  std::vector<double> d(n);
+  for (int i = 0; i < n; ++i) {
+    const double g = G[i + static_cast<size_t>(i) * n];
+    if (!(g > 0.0) || !std::isfinite(g)) return false;
+    d[i] = 1.0 / std::sqrt(g);
+  }
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i <= j; ++i) G[i + static_cast<size_t>(j) * n] *= d[i] * d[j];
+  if (scipy_LAPACKE_dpotrf(LAPACK_COL_MAJOR, 'U', n, G.data(), n) != 0) return false;
+  for (int j = 0; j < n; ++j) {
+    const double p = G[j + static_cast<size_t>(j) * n];
+    if (!(p * p >= min_pivot)) return false;
+    for (int i = 0; i <= j; ++i) G[i + static_cast<size_t>(j) * n] /= d[j];  // Rf = Rs D^{-1}
+    for (int i = j + 1; i < n; ++i) G[i + static_cast<size_t>(j) * n] = 0.0;
+  }
+  return true;
+}
+
+void trmm_upper(bool left, bool trans, int rows, int cols, const double* T, int ldt, double* B,
+                int ldb) {
+  if (rows == 0 || cols == 0) return;
+  scipy_cblas_dtrmm(CblasColMajor, left ? CblasLeft : CblasRight, CblasUpper,
+                    trans ? CblasTrans : CblasNoTrans, CblasNonUnit, rows, cols, 1.0, T, ldt, B,
+                    ldb);
+}
+
+void trsm_f32(bool left, bool trans, int rows, int cols, const float* T, int ldt, float* B,
+              int ldb) {
+  if (rows == 0 || cols == 0) return;
+  scipy_cblas_strsm(CblasColMajor, left ? CblasLeft : CblasRight, CblasUpper,
+                    trans ? CblasTrans : CblasNoTrans, CblasNonUnit, rows, cols, 1.0f, T, ldt, B,
+                    ldb);
+}
+
+void trsm_upper_left(int n, int cols, const double* T, int ldt, double* B, int ldb) {
+  if (n == 0 || cols == 0) return;
+  scipy_cblas_dtrsm(CblasColMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, n, cols,
+                    1.0, T, ldt, B, ldb);
+}
+
+void top_eigenpairs(std::vector<double>& G, int n, int k, std::vector<double>& lam,
+                    std::vector<double>& V) {
+  k = std::min(k, n);
+  lam.assign(n, 0.0);
+  V.assign(static_cast<size_t>(n) * std::max(k, 1), 0.0);
+  if (k <= 0) return;
+  // dsytrd + dstemr (MRRR on the wanted index range) + dormtr on k vectors. dsyevr with
+  // RANGE='I' would use bisection and inverse iteration instead (dstebz/dstein), which on
+  // 588 x 588, k = 200 took longer than the tridiagonal reduction.
+  std::vector<double> d(n), e(std::max(1, n - 1)), tau(std::max(1, n - 1));
+  lapack_int info = scipy_LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'U', n, G.data(), n, d.data(),
+                                         e.data(), tau.data());
+  if (info != 0) throw std::runtime_error("dsytrd failed, info=" + std::to_string(info));
+  e.resize(n);  // dstemr needs n entries of workspace in e
+  std::vector<lapack_int> isuppz(2 * static_cast<size_t>(n));
+  lapack_int found = 0, tryrac = 1;
+  info = scipy_LAPACKE_dstemr(LAPACK_COL_MAJOR, 'V', 'I', n, d.data(), e.data(), 0.0, 0.0,
+                              n - k + 1, n, &found, lam.data(), V.data(), n, k, isuppz.data(),
+                              &tryrac);
+  if (info != 0 || found != k) throw std::runtime_error("dstemr failed, info=" + std::to_string(info));
+  info = scipy_LAPACKE_dormtr(LAPACK_COL_MAJOR, 'L', 'U', 'N', n, k, G.data(), n, tau.data(),
+                              V.data(), n);
+  if (info != 0) throw std::runtime_error("dormtr failed, info=" + std::to_string(info));
+  // ascending -> descending
+  lam.resize(k);
+  std::reverse(lam.begin(), lam.end());
+  for (int j = 0; j < k / 2; ++j)
+    std::swap_ranges(V.begin() + static_cast<size_t>(j) * n, V.begin() + static_cast<size_t>(j + 1) * n,
+                     V.begin() + static_cast<size_t>(k - 1 - j) * n);
+}
+
 double top_eigen_sum(std::vector<double>& G, int n, int k) {
   std::vector<double> w(n);
   if (scipy_LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', n, G.data(), n, w.data()) != 0)

@@ -68,8 +68,37 @@ std::vector<double> gram(const Mat& X, bool rows = false);
 // (Cholesky breakdown or cond(X)^2 beyond float32 range). G0, if given, is X's Gram.
 void orthonormalize(Mat& X, const std::vector<double>* G0 = nullptr);
 
+// Double-precision Gram of a float32 column-major X (rows x cols, leading dimension ld):
+// X X^T (rows x rows) when of_rows, else X^T X (cols x cols); full symmetric, column-major.
+// Products of floats are exact in double, so the Gram is accurate to double rounding (the
+// Gram route of the exact SVD squares the condition number). Converted in column blocks
+// and accumulated with dsyrk, so the extra memory is one block.
+std::vector<double> gram_f64(const float* X, int rows, int cols, int ld, bool of_rows);
+
+// Column-scaled Cholesky of the symmetric positive (semi)definite G (n x n, column-major,
+// double), in place: on success G holds the upper-triangular Rf with G = Rf^T Rf (strict
+// lower triangle zeroed). Fails (returns false, G clobbered) when a diagonal entry is not
+// positive or a pivot of the unit-diagonal scaled Gram D G D falls below min_pivot, i.e.
+// when the columns behind G are numerically dependent at that level.
+bool scaled_cholesky(std::vector<double>& G, int n, double min_pivot);
+
+// B <- op(T) B (left) or B op(T) (right), T upper triangular (double, column-major).
+void trmm_upper(bool left, bool trans, int rows, int cols, const double* T, int ldt, double* B,
+                int ldb);
+// B <- T^{-1} B for T upper triangular (n x n) and B (n x cols), double, column-major.
+void trsm_upper_left(int n, int cols, const double* T, int ldt, double* B, int ldb);
+
+// The k largest eigenpairs of the symmetric G (n x n, double, destroyed): lam (k)
+// descending, V (n x k, column-major) orthonormal (dsyevr, only the wanted pairs).
+void top_eigenpairs(std::vector<double>& G, int n, int k, std::vector<double>& lam,
+                    std::vector<double>& V);
+
 // Sum of the k largest eigenvalues of the symmetric (n x n) G (destroyed).
 double top_eigen_sum(std::vector<double>& G, int n, int k);
+
+// B <- op(T)^{-1} B (left) or B op(T)^{-1} (right), T upper triangular float32, col-major.
+void trsm_f32(bool left, bool trans, int rows, int cols, const float* T, int ldt, float* B,
+              int ldb);
 
 // Thin SVD of a (m x n) (destroyed): U (m x k), S (k), Vt (k x n), k = min(m, n).
 void thin_svd(Mat& a, Mat& U, std::vector<float>& S, Mat& Vt);

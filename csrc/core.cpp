@@ -13,6 +13,7 @@
 #include "blas.h"
 #include "flexlora/core.h"
 #include "routes.h"
+#include "sketch.h"
 
 namespace flexlora {
 
@@ -66,10 +67,25 @@ RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& 
   const double q = std::max(0, opt.power_iters) + (adaptive ? kAutoPlanExtraIters : 0);
   RoutePlan p;
   const double kb = std::min(m, R), ka = std::min(n, R);
-  const double ex_gemm = 2 * kb * ka * R + 2 * m * kb * r + 2 * n * ka * r;
-  const double ex_qr = qr_flops(m, R) + qr_flops(n, R), ex_svd = svd_flops(kb, ka);
-  p.flops_exact = ex_gemm + ex_qr + ex_svd;
-  p.cost_exact = ex_gemm + kQrWeight * ex_qr + kSvdWeight * ex_svd;
+  if (R <= std::min(m, n)) {
+    // Gram route (routes.cpp exact_gram), taken when both factors are well conditioned:
+    // float64 Grams (m + n) R^2 (dsyrk), two scaled Cholesky R^3/3 each, K = Rb Ga Rb^T
+    // (2 dtrmm, R^3 each), dsytrd 4/3 R^3 + dormtr 2 R^2 k, trsm + trmm 2 R^2 k, then two
+    // float32 GEMMs 2 (m + n) R k. Double BLAS-3 runs at about half the sgemm rate (weight
+    // 2), the tridiagonal reduction is half BLAS-2 (weight 4).
+    const double k = std::min(r, R);
+    const double f64_blas3 = (m + n) * R * R + 2.0 / 3.0 * R * R * R + 2 * R * R * R + 4 * R * R * k;
+    const double f64_eig = 4.0 / 3.0 * R * R * R;
+    const double f32 = 2 * (m + n) * R * k;
+    p.flops_exact_f64 = f64_blas3 + f64_eig;
+    p.flops_exact = f32 + p.flops_exact_f64;
+    p.cost_exact = f32 + 2 * f64_blas3 + kSvdWeight * f64_eig;
+  } else {  // Householder route
+    const double ex_gemm = 2 * kb * ka * R + 2 * m * kb * r + 2 * n * ka * r;
+    const double ex_qr = qr_flops(m, R) + qr_flops(n, R), ex_svd = svd_flops(kb, ka);
+    p.flops_exact = ex_gemm + ex_qr + ex_svd;
+    p.cost_exact = ex_gemm + kQrWeight * ex_qr + kSvdWeight * ex_svd;
+  }
 
   // Randomized routes: 2q+2 operator passes of width l; CholQR2 after each of the 2q+1
   // products but the last (2 syrk + 2 trsm, BLAS-3 speed: 4 d l^2); the final SVD of the
@@ -198,28 +214,31 @@ std::string blas_config() {
   return s.str();
 }
 
-void lowrank_svd_batched(std::vector<BatchTask>& tasks, int threads) {
+namespace {
+// Runs fn(i) for i in [0, n): serially with T BLAS threads when there is one task or one
+// thread, else in parallel over tasks (largest cost first, dynamic scheduling: modules
+// differ in size by orders of magnitude) with BLAS single-threaded. Rethrows the first error.
+template <class Fn, class Cost>
+void run_tasks(int n, int threads, Cost cost_of, Fn fn) {
   const int T = resolve_threads(threads);
   std::lock_guard<std::mutex> lock(g_compute);
-  const int ntasks = static_cast<int>(tasks.size());
-  if (ntasks <= 1 || T <= 1) {
+  if (n <= 1 || T <= 1) {
     blas_set_threads(T);
-    for (auto& t : tasks) run_task(t);
+    for (int i = 0; i < n; ++i) fn(i);
     return;
   }
-  // Largest first, dynamic scheduling: modules differ in size by orders of magnitude.
-  std::vector<double> cost(ntasks);
-  for (int i = 0; i < ntasks; ++i) cost[i] = task_cost(tasks[i]);
-  std::vector<int> order(ntasks);
+  std::vector<double> cost(n);
+  for (int i = 0; i < n; ++i) cost[i] = cost_of(i);
+  std::vector<int> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return cost[a] > cost[b]; });
   blas_set_threads(1);  // OpenMP threads x BLAS threads <= T
   std::exception_ptr error;
   std::mutex error_lock;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(std::min(T, ntasks))
-  for (int i = 0; i < ntasks; ++i) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::min(T, n))
+  for (int i = 0; i < n; ++i) {
     try {
-      run_task(tasks[order[i]]);
+      fn(order[i]);
     } catch (...) {
       std::lock_guard<std::mutex> g(error_lock);
       if (!error) error = std::current_exception();
@@ -227,6 +246,50 @@ void lowrank_svd_batched(std::vector<BatchTask>& tasks, int threads) {
   }
   blas_set_threads(T);
   if (error) std::rethrow_exception(error);
+}
+}  // namespace
+
+void lowrank_svd_batched(std::vector<BatchTask>& tasks, int threads) {
+  run_tasks(static_cast<int>(tasks.size()), threads,
+            [&](int i) { return task_cost(tasks[i]); }, [&](int i) { run_task(tasks[i]); });
+}
+
+void sketch_fill_tests(int d_out, int d_in, int k, int s, uint64_t seed, float* Omega,
+                       float* Psi, float* Phi, float* Xi) {
+  // one stream per test matrix; the shape is part of the key so that modules of different
+  // shapes never share numbers by accident
+  const uint64_t key = seed * 0x100000001B3ULL ^ (static_cast<uint64_t>(d_out) << 32) ^
+                       static_cast<uint64_t>(d_in) ^ (static_cast<uint64_t>(k) << 48) ^
+                       (static_cast<uint64_t>(s) << 20);
+  gaussian_fill(Omega, static_cast<size_t>(k) * d_in, key + 1);
+  gaussian_fill(Psi, static_cast<size_t>(k) * d_out, key + 2);
+  gaussian_fill(Phi, static_cast<size_t>(s) * d_out, key + 3);
+  gaussian_fill(Xi, static_cast<size_t>(s) * d_in, key + 4);
+}
+
+void sketch_update_batched(std::vector<SketchUpdate>& tasks, int threads) {
+  for (auto& t : tasks) check_factors(t.factors);
+  run_tasks(
+      static_cast<int>(tasks.size()), threads,
+      [&](int i) {
+        const auto& t = tasks[i];
+        return static_cast<double>(t.factors.total_rank()) * (t.tests.d_out + t.tests.d_in) *
+               (2.0 * t.tests.k + t.tests.s);
+      },
+      [&](int i) { sketch_update_one(tasks[i].tests, tasks[i].state, tasks[i].factors); });
+}
+
+void sketch_finalize_batched(std::vector<SketchFinalize>& tasks, int threads) {
+  run_tasks(
+      static_cast<int>(tasks.size()), threads,
+      [&](int i) {
+        const auto& t = tasks[i].tests;
+        return static_cast<double>(t.k) * t.k * (t.d_out + t.d_in + t.s);
+      },
+      [&](int i) {
+        if (tasks[i].rank < 1) throw std::invalid_argument("rank must be >= 1");
+        sketch_finalize_one(tasks[i], tasks[i].out);
+      });
 }
 
 void lowrank_svd(const FactorSet& f, const SvdOptions& opt, SvdOutput& out, int threads) {

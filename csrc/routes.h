@@ -19,6 +19,11 @@ Factored concat_factors(const FactorSet& f);
 // Dense W = M^T (d_in x d_out column-major, which is M row-major) from the factors.
 Mat form_dense(const Factored& F);
 
+// Exact route: the Gram route (BLAS-3, see routes.cpp) when both concatenated factors are
+// well conditioned, else Householder QR of both. kGramMinPivot bounds the squared pivots of
+// the unit-diagonal scaled Grams (cond(X D) <~ 1/sqrt(kGramMinPivot) = 300).
+constexpr double kGramMinPivot = 1e-5;
+bool exact_gram(const Factored& F, const SvdOptions& opt, SvdOutput& out);
 void exact_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out);
 // Randomized routes; adaptive: auto's accuracy-driven power iterations (see routes.cpp).
 // Return the number of power iterations run.

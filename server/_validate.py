@@ -10,7 +10,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-METHODS = ("auto", "exact", "randomized", "dense")
+METHODS = ("auto", "exact", "randomized", "dense", "sketch")
+GPU_METHODS = ("auto", "exact", "randomized", "dense")  # the CUDA backend has no sketch route
+# Largest magnitude of a factor entry and of a bound on |dW| entries that the float32 core
+# accepts: its Grams and norms square these (1e18^2 = 1e36 < float32 max 3.4e38), so
+# anything larger would overflow to Inf inside BLAS/LAPACK and surface as an opaque LAPACK
+# error (info = -6) instead of a message naming the argument.
+MAGNITUDE_LIMIT = 1e18
 
 
 def as_matrix(x: Any, name: str) -> np.ndarray:
@@ -80,7 +86,24 @@ def as_factors(Bs: Any, As: Any, weights: Any, prefix: str = "") -> tuple[list, 
     Bm = [as_matrix(b, f"{prefix}Bs[{k}]") for k, b in enumerate(Bs)]
     Am = [as_matrix(a, f"{prefix}As[{k}]") for k, a in enumerate(As)]
     check_factor_shapes(Bm, Am, prefix)
+    check_magnitudes(Bm, Am, w, prefix)
     return Bm, Am, w
+
+
+def check_magnitudes(Bm: Sequence[np.ndarray], Am: Sequence[np.ndarray], w: Sequence[float],
+                     prefix: str = "") -> None:
+    """Finite-but-huge input is refused up front (see MAGNITUDE_LIMIT)."""
+    bound = 0.0
+    for k, (b, a) in enumerate(zip(Bm, Am)):
+        mb, ma = float(np.abs(b).max()), float(np.abs(a).max())
+        for name, v in ((f"{prefix}Bs[{k}]", mb), (f"{prefix}As[{k}]", ma)):
+            if v > MAGNITUDE_LIMIT:
+                raise ValueError(f"{name} has an entry of magnitude {v:.3g}, above {MAGNITUDE_LIMIT:g}: "
+                                 "its square would overflow float32; rescale the factors")
+        bound += w[k] * mb * ma * b.shape[1]
+    if bound > MAGNITUDE_LIMIT:
+        raise ValueError(f"{prefix}weights x Bs x As could reach |dW| = {bound:.3g}, above "
+                         f"{MAGNITUDE_LIMIT:g}: its square would overflow float32; rescale the weights or factors")
 
 
 def check_factor_shapes(Bm: Sequence[Any], Am: Sequence[Any], prefix: str = "") -> None:

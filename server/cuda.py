@@ -22,10 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._validate import as_count, as_method, as_rank, as_weights, check_factor_shapes
+from ._validate import GPU_METHODS, as_count, as_method, as_rank, as_weights, check_factor_shapes
 
 __all__ = ["available", "resolve_device", "is_device_input", "device_info", "lowrank_svd",
-           "lowrank_svd_batched", "dense_svd", "weighted_sum", "as_device_matrix"]
+           "lowrank_svd_batched", "dense_svd", "weighted_sum", "as_device_matrix", "options",
+           "run_batched", "accumulate"]
 
 _EXT: Any = None
 _EXT_ERROR: str | None = None
@@ -178,16 +179,29 @@ def _factors(Bs, As, weights, prefix: str = "", device=None):
     return Bm, Am, w
 
 
-def _options(method, oversample, power_iters, seed, streams, tf32):
+def options(method, oversample, power_iters, seed, streams, tf32) -> dict:
+    """Validated options of a batched device SVD (what :func:`run_batched` takes)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     if isinstance(streams, bool) or not isinstance(streams, (int, np.integer)) or streams < 1:
         raise ValueError(f"streams must be an integer >= 1, got {streams!r}")
     if not isinstance(tf32, bool):
         raise ValueError(f"tf32 must be True or False, got {tf32!r}")
-    return dict(method=as_method(method), oversample=as_count(oversample, "oversample"),
+    return dict(method=as_method(method, GPU_METHODS), oversample=as_count(oversample, "oversample"),
                 power_iters=as_count(power_iters, "power_iters"), seed=int(seed) % (1 << 64),
                 streams=int(streams), tf32=tf32)
+
+
+_options = options  # the name used before it was public
+
+
+def accumulate(items: list, tf32: bool, device) -> None:
+    """In-place dense accumulation on ``device``'s current stream, many modules in one call:
+    each item is ``(d_out, d_in, B_ptr, A_ptr, r, weight, dW_ptr)`` for CUDA float32 tensors
+    B (d_out x r), A (r x d_in) and dW (d_out x d_in), all C-contiguous:
+    ``dW += weight * B @ A``. The caller keeps the tensors alive until the stream has run."""
+    if items:
+        _ext().accumulate(items, bool(tf32), _stream(device))
 
 
 def _stream(device) -> int:
@@ -196,7 +210,7 @@ def _stream(device) -> int:
 
 
 def run_batched(tasks: list, ranks: list[int], opts: dict, device, dense_exact: bool = False):
-    """Internal: tasks are ``(Bs, As, weights)`` of validated CUDA tensors or ``(M, scale)``.
+    """Batched truncated SVDs on the device (used by the CUDA aggregator): tasks are ``(Bs, As, weights)`` of validated CUDA tensors or ``(M, scale)``.
     Returns ``[(U, S, Vt, route)]``."""
     import torch
     native, outs = [], []

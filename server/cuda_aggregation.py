@@ -1,8 +1,10 @@
-"""Streaming FlexLoRA aggregation on a CUDA GPU (``Aggregator(device="cuda")``).
+"""Streaming FlexLoRA aggregation on a CUDA GPU.
 
-The same contract as :class:`server.aggregation.Aggregator` (same arguments, same per-module
-weighting ``p_k s_k``, same ``auto`` folding into a dense accumulator past
-``dense_threshold``), with the state on the GPU:
+:class:`CudaAggregator` and the CPU :class:`server.aggregation.Aggregator` share one base,
+:class:`server.aggregation.AggregatorBase` (same arguments, same per-module weighting
+``p_k s_k``, same ``auto`` folding into a dense accumulator past ``dense_threshold``); this
+backend keeps the state on the GPU and runs the kernels of :mod:`server.cuda` (no sketch
+route here):
 
 * client factors arrive as numpy arrays or torch tensors (pinned host memory is fastest;
   CUDA tensors are used in place) and are copied to the device on a dedicated copy stream
@@ -21,32 +23,19 @@ from __future__ import annotations
 import collections
 import math
 import numbers
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
 from . import cuda
-from .aggregation import check_client_args, check_client_modules
 from ._global_adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter, group_factor_halves
-from ._validate import as_count, as_method, as_rank
+from ._validate import GPU_METHODS
+from .aggregation import AggregatorBase, _Module, check_client_args, check_client_modules
 
 __all__ = ["CudaAggregator"]
 
 
-@dataclass
-class _Module:
-    d_out: int
-    d_in: int
-    Bs: list = field(default_factory=list)
-    As: list = field(default_factory=list)
-    ws: list = field(default_factory=list)
-    total_rank: int = 0
-    total_weight: float = 0.0
-    dense: Any = None
-
-
-class CudaAggregator:
+class CudaAggregator(AggregatorBase):
     """Streaming weighted aggregation of per-module LoRA factors on a GPU, then truncated
     SVD of every module in one batched native call."""
 
@@ -62,15 +51,11 @@ class CudaAggregator:
         self.device = torch.device(resolved)
         if self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.max_rank = as_rank(max_rank, "max_rank")
-        self.method = as_method(method)
-        self.oversample = as_count(oversample, "oversample")
-        self.power_iters = as_count(power_iters, "power_iters")
-        self._opts = cuda._options(method, oversample, power_iters, seed, streams, tf32)
-        self.seed = int(seed)
-        self.threads = threads  # accepted for compatibility; the GPU ignores it
-        self.dense_threshold = None if dense_threshold is None else \
-            as_count(dense_threshold, "dense_threshold")
+        # threads is accepted for compatibility; the GPU ignores it
+        super().__init__(max_rank, method=method, oversample=oversample, power_iters=power_iters,
+                         seed=seed, threads=threads, dense_threshold=dense_threshold,
+                         methods=GPU_METHODS)
+        self._opts = cuda.options(method, oversample, power_iters, seed, streams, tf32)
         if isinstance(prefetch, bool) or not isinstance(prefetch, numbers.Integral) or prefetch < 1:
             raise ValueError(f"prefetch must be an integer >= 1, got {prefetch!r}")
         self.prefetch = int(prefetch)
@@ -79,10 +64,6 @@ class CudaAggregator:
         self._copy = torch.cuda.Stream(self.device)
         self._compute = torch.cuda.Stream(self.device)
         self._inflight: collections.deque = collections.deque()
-        self._modules: dict[str, _Module] = {}
-        self.num_clients = 0
-        self.total_weight = 0.0
-        self.client_ids: list[str] = []
         self.bytes_copied = 0
 
     # ------------------------------------------------------------------ adding clients
@@ -123,21 +104,11 @@ class CudaAggregator:
                 item = self._add_module(module, B, A, float(w) * s, float(w))
                 if item is not None:
                     accumulate.append(item)
-            if accumulate:
-                cuda._ext().accumulate(accumulate, self.tf32, cuda._stream(self.device))
+            cuda.accumulate(accumulate, self.tf32, self.device)
         done = torch.cuda.Event()
         done.record(self._compute)
         self._inflight.append(done)
-        self.num_clients += 1
-        self.total_weight += float(w)
-        if client_id is not None:
-            self.client_ids.append(str(client_id))
-
-    def add_update(self, update: Any) -> None:
-        """Add an ``edge_client.wire.ClientUpdate`` (or any object with its fields)."""
-        self.add(update.factors, num_examples=update.num_examples, alpha=update.alpha,
-                 rank=update.rank, rank_pattern=update.rank_pattern or None,
-                 rslora=update.rslora, client_id=update.client_id)
+        self._finish_client(w, client_id)
 
     def _to_device(self, x):
         import torch
@@ -147,62 +118,27 @@ class CudaAggregator:
         t = t.to(self.device, non_blocking=True)
         return t.to(torch.float32).contiguous()
 
-    def _threshold(self, st: _Module) -> int:
-        if self.dense_threshold is not None:
-            return self.dense_threshold
-        return (st.d_out * st.d_in) // (st.d_out + st.d_in)
+    # backend hooks of AggregatorBase (run on the compute stream)
+    def _keep(self, x):
+        return x  # the device copy made for this client
 
-    def _add_module(self, module: str, B, A, w: float, raw_weight: float):
-        """Runs on the compute stream; returns the native accumulate item for a dense module."""
+    def _zeros(self, d_out: int, d_in: int):
         import torch
-        st = self._modules.get(module)
-        if st is None:
-            st = self._modules[module] = _Module(d_out=B.shape[0], d_in=A.shape[1])
-        st.total_weight += raw_weight
-        st.total_rank += B.shape[1]
-        if st.dense is None and self.method in ("dense", "auto") and (
-                self.method == "dense" or st.total_rank > self._threshold(st)):
-            st.dense = torch.zeros((st.d_out, st.d_in), dtype=torch.float32, device=self.device)
-            if st.Bs:
-                cuda.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, tf32=self.tf32,
-                                  check_finite=False)
-            st.Bs, st.As, st.ws = [], [], []
-        if st.dense is not None:
-            return (st.d_out, st.d_in, B.data_ptr(), A.data_ptr(), B.shape[1], w,
-                    st.dense.data_ptr())
-        st.Bs.append(B)
-        st.As.append(A)
-        st.ws.append(w)
-        return None
+        return torch.zeros((d_out, d_in), dtype=torch.float32, device=self.device)
+
+    def _fold(self, st: _Module) -> None:
+        cuda.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, tf32=self.tf32, check_finite=False)
+
+    def _accumulate(self, st: _Module, B, A, w: float):
+        # deferred: every dense module of one client runs in one batched native call
+        return (st.d_out, st.d_in, B.data_ptr(), A.data_ptr(), B.shape[1], w, st.dense.data_ptr())
 
     # ------------------------------------------------------------------ results
-    @property
-    def modules(self) -> list[str]:
-        return sorted(self._modules)
-
-    def state_bytes(self) -> int:
-        """Device bytes of factors and dense accumulators held now."""
-        total = 0
-        for st in self._modules.values():
-            total += sum(t.numel() * 4 for t in st.Bs + st.As)
-            total += st.dense.numel() * 4 if st.dense is not None else 0
-        return total
-
     def finalize_device(self) -> dict[str, tuple]:
         """Per module ``(U, S, Vt)`` at ``max_rank`` as torch CUDA tensors."""
         import torch
-        if self.num_clients == 0:
-            raise ValueError("finalize() needs at least one client; none was added")
-        names = sorted(self._modules)
-        tasks = []
-        for name in names:
-            st = self._modules[name]
-            if st.total_weight <= 0:
-                raise ValueError(f"module {name!r}: the clients that sent it all have weight 0")
-            if st.dense is not None:
-                tasks.append((st.dense, 1.0 / st.total_weight))
-            else:
-                tasks.append((st.Bs, st.As, [w / st.total_weight for w in st.ws]))
+        names = self._check_finalize()
+        tasks = self._svd_tasks(names)
         # The SVDs run on the caller's current stream, after every queued accumulation.
         torch.cuda.current_stream(self.device).wait_stream(self._compute)
         out = cuda.run_batched(tasks, [self.max_rank] * len(tasks), self._opts, self.device)

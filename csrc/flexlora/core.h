@@ -1,7 +1,7 @@
 // FlexLoRA native aggregation core: public entry points and their params structs.
 //
 // No Python, pybind11 or torch header may be included here or anywhere in csrc/; the
-// bindings/ layer validates and converts Python objects into these structs. A future CUDA
+// bindings/ layer validates and converts Python objects into these structs. The CUDA
 // backend (csrc/cuda/, built with -DFLEXLORA_CUDA=ON) takes the same structs.
 //
 // Layout: every matrix crossing this interface is float32, row-major (C-contiguous), dense,
@@ -62,11 +62,14 @@ constexpr int kAutoMaxPowerIters = 10;
 constexpr int kAutoPlanExtraIters = 2;
 
 // Cost model (floating-point operations, weighted by how efficiently each kind of kernel
-// runs: GEMM x1, QR x2, SVD x4) behind the auto planner.
+// runs: GEMM x1, float64 BLAS-3 and QR x2, SVD and tridiagonal reduction x4) behind the
+// auto planner. The exact route is priced as its Gram form when R <= min(d_out, d_in) (the
+// Householder fallback for ill-conditioned factors is not predictable from shapes).
 struct RoutePlan {
   Method method = Method::Exact;       // route auto takes
   double cost_exact = 0, cost_randomized = 0, cost_dense = 0;
   double flops_exact = 0, flops_randomized = 0, flops_dense = 0;   // raw FLOP counts
+  double flops_exact_f64 = 0;          // part of flops_exact done in float64 (Gram route)
   std::string reason;
 };
 // Exact is preferred unless an approximate route is more than this factor cheaper.
@@ -97,6 +100,57 @@ void lowrank_svd_batched(std::vector<BatchTask>& tasks, int threads);
 // out (d_out x d_in row-major) = beta * out + sum_k weights[k] B[k] A[k]: one GEMM over the
 // concatenated factors (beta = 0 overwrites; beta = 1 accumulates in place).
 void weighted_sum(const FactorSet& f, float* out, float beta, int threads);
+
+// ---------------------------------------------------------------- streaming sketch
+// One-pass sketch of dW (Tropp, Yurtsever, Udell, Cevher, "Practical sketching algorithms
+// for low-rank matrix approximation", SIMAX 2017, and "Streaming low-rank matrix
+// approximation with an application to scientific simulation", SISC 2019): range sketch
+// Y = dW Omega, co-range sketch W = Psi dW, core sketch Z = Phi dW Xi^T, each updated from
+// one client's factors as it arrives (never forming dW); memory k (d_out + d_in) + s^2
+// floats per module, flat in the number of clients. The Gaussian test matrices depend only
+// on (d_out, d_in, k, s, seed), so modules of one shape share them.
+struct SketchTests {
+  int d_out = 0, d_in = 0;
+  int k = 0;                           // range and co-range sketch size (k <= min(d_out, d_in))
+  int s = 0;                           // core sketch size (k <= s)
+  const float* Omega = nullptr;        // (k x d_in) column-major: Omega^T
+  const float* Psi = nullptr;          // (d_out x k) column-major: Psi^T
+  const float* Phi = nullptr;          // (d_out x s) column-major: Phi^T
+  const float* Xi = nullptr;           // (d_in x s) column-major: Xi^T
+};
+
+// The sketch state of one module (caller-owned buffers, zeroed before the first update).
+struct SketchState {
+  float* Y = nullptr;                  // (k x d_out) column-major: (dW Omega)^T
+  float* W = nullptr;                  // (d_in x k) column-major: (Psi dW)^T
+  float* Z = nullptr;                  // (s x s) column-major: Phi dW Xi^T
+};
+
+// Adds sum_k weights[k] B[k] A[k] (factors.d_out/d_in must match tests) to state.
+struct SketchUpdate {
+  SketchTests tests;
+  SketchState state;
+  FactorSet factors;
+};
+// Fills the test matrices of SketchTests (caller-allocated, sizes as documented) from seed.
+void sketch_fill_tests(int d_out, int d_in, int k, int s, uint64_t seed, float* Omega,
+                       float* Psi, float* Phi, float* Xi);
+// Many modules' updates in one call, modules in parallel (as lowrank_svd_batched).
+void sketch_update_batched(std::vector<SketchUpdate>& tasks, int threads);
+
+// Rank-opt.rank approximation from the sketch: Q = orth(Y), P = orth(W^T),
+// C = (Phi Q)^+ Z ((Xi P)^+)^T, SVD of C; out as for lowrank_svd (rank <= k; positions
+// above k are zero). scale multiplies dW (the aggregator's 1 / total weight).
+struct SketchFinalize {
+  SketchTests tests;
+  const float* Y = nullptr;            // as SketchState, read-only
+  const float* W = nullptr;
+  const float* Z = nullptr;
+  float scale = 1.0f;
+  int rank = 1;
+  SvdOutput out;
+};
+void sketch_finalize_batched(std::vector<SketchFinalize>& tasks, int threads);
 
 // Thread control. threads <= 0 means the default (set_num_threads or the core count).
 void set_num_threads(int n);

@@ -17,9 +17,13 @@ comparable across backends that run the same algorithm, not a hardware counter. 
   ``m x l`` block after the sketch and each power step and of an ``n x l`` block inside each,
   the SVD of the ``l x n`` projection and ``U = Q U_b``.
   An application costs ``2 m n l`` on a dense M and ``2 l R (d_out + d_in)`` through factors.
-* Exact factored route (DESIGN.md): thin QR of ``[B_1..B_K]`` (d_out x R) and of
-  ``[w_k A_k]^T`` (d_in x R), the R x R core product (``2 R^3``), its SVD (``22 R^3``), and the
-  two back-products ``2 (d_out + d_in) R k``. With R above d the QR blocks are rank-capped.
+* Exact factored route (docs/interfaces.md, ``server.linalg``). With R <= min(d_out, d_in)
+  (well-conditioned factors) the Gram form: float64 Grams of ``[B_1..B_K]`` and
+  ``[w_k A_k]^T`` (``(d_out + d_in) R^2``), two Cholesky (``2/3 R^3``), ``K = Rb Ga Rb^T``
+  (``2 R^3``), the tridiagonal reduction of K (``4/3 R^3``), k eigenvectors back-transformed
+  and solved (``4 R^2 k``), and the two back-products ``2 (d_out + d_in) R k``. Otherwise
+  (R above d) thin QR of both concatenations (rank-capped), the R x R core product
+  (``2 R^3``), its SVD (``22 R^3``), and the back-products.
 * ARPACK (``scipy:svds``): ``2 m n`` per matrix-vector product, products counted by wrapping
   M in a LinearOperator on the (untimed) accuracy run; re-orthogonalisation is not counted.
 """
@@ -65,6 +69,11 @@ def randomized_factored(d_out: int, d_in: int, total_rank: int, rank: int, overs
 
 
 def exact_factored(d_out: int, d_in: int, total_rank: int, rank: int) -> float:
+    R = total_rank
+    if R <= min(d_out, d_in):
+        k = min(rank, R)
+        return (d_out + d_in) * R * R + (2.0 / 3.0 + 2.0 + 4.0 / 3.0) * R ** 3 + 4.0 * R * R * k \
+            + 2.0 * (d_out + d_in) * R * k
     r_out = min(total_rank, d_out)
     r_in = min(total_rank, d_in)
     core = min(r_out, r_in)

@@ -180,3 +180,14 @@ def test_constructor_and_finalize_errors():
         Aggregator(4, method="svd")
     with pytest.raises(ValueError, match="at least one client"):
         Aggregator(4).finalize()
+
+
+def test_cpu_and_cuda_aggregators_share_one_base():
+    # issue 11: one base with backend hooks; CudaAggregator only adds device handling
+    from server.aggregation import AggregatorBase
+    from server.cuda_aggregation import CudaAggregator
+    assert issubclass(Aggregator, AggregatorBase) and issubclass(CudaAggregator, AggregatorBase)
+    for name in ("add_update", "_add_module", "_threshold", "state_bytes", "modules", "_svd_tasks"):
+        assert name not in vars(CudaAggregator), name
+    for hook in ("_keep", "_zeros", "_fold", "_accumulate"):
+        assert hook in vars(Aggregator) and hook in vars(CudaAggregator), hook

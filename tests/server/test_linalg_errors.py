@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _server_testutil import make_problem
 
 from server import linalg
-from _server_testutil import make_problem
 
 
 @pytest.fixture
@@ -45,9 +45,11 @@ def test_bad_input(good, case, match):
     elif case == "rank_mismatch":
         As[0] = As[1]
     elif case == "nan":
-        As[1] = As[1].copy(); As[1][0, 3] = np.nan
+        As[1] = As[1].copy()
+        As[1][0, 3] = np.nan
     elif case == "inf":
-        Bs[2] = Bs[2].copy(); Bs[2][1, 1] = np.inf
+        Bs[2] = Bs[2].copy()
+        Bs[2][1, 1] = np.inf
     elif case == "neg_weight":
         w[1] = -0.1
     elif case == "nan_weight":
@@ -77,7 +79,8 @@ def test_bad_input(good, case, match):
 def test_batched_errors_name_the_layer(good):
     Bs, As, w = good
     bad_As = list(As)
-    bad_As[1] = As[1].copy(); bad_As[1][0, 0] = np.nan
+    bad_As[1] = As[1].copy()
+    bad_As[1][0, 0] = np.nan
     with pytest.raises(ValueError, match=r"layers\[1\]\.As\[1\] contains NaN"):
         linalg.lowrank_svd_batched([(Bs, As), (Bs, bad_As)], w, 2)
     with pytest.raises(ValueError, match=r"rank has 1 entries, expected 2"):

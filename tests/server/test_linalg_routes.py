@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _server_testutil import check_svd, dense, make_problem
 
 from server import linalg
-from _server_testutil import check_svd, dense, make_problem
 
 METHODS = ["exact", "randomized", "dense", "auto"]
 SHAPES = [(48, 40), (40, 56), (33, 33)]
@@ -101,3 +101,29 @@ def test_plan_picks_exact_for_small_R_and_not_for_large():
     assert big.method in ("randomized", "dense")
     assert big.cost["exact"] > 2 * min(big.cost["randomized"], big.cost["dense"])
     assert all(v > 0 for v in big.flops.values()) and big.reason
+
+
+@pytest.mark.parametrize("eps", [1e-1, 1e-2, 1e-3, 1e-4, 0.0])
+def test_exact_near_collinear_clients(eps):
+    # the exact route's Gram form (cond^2 in double) must hand nearly dependent factors to
+    # the Householder fallback before float32 output loses accuracy: sweep across the switch
+    rng = np.random.default_rng(11)
+    Bs, As, w = make_problem(rng, 120, 90, [6, 6, 10])
+    Bs[1] = (Bs[0] + eps * rng.standard_normal(Bs[0].shape)).astype(np.float32)
+    As[1] = (As[0] + eps * rng.standard_normal(As[0].shape) / np.sqrt(90)).astype(np.float32)
+    M = dense(Bs, As, w)
+    for rank in (4, 12, 22):
+        U, S, Vt = linalg.lowrank_svd(Bs, As, w, rank, method="exact")
+        check_svd(M, rank, U, S, Vt)
+
+
+def test_exact_wide_spectrum_and_weights():
+    # singular values spread over ~6 decades and weights over 4: the Gram route squares
+    # them, so this is where a float32 Gram would fail
+    rng = np.random.default_rng(12)
+    Bs, As, _ = make_problem(rng, 200, 150, [20, 8, 30], decay=0.6)
+    w = [1.0, 1e-2, 1e-4]
+    M = dense(Bs, As, w)
+    for rank in (5, 30, 58):
+        U, S, Vt = linalg.lowrank_svd(Bs, As, w, rank, method="exact")
+        check_svd(M, rank, U, S, Vt)
