@@ -84,10 +84,18 @@ class Aggregator:
         pairs = split_factor_dict(factors, who)
         check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
                              rank_pattern=rank_pattern)
+        # prepare: every check and allocation (including a dense fold) on new objects ...
+        staged = []
         for module, (B, A) in pairs.items():
             r = B.shape[1]
             s = alpha / (math.sqrt(r) if rslora else r)
-            self._add_module(module, B, A, float(w) * s, float(w))
+            check_finite_contribution(who, module, B, A, float(w) * s)
+            staged.append(self._prepare_module(module, B, A, float(w) * s, float(w)))
+        # ... then commit: only assignments and appends (and the in-place GEMM on an already
+        # dense accumulator, whose arguments were checked above), so a failure above leaves
+        # the aggregator exactly as it was
+        for item in staged:
+            self._commit_module(*item)
         self.num_clients += 1
         self.total_weight += float(w)
         if client_id is not None:
@@ -104,24 +112,41 @@ class Aggregator:
             return self.dense_threshold
         return (st.d_out * st.d_in) // (st.d_out + st.d_in)
 
-    def _add_module(self, module: str, B: np.ndarray, A: np.ndarray, w: float,
-                    raw_weight: float) -> None:
+    def _prepare_module(self, module: str, B: np.ndarray, A: np.ndarray, w: float,
+                        raw_weight: float) -> tuple:
+        """What adding ``(B, A)`` to ``module`` will do, computed without touching the state:
+        a new module record, a freshly folded dense accumulator, or copies of the factors."""
+        st = self._modules.get(module)
+        d_out, d_in = (B.shape[0], A.shape[1]) if st is None else (st.d_out, st.d_in)
+        total_rank = (0 if st is None else st.total_rank) + B.shape[1]
+        dense = None if st is None else st.dense
+        fold = None
+        if dense is None and self.method in ("dense", "auto") and (
+                self.method == "dense" or total_rank > self._threshold(_Module(d_out=d_out, d_in=d_in))):
+            fold = np.zeros((d_out, d_in), dtype=np.float32)
+            if st is not None and st.Bs:
+                linalg.weighted_sum(st.Bs, st.As, st.ws, out=fold, threads=self.threads)
+            _core.weighted_sum([np.ascontiguousarray(B, np.float32)], [np.ascontiguousarray(A, np.float32)],
+                               [w], fold, as_threads(self.threads))
+            if not np.isfinite(fold).all():
+                raise ValueError(f"module {module!r}: the dense aggregate is not finite in float32")
+            return (module, None, None, w, raw_weight, d_out, d_in, B.shape[1], fold)
+        return (module, np.array(B, dtype=np.float32, copy=True), np.array(A, dtype=np.float32, copy=True),
+                w, raw_weight, d_out, d_in, B.shape[1], None)
+
+    def _commit_module(self, module, B, A, w, raw_weight, d_out, d_in, rank, fold) -> None:
         st = self._modules.get(module)
         if st is None:
-            st = self._modules[module] = _Module(d_out=B.shape[0], d_in=A.shape[1])
+            st = self._modules[module] = _Module(d_out=d_out, d_in=d_in)
         st.total_weight += raw_weight
-        st.total_rank += B.shape[1]
-        if st.dense is None and self.method in ("dense", "auto") and (
-                self.method == "dense" or st.total_rank > self._threshold(st)):
-            st.dense = np.zeros((st.d_out, st.d_in), dtype=np.float32)
-            if st.Bs:
-                linalg.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, threads=self.threads)
-            st.Bs, st.As, st.ws = [], [], []
-        if st.dense is not None:
+        st.total_rank += rank
+        if fold is not None:
+            st.dense, st.Bs, st.As, st.ws = fold, [], [], []
+        elif st.dense is not None:
             _core.weighted_sum([B], [A], [w], st.dense, as_threads(self.threads))
         else:
-            st.Bs.append(np.array(B, dtype=np.float32, copy=True))
-            st.As.append(np.array(A, dtype=np.float32, copy=True))
+            st.Bs.append(B)
+            st.As.append(A)
             st.ws.append(w)
 
     # ------------------------------------------------------------------ results
@@ -169,6 +194,19 @@ class Aggregator:
         modules = {n: (U, S, Vt) for n, (U, S, Vt, _r) in zip(names, out)}
         routes = {n: r for n, (_U, _S, _Vt, r) in zip(names, out)}
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=routes)
+
+
+def check_finite_contribution(who: str, module: str, B: np.ndarray, A: np.ndarray, ws: float) -> None:
+    """Finite but huge entries would overflow float32 in the native core (a LAPACK error far
+    from the cause): refuse them up front, naming the client and the module."""
+    limit = float(np.finfo(np.float32).max) / 16
+    with np.errstate(over="ignore", invalid="ignore"):
+        nb = float(np.linalg.norm(np.asarray(B, np.float64)))
+        na = float(np.linalg.norm(np.asarray(A, np.float64)))
+        bound = abs(ws) * nb * na
+    if not (bound < limit and nb < limit and na < limit):
+        raise ValueError(f"{who}: module {module!r}: weight * scaling * ||B|| * ||A|| = {bound:.3g} is too "
+                         f"large (or not finite) for float32 aggregation")
 
 
 def check_client_args(who: str, *, num_examples: Any, alpha: Any, weight: Any) -> float:
