@@ -20,6 +20,8 @@ __all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors", "product
 
 _MODULE_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _MAX_STR = 256
+# matching costs modules x keys x key length (linear per pair, see naming._pattern_matches)
+MAX_PATTERN_KEYS = 64
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -110,6 +112,8 @@ def _check_str(name: str, value, *, allow_empty: bool = False) -> str:
 def _check_rank_pattern(value, max_rank: int) -> dict[str, int]:
     if not isinstance(value, Mapping):
         raise ValueError(f"rank_pattern must be a dict of pattern -> rank, got {type(value).__name__}")
+    if len(value) > MAX_PATTERN_KEYS:
+        raise ValueError(f"rank_pattern has {len(value)} keys, above the limit of {MAX_PATTERN_KEYS}")
     out = {}
     for key, rank in value.items():
         _check_str("rank_pattern key", key)
@@ -283,7 +287,7 @@ class ClientUpdate(_RankedFactors):
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(f"target_modules has duplicates: {self.target_modules}")
         self.target_modules = list(self.target_modules)
-        self.round = _check_int("round", self.round, minimum=0)
+        self.round = _check_int("round", self.round, minimum=0, maximum=2**31 - 1)
         if not isinstance(self.metrics, Mapping) or len(self.metrics) > 256:
             raise ValueError("metrics must be a dict of at most 256 name -> number entries")
         self.metrics = {_check_str("metrics key", k): _check_float(f"metrics[{k!r}]", v)
@@ -325,7 +329,7 @@ class GlobalFactors(_RankedFactors):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             setattr(self, name, bool(getattr(self, name)))
-        self.round = _check_int("round", self.round, minimum=0)
+        self.round = _check_int("round", self.round, minimum=0, maximum=2**31 - 1)
         self.strategy = _check_str("strategy", self.strategy)
         if self.base_model is not None:
             self.base_model = _check_str("base_model", self.base_model)

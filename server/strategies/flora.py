@@ -44,8 +44,10 @@ class _StackRound(RoundAggregation):
 
     def _add(self, update: ClientUpdate) -> None:
         n = float(update.num_examples)
-        for module, (b, a) in split_factors(update.factors).items():
-            self._parts.setdefault(module, []).append((n * update.module_scaling(module) * b, a))
+        staged = [(module, (n * update.module_scaling(module) * b, a))
+                  for module, (b, a) in split_factors(update.factors).items()]
+        for module, part in staged:   # commit only when every module was computed
+            self._parts.setdefault(module, []).append(part)
         self._n += n
 
     def _finalize(self) -> None:
