@@ -36,6 +36,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edge_client.wire import scaling
+
 from . import _core, linalg
 from ._global_adapter import GlobalAdapter, split_factor_dict
 from ._validate import METHODS, as_count, as_method, as_rank, as_threads
@@ -224,27 +226,60 @@ class Aggregator(AggregatorBase):
         check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
                              rank_pattern=rank_pattern)
         sketch_new = self._sketch_new_modules(pairs)
-        sketched = []
+        # prepare: every check and allocation (a dense fold included) on new objects ...
+        staged = []
         for module, (B, A) in pairs.items():
             r = B.shape[1]
-            s = alpha / (math.sqrt(r) if rslora else r)
-            st = self._modules.get(module)
-            if st is None:
-                st = self._module_state(module, B.shape[0], A.shape[1])
-                if sketch_new:
-                    st.sketch = linalg.StreamingSketch(st.d_out, st.d_in, self.max_rank,
-                                                       sketch_size=self.sketch_size,
-                                                       core_size=self.core_size, seed=self.seed)
+            ws = float(w) * scaling(alpha, r, rslora)
+            check_finite_contribution(who, module, B, A, ws)
+            staged.append(self._prepare_module(module, B, A, ws, sketch_new))
+        # ... then commit: assignments, appends and the in-place updates of states whose
+        # arguments were all checked above, so a failure above leaves the aggregator as it was
+        sketched = []
+        for module, B, A, ws, new_sketch, fold in staged:
+            st = self._module_state(module, B.shape[0], A.shape[1])
+            st.total_weight += float(w)
+            st.total_rank += B.shape[1]
+            if new_sketch is not None:
+                st.sketch = new_sketch
             if st.sketch is not None:
-                st.total_weight += float(w)
-                st.total_rank += r
-                sketched.append((st.sketch, B, A, float(w) * s))
+                sketched.append((st.sketch, B, A, ws))
+            elif fold is not None:
+                st.dense, st.Bs, st.As, st.ws = fold, [], [], []
+            elif st.dense is not None:
+                self._accumulate(st, B, A, ws)
             else:
-                self._add_module(module, B, A, float(w) * s, float(w))
+                st.Bs.append(self._keep(B))
+                st.As.append(self._keep(A))
+                st.ws.append(ws)
         if sketched:  # every sketched module of this client in one parallel native call
             linalg.sketch_update_batched([x[0] for x in sketched], [([x[1]], [x[2]]) for x in sketched],
                                          [[x[3]] for x in sketched], threads=self.threads, validated=True)
         self._finish_client(w, client_id)
+
+    def _prepare_module(self, module: str, B: np.ndarray, A: np.ndarray, ws: float, sketch_new: bool) -> tuple:
+        """What adding ``ws B @ A`` to ``module`` will do, computed without touching the state:
+        ``(module, B, A, ws, new sketch or None, freshly folded dense accumulator or None)``."""
+        st = self._modules.get(module)
+        if st is None and sketch_new:
+            sketch = linalg.StreamingSketch(B.shape[0], A.shape[1], self.max_rank, sketch_size=self.sketch_size,
+                                            core_size=self.core_size, seed=self.seed)
+            return module, B, A, ws, sketch, None
+        if st is not None and (st.sketch is not None or st.dense is not None):
+            return module, B, A, ws, None, None
+        d_out, d_in = B.shape[0], A.shape[1]
+        total_rank = (0 if st is None else st.total_rank) + B.shape[1]
+        if self.method in ("dense", "auto") and (
+                self.method == "dense" or total_rank > self._threshold(_Module(d_out=d_out, d_in=d_in))):
+            fold = self._zeros(d_out, d_in)
+            if st is not None and st.Bs:
+                linalg.weighted_sum(st.Bs, st.As, st.ws, out=fold, threads=self.threads)
+            _core.weighted_sum([np.ascontiguousarray(B, np.float32)], [np.ascontiguousarray(A, np.float32)],
+                               [ws], fold, as_threads(self.threads))
+            if not np.isfinite(fold).all():
+                raise ValueError(f"module {module!r}: the dense aggregate is not finite in float32")
+            return module, B, A, ws, None, fold
+        return module, B, A, ws, None, None
 
     def _sketch_new_modules(self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bool:
         """Whether the modules this client brings for the first time go to the sketch route."""
@@ -315,6 +350,19 @@ class Aggregator(AggregatorBase):
         modules = {n: results[n][:3] for n in names}
         routes = {n: results[n][3] for n in names}
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=routes)
+
+
+def check_finite_contribution(who: str, module: str, B: np.ndarray, A: np.ndarray, ws: float) -> None:
+    """Finite but huge entries would overflow float32 in the native core (a LAPACK error far
+    from the cause): refuse them up front, naming the client and the module."""
+    limit = float(np.finfo(np.float32).max) / 16
+    with np.errstate(over="ignore", invalid="ignore"):
+        nb = float(np.linalg.norm(np.asarray(B, np.float64)))
+        na = float(np.linalg.norm(np.asarray(A, np.float64)))
+        bound = abs(ws) * nb * na
+    if not (bound < limit and nb < limit and na < limit):
+        raise ValueError(f"{who}: module {module!r}: weight * scaling * ||B|| * ||A|| = {bound:.3g} is too "
+                         f"large (or not finite) for float32 aggregation")
 
 
 def check_client_args(who: str, *, num_examples: Any, alpha: Any, weight: Any) -> float:

@@ -10,37 +10,120 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 
 __all__ = ["main", "SUBCOMMANDS", "build_parser"]
 
 
+class BadNumber(str):
+    """A refused command-line number; :func:`main` reports the first one in one line (exit 1)."""
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    for name, value in vars(args).items():
+        if isinstance(value, BadNumber):
+            raise ValueError(f"--{name.replace('_', '-')} {value}")
+
+
+def number(kind: type, *, lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """argparse type: an int or float in range, finite (inf, NaN, huge, zero or negative refused
+    up front with one line naming the value and the range)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            return BadNumber(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        bad = not math.isfinite(value) or (lo is not None and (value <= lo if lo_open else value < lo)) \
+            or (hi is not None and value > hi)
+        if bad:
+            rng = f"{'(' if lo_open else '['}{lo}, {hi}]"
+            return BadNumber(f"{text} is outside {rng}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _max_clients() -> int:
+    """Clients the memory can hold: about 4 MiB each (data, state and one buffered update of the
+    shipped model) against the available memory (/proc/meminfo; 64 GiB where unknown)."""
+    avail = 64 * 2**30
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(1, min(1_000_000, avail // (4 * 2**20)))
+
+
+def add_defence_arguments(p: argparse.ArgumentParser, d) -> None:
+    """Robust aggregation, round guard and decoder limits (shared by simulate and experiment)."""
+    g = p.add_argument_group("defences (docs/security.md; all off by default)")
+    g.add_argument("--clip-norm", type=number(float, lo=0, hi=1e30, lo_open=True), default=d.clip_norm,
+                   help="clip each client's effective update to this Frobenius norm")
+    g.add_argument("--clip-adaptive", type=number(float, lo=0, hi=1e6, lo_open=True), default=d.clip_adaptive,
+                   help="clip each client's effective update to this multiple of the round's median norm")
+    g.add_argument("--max-weight-share", type=number(float, lo=0, hi=1, lo_open=True), default=d.max_weight_share,
+                   help="cap on any client's share of the aggregation weight")
+    g.add_argument("--trim-fraction", type=number(float, lo=0, hi=0.49), default=d.trim_fraction,
+                   help="drop this fraction of clients farthest (Gram distance) from the rest each round")
+    g.add_argument("--max-norm-growth", type=number(float, lo=1, hi=1e30, lo_open=True), default=d.max_norm_growth,
+                   help="do not commit a round whose global update norm grows more than this factor")
+    g.add_argument("--max-num-examples", type=number(int, lo=1, hi=10**12), default=None,
+                   help="decoder: largest num_examples a reply may claim (default 10^9)")
+    g.add_argument("--max-delta-norm", type=number(float, lo=0, hi=1e30, lo_open=True), default=None,
+                   help="decoder: largest per-module delta norm s*||BA||_F (default 1e8)")
+    g.add_argument("--max-reply-bytes", type=number(int, lo=1024, hi=2**40), default=None,
+                   help="decoder: largest reply in bytes (default 2 GiB)")
+    g.add_argument("--max-round-bytes", type=number(int, lo=1, hi=2**50), default=d.max_round_bytes,
+                   help="aggregator memory budget per round in bytes")
+
+
+def defence_settings(args: argparse.Namespace) -> dict:
+    """SimulationConfig / CellSettings fields from :func:`add_defence_arguments`."""
+    from edge_client.wire import DecodeLimits
+    lim = {k: v for k, v in (("max_num_examples", args.max_num_examples), ("max_delta_norm", args.max_delta_norm),
+                             ("max_bytes", args.max_reply_bytes)) if v is not None}
+    return {"clip_norm": args.clip_norm, "clip_adaptive": args.clip_adaptive,
+            "max_weight_share": args.max_weight_share, "trim_fraction": args.trim_fraction,
+            "max_norm_growth": args.max_norm_growth, "max_round_bytes": args.max_round_bytes,
+            "limits": DecodeLimits(**lim) if lim else None}
+
+
 def _add_simulate(p: argparse.ArgumentParser) -> None:
     from server.simulation.runtime import SimulationConfig
     d = SimulationConfig()
     p.add_argument("--strategy", choices=["flexlora", "hetlora", "flora", "fedit"], default=d.strategy)
-    p.add_argument("--rounds", type=int, default=d.rounds)
-    p.add_argument("--clients", type=int, default=d.num_clients, help="training clients (default %(default)s)")
-    p.add_argument("--clients-per-round", type=int, default=None, help="sample this many each round (default: all)")
-    p.add_argument("--heldout-clients", type=int, default=d.num_heldout)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--rounds", type=number(int, lo=1, hi=100_000), default=d.rounds)
+    p.add_argument("--clients", type=number(int, lo=1, hi=1_000_000), default=d.num_clients, help="training clients (default %(default)s)")
+    p.add_argument("--clients-per-round", type=number(int, lo=1, hi=1_000_000), default=None, help="sample this many each round (default: all)")
+    p.add_argument("--heldout-clients", type=number(int, lo=1, hi=100_000), default=d.num_heldout)
+    p.add_argument("--seed", type=number(int, lo=0, hi=2**31 - 1), default=d.seed)
     p.add_argument("--rank-distribution", choices=["uniform", "heavy_tail_light", "heavy_tail_strong", "normal"],
                    default=None, help="draw client types from workloads.json (server/assets) instead of the device mix")
     p.add_argument("--fedit-rank", choices=["min", "max"], default=d.fedit_rank)
     p.add_argument("--model", default=None, help="HF model id or local path (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
-    p.add_argument("--local-steps", type=int, default=d.local_steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--alpha", type=float, default=d.alpha)
-    p.add_argument("--min-clients", type=int, default=d.min_clients)
-    p.add_argument("--client-timeout", type=float, default=d.client_timeout_s, help="seconds before a silent client is dropped")
+    p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
+    p.add_argument("--batch-size", type=number(int, lo=1, hi=1_000_000), default=d.batch_size)
+    p.add_argument("--lr", type=number(float, lo=0, hi=1e3, lo_open=True), default=d.lr)
+    p.add_argument("--alpha", type=number(float, lo=0, hi=1e6, lo_open=True), default=d.alpha)
+    p.add_argument("--min-clients", type=number(int, lo=1, hi=1_000_000), default=d.min_clients)
+    p.add_argument("--client-timeout", type=number(float, lo=0, hi=10**7, lo_open=True), default=d.client_timeout_s, help="seconds before a silent client is dropped")
     p.add_argument("--checkpoint-dir", default=None, help="write an atomic checkpoint here after every round")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over an existing checkpoint in --checkpoint-dir")
+    p.add_argument("--keep-checkpoints", type=number(int, lo=1, hi=1000), default=d.keep_checkpoints,
+                   help="round checkpoints kept (default %(default)s)")
     p.add_argument("--fault", action="append", default=[], metavar="CLIENT=KIND",
-                   help="inject a fault (bad_shape, nan, wrong_base, rank_above, truncated, straggler)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+                   help="inject a fault (bad_shape, nan, wrong_base, rank_above, truncated, straggler; adversarial: "
+                        "scaled, sign_flip, noise, inflate) or python:MODULE:FUNCTION, a bytes -> bytes function "
+                        "applied to that client's reply (red-team hook)")
+    add_defence_arguments(p, d)
+    p.add_argument("--threads", type=number(int, lo=1, hi=4096), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the results document as JSON on stdout")
     p.add_argument("--no-progress", action="store_true")
 
@@ -54,6 +137,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
         if not sep:
             raise ValueError(f"--fault {item!r}: expected CLIENT=KIND")
         faults[cid] = kind
+    if args.clients > _max_clients():
+        raise ValueError(f"--clients {args.clients} exceeds what the available memory holds (about {_max_clients()})")
     cfg = SimulationConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
                            clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
                            seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
@@ -61,7 +146,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
                            batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
                            client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
                            resume=args.resume, faults=faults, threads=args.threads,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, overwrite=args.overwrite,
+                           keep_checkpoints=args.keep_checkpoints, **defence_settings(args))
     doc = run_simulation(cfg)
     if args.json:
         json.dump(doc, sys.stdout, indent=1, sort_keys=True)
@@ -129,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        check_numbers(args)
         return int(args._run(args))
     except (ValueError, OSError) as exc:
         print(f"flexlora {args.command}: error: {exc}", file=sys.stderr)

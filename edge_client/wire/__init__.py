@@ -22,7 +22,7 @@ from .codec import (
                     encode_update,
                     json_loads_strict,
 )
-from .messages import ClientUpdate, DecodeLimits, GlobalFactors, RankSpec
+from .messages import ClientUpdate, DecodeLimits, GlobalFactors, RankSpec, product_norm
 from .naming import (
                     LORA_A_SUFFIX,
                     LORA_B_SUFFIX,
@@ -40,6 +40,6 @@ from .records import METRICS_KEY, PROBE_KEY, QUERY_KEY, TRAIN_KEY, UPDATE_KEY, N
 __all__ = ["LORA_A_SUFFIX", "LORA_B_SUFFIX", "SCHEMA_VERSION", "METADATA_KEY", "WIRE_DTYPES",
            "factor_keys", "group_factor_halves", "join_factors", "module_names", "rank_for_module", "scaling",
            "short_name", "split_factors", "RankSpec", "ClientUpdate", "GlobalFactors", "DecodeLimits",
-           "encode_update", "decode_update", "encode_global", "decode_global", "json_loads_strict",
+           "encode_update", "decode_update", "encode_global", "decode_global", "json_loads_strict", "product_norm",
            "QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "NodeProbe", "TrainOrder",
            "parse_rank_pattern"]

@@ -199,6 +199,16 @@ def decode_update(data: bytes, *, limits: DecodeLimits | None = None,
     `max_rank` caps every module's rank (an int) or, as a mapping with rank_pattern keys,
     the modules it names (modules it does not name are capped only by `limits.max_rank`).
     """
+    try:
+        return _decode_update(data, limits, expected_base_model, max_rank)
+    except ValueError:
+        raise
+    except (OverflowError, TypeError, KeyError, IndexError, ArithmeticError, RecursionError) as exc:
+        # only ValueError leaves the decoder, whatever the input (e.g. huge JSON integers)
+        raise ValueError(f"invalid update: {type(exc).__name__}: {exc}"[:400]) from None
+
+
+def _decode_update(data, limits, expected_base_model, max_rank) -> ClientUpdate:
     meta, tensors, limits = _read(data, "update", _UPDATE_FIELDS, limits)
     update = ClientUpdate.__new__(ClientUpdate)
     for name in _UPDATE_FIELDS - {"schema", "kind", "dtype"}:
@@ -213,6 +223,15 @@ def decode_update(data: bytes, *, limits: DecodeLimits | None = None,
 
 def decode_global(data: bytes, *, limits: DecodeLimits | None = None) -> GlobalFactors:
     """Parse and validate bytes from the server into `GlobalFactors`; raises `ValueError`."""
+    try:
+        return _decode_global(data, limits)
+    except ValueError:
+        raise
+    except (OverflowError, TypeError, KeyError, IndexError, ArithmeticError, RecursionError) as exc:
+        raise ValueError(f"invalid global factors: {type(exc).__name__}: {exc}"[:400]) from None
+
+
+def _decode_global(data, limits) -> GlobalFactors:
     meta, tensors, limits = _read(data, "global", _GLOBAL_FIELDS, limits)
     g = GlobalFactors.__new__(GlobalFactors)
     for name in _GLOBAL_FIELDS - {"schema", "kind", "dtype"}:

@@ -16,10 +16,12 @@ import numpy as np
 
 from .naming import PATTERN_KEY_RE, _pattern_matches, factor_keys, module_names, rank_for_module, scaling, short_name
 
-__all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors"]
+__all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors", "product_norm"]
 
 _MODULE_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _MAX_STR = 256
+# matching costs modules x keys x key length (linear per pair, see naming._pattern_matches)
+MAX_PATTERN_KEYS = 64
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -66,8 +68,9 @@ class DecodeLimits:
     # a client's weight is its num_examples: the cap keeps one reply from overflowing the
     # float weights (JSON integers are unbounded) or swamping a round by a lie beyond it
     max_num_examples: int = 10**9
-    # norm-bomb bound: per module, scaling * ||B||_F * ||A||_F (an upper bound on the
-    # Frobenius norm of the delta s*B@A the module stands for) must not exceed this
+    # norm-bomb bound: per module, scaling * ||B @ A||_F (the Frobenius norm of the delta
+    # s*B@A the module stands for, computed exactly in float64 from the Gram matrices) must
+    # not exceed this
     # (1e8 keeps every float32 product and Gram matrix of a round far from overflow; trained
     # LoRA deltas are orders of magnitude smaller, so operators may lower it)
     max_delta_norm: float = 1e8
@@ -109,6 +112,8 @@ def _check_str(name: str, value, *, allow_empty: bool = False) -> str:
 def _check_rank_pattern(value, max_rank: int) -> dict[str, int]:
     if not isinstance(value, Mapping):
         raise ValueError(f"rank_pattern must be a dict of pattern -> rank, got {type(value).__name__}")
+    if len(value) > MAX_PATTERN_KEYS:
+        raise ValueError(f"rank_pattern has {len(value)} keys, above the limit of {MAX_PATTERN_KEYS}")
     out = {}
     for key, rank in value.items():
         _check_str("rank_pattern key", key)
@@ -120,17 +125,43 @@ def _check_rank_pattern(value, max_rank: int) -> dict[str, int]:
     return out
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def product_norm(b: np.ndarray, a: np.ndarray) -> float:
+    """``||B @ A||_F`` in float64 from the small Gram matrices, never forming ``B @ A``:
+    ``||BA||_F^2 = trace((B^T B)(A A^T))``. Tiny entries do not underflow (float64) and huge
+    ones give ``inf`` (never NaN), which every ``<=`` bound rejects."""
+    b64 = np.asarray(b, np.float64)
+    a64 = np.asarray(a, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = float(np.sum((b64.T @ b64) * (a64 @ a64.T)))
+    if math.isnan(sq):
+        return math.inf
+    return math.sqrt(max(sq, 0.0))
+
+
 def _check_delta_norms(obj, limits: DecodeLimits) -> None:
-    """Reject norm bombs: finite factors whose product is enormous (see DecodeLimits.max_delta_norm)."""
+    """Reject norm bombs: per module the delta ``s ||B A||_F`` the update stands for (float64,
+    exact, see :func:`product_norm`) must not exceed ``limits.max_delta_norm``, and for an update
+    the contribution the aggregator accumulates before normalising, ``n s ||B A||_F`` with ``n``
+    its num_examples (and each factor's weighted norm), must be finite in float32."""
+    weight = float(getattr(obj, "num_examples", 1))
     for module in module_names(obj.factors):
         a_key, b_key = factor_keys(module)
         a, b = obj.factors[a_key], obj.factors[b_key]
-        # float32 norms overflow to inf for huge entries, which the comparison rejects too
+        s = obj.module_scaling(module)
         with np.errstate(over="ignore"):
-            bound = obj.module_scaling(module) * float(np.linalg.norm(a)) * float(np.linalg.norm(b))
-        if not bound <= limits.max_delta_norm:
-            raise ValueError(f"module {module!r}: scaling * ||B||_F * ||A||_F = {bound:.3g} exceeds "
+            norm = s * product_norm(b, a)
+        if not norm <= limits.max_delta_norm:
+            raise ValueError(f"module {module!r}: scaling * ||B A||_F = {norm:.3g} exceeds "
                              f"DecodeLimits.max_delta_norm={limits.max_delta_norm:g}")
+        nb = float(np.linalg.norm(np.asarray(b, np.float64)))
+        na = float(np.linalg.norm(np.asarray(a, np.float64)))
+        contribution = weight * norm
+        if not (contribution < _F32_MAX and weight * s * nb < _F32_MAX and na < _F32_MAX):
+            raise ValueError(f"module {module!r}: the weighted contribution num_examples * scaling * B A "
+                             f"(num_examples={weight:g}, scaling={s:.3g}) is not finite in float32")
 
 
 def _check_factors(factors, *, rank: int, rank_pattern: Mapping[str, int], target_modules,
@@ -161,6 +192,8 @@ def _check_factors(factors, *, rank: int, rank_pattern: Mapping[str, int], targe
                 raise ValueError(f"{key} must be 2-D, has shape {arr.shape}")
             if arr.dtype.kind != "f":
                 raise ValueError(f"{key} must be floating point, has dtype {arr.dtype}")
+            if min(arr.shape) < 1:
+                raise ValueError(f"{key} has shape {arr.shape}, an empty dimension")
             if max(arr.shape) > limits.max_dim:
                 raise ValueError(f"{key} has shape {arr.shape}, a dimension above the limit {limits.max_dim}")
         expected = rank_for_module(module, rank, rank_pattern)
@@ -254,7 +287,7 @@ class ClientUpdate(_RankedFactors):
         if len(set(self.target_modules)) != len(self.target_modules):
             raise ValueError(f"target_modules has duplicates: {self.target_modules}")
         self.target_modules = list(self.target_modules)
-        self.round = _check_int("round", self.round, minimum=0)
+        self.round = _check_int("round", self.round, minimum=0, maximum=2**31 - 1)
         if not isinstance(self.metrics, Mapping) or len(self.metrics) > 256:
             raise ValueError("metrics must be a dict of at most 256 name -> number entries")
         self.metrics = {_check_str("metrics key", k): _check_float(f"metrics[{k!r}]", v)
@@ -296,7 +329,7 @@ class GlobalFactors(_RankedFactors):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
             setattr(self, name, bool(getattr(self, name)))
-        self.round = _check_int("round", self.round, minimum=0)
+        self.round = _check_int("round", self.round, minimum=0, maximum=2**31 - 1)
         self.strategy = _check_str("strategy", self.strategy)
         if self.base_model is not None:
             self.base_model = _check_str("base_model", self.base_model)

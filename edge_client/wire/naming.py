@@ -87,7 +87,32 @@ def join_factors(modules: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[s
     return out
 
 
+def _literal_tokens(key: str) -> list[str | None] | None:
+    """A PATTERN_KEY_RE key as fixed-width tokens (a character, or None for an unescaped '.',
+    which matches any character); None when the key is not of that form."""
+    if not PATTERN_KEY_RE.fullmatch(key):
+        return None
+    tokens: list[str | None] = []
+    i = 0
+    while i < len(key):
+        if key[i] == "\\":
+            tokens.append(".")
+            i += 2
+        else:
+            tokens.append(None if key[i] == "." else key[i])
+            i += 1
+    return tokens
+
+
 def _pattern_matches(key: str, module: str) -> bool:
+    # the keys peers may send (PATTERN_KEY_RE) match a fixed-width suffix: linear, no regex
+    tokens = _literal_tokens(key)
+    if tokens is not None:
+        n = len(tokens)
+        if len(module) < n or (len(module) > n and module[-n - 1] != "."):
+            return False
+        tail = module[len(module) - n:]
+        return all(t is None or t == c for t, c in zip(tokens, tail))
     try:
         return re.fullmatch(rf"(.*\.)?(?:{key})", module) is not None
     except re.error as exc:

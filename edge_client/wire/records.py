@@ -13,11 +13,12 @@ flwr is imported only by ``to_record``, so the records can be built and checked 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .codec import decode_global
-from .messages import GlobalFactors, RankSpec
+from .codec import decode_global, json_loads_strict
+from .messages import DecodeLimits, GlobalFactors, RankSpec, _check_rank_pattern
 
 __all__ = ["QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "NodeProbe", "TrainOrder",
            "parse_rank_pattern"]
@@ -27,6 +28,9 @@ PROBE_KEY = "flexlora.probe"
 TRAIN_KEY = "flexlora.train"
 UPDATE_KEY = "flexlora.update"
 METRICS_KEY = "metrics"
+CLIENT_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+MAX_PROBE_JSON = 4096
+_LIMITS = DecodeLimits()
 
 def parse_rank_pattern(value) -> dict[str, int]:
     """``"gate_proj=16,up_proj=16"``, a JSON object string, or a mapping -> ``{name: rank}``."""
@@ -74,11 +78,21 @@ class NodeProbe:
     reasons: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.client_id, str) or not self.client_id:
-            raise ValueError(f"client-id must be a non-empty string, got {self.client_id!r}")
+        # everything here comes from an untrusted node and ends up in logs and file names
+        if not isinstance(self.client_id, str) or not CLIENT_ID_RE.fullmatch(self.client_id):
+            raise ValueError(f"client-id must be 1-64 characters of [A-Za-z0-9_.-], got {self.client_id!r:.80}")
         _positive_int("rank", self.rank)
+        if self.rank > _LIMITS.max_rank:
+            raise ValueError(f"rank {self.rank} is above the limit {_LIMITS.max_rank}")
         _positive_int("num-examples", self.num_examples)
-        self.rank_pattern = parse_rank_pattern(self.rank_pattern)
+        if self.num_examples > _LIMITS.max_num_examples:
+            raise ValueError(f"num-examples {self.num_examples} is above the limit {_LIMITS.max_num_examples}")
+        self.rank_pattern = _check_rank_pattern(parse_rank_pattern(self.rank_pattern), _LIMITS.max_rank)
+        if not isinstance(self.device, str) or len(self.device) > 256 or not self.device.isprintable():
+            raise ValueError(f"device must be a printable string of at most 256 characters, got {self.device!r:.80}")
+        if (not isinstance(self.reasons, list) or len(self.reasons) > 32
+                or not all(isinstance(r, str) and len(r) <= 256 and r.isprintable() for r in self.reasons)):
+            raise ValueError("reasons must be at most 32 printable strings of at most 256 characters")
 
     @property
     def spec(self) -> RankSpec:
@@ -97,10 +111,21 @@ class NodeProbe:
         for key in ("client-id", "rank", "num-examples"):
             if key not in rec:
                 raise ValueError(f"probe reply has no {key!r}")
-        reasons = json.loads(str(rec.get("reasons", "[]")))
-        return cls(client_id=rec["client-id"], rank=rec["rank"], rank_pattern=rec.get("rank-pattern", ""),
-                   num_examples=rec["num-examples"], device=str(rec.get("device", "")),
-                   reasons=[str(r) for r in reasons] if isinstance(reasons, list) else [])
+        raw = rec.get("reasons", "[]")
+        if not isinstance(raw, str) or len(raw) > MAX_PROBE_JSON:
+            raise ValueError(f"probe 'reasons' must be a JSON string of at most {MAX_PROBE_JSON} characters")
+        reasons = json_loads_strict(raw, "probe 'reasons'")
+        pattern = rec.get("rank-pattern", "")
+        if not isinstance(pattern, str) or len(pattern) > MAX_PROBE_JSON:
+            raise ValueError(f"probe 'rank-pattern' must be a string of at most {MAX_PROBE_JSON} characters")
+        if pattern.strip().startswith("{"):
+            pattern = json_loads_strict(pattern, "probe 'rank-pattern'")
+            if not isinstance(pattern, dict):
+                raise ValueError("probe 'rank-pattern' must be a JSON object")
+        if not isinstance(reasons, list):
+            raise ValueError("probe 'reasons' must be a JSON list")
+        return cls(client_id=rec["client-id"], rank=rec["rank"], rank_pattern=pattern,
+                   num_examples=rec["num-examples"], device=rec.get("device", ""), reasons=reasons)
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from ..simulation.devices import DEMO_RANKS, load_workloads
 from ..simulation.evaluate import Evaluator
 from ..simulation.model import TARGET_MODULES, fingerprint, linear_shapes, load_base
 from ..simulation.suite import Suite, SuiteConfig, build_suite
-from ..strategies import RankSpec, StrategyConfig, build_strategy
+from ..strategies import RankSpec, RobustConfig, StrategyConfig, build_strategy
 from .config import ARMS, Cell, CellSettings
 from .convert import suite_by_category
 from .spectrum import collapse_warning, module_spectrum, spectrum_summary
@@ -117,7 +117,10 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
     types = dict(zip(ids_all, allot_types(wl["rank_distributions"][cell.distribution], len(ids_all), cell.seed)))
     specs = {cid: type_spec(t, demo=base.demo, workloads=wl) for cid, t in types.items()}
     scfg = StrategyConfig(alpha=settings.alpha, base_model=base.fingerprint, seed=cell.seed,
-                          module_shapes=_shape_check(base))
+                          module_shapes=_shape_check(base), limits=settings.decode_limits(),
+                          robust=RobustConfig(clip_norm=settings.clip_norm, clip_adaptive=settings.clip_adaptive,
+                                              max_weight_share=settings.max_weight_share,
+                                              trim_fraction=settings.trim_fraction))
     strategy = build_strategy(arm.strategy, scfg, specs=specs.values(), fedit_rank=arm.fedit_rank or "min")
     tcfg = TrainConfig(steps=settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
                        alpha=settings.alpha, max_length=settings.max_length, target_modules=tuple(TARGET_MODULES))
@@ -142,10 +145,11 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
 
     trainer = LocalTrainer(base.model, base.tokenizer, config=tcfg, base_model_id=base.fingerprint)
     with InProcessClients(trainer, {cid: c.examples for cid, c in clients.items()}, base_state=base.state,
-                          progress=progress) as transport:
+                          progress=progress, faults=settings.faults) as transport:
         engine = RoundEngine(strategy, specs, seed=cell.seed, clients_per_round=settings.clients_per_round,
                              evaluate=lambda s: evaluator(s.global_delta()), on_round=add_spectrum,
-                             base_model=base.fingerprint, runtime="experiment")
+                             base_model=base.fingerprint, runtime="experiment",
+                             max_norm_growth=settings.max_norm_growth)
         engine.run(transport, settings.rounds)
     history = engine.history
     warning = collapse_warning(history[-1]["spectrum"], settings.collapse_threshold) if history else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -30,6 +31,11 @@ _SETTING_FLAGS = {
     "lr": ("lr", float), "alpha": ("alpha", float), "max_length": ("max_length", int),
     "eval_max_new_tokens": ("eval_max_new_tokens", int), "model": ("model", str), "data": ("data", str),
     "collapse_threshold": ("collapse_threshold", float),
+    # defences and decoder limits (docs/security.md)
+    "clip_norm": ("clip_norm", float), "clip_adaptive": ("clip_adaptive", float),
+    "max_weight_share": ("max_weight_share", float), "trim_fraction": ("trim_fraction", float),
+    "max_norm_growth": ("max_norm_growth", float), "max_num_examples": ("max_num_examples", int),
+    "max_delta_norm": ("max_delta_norm", float),
 }
 
 
@@ -53,6 +59,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     for flag, (name, kind) in _SETTING_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
                        help=f"(default {getattr(d, name)})")
+    p.add_argument("--fault", action="append", default=[], metavar="CLIENT=KIND",
+                   help="inject a fault into every cell (as in simulate; python:MODULE:FUNCTION is the red-team hook)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     p.add_argument("--fresh", action="store_true", help="recompute every cell, even finished ones")
     p.add_argument("--shard", default="0/1", metavar="K/N",
@@ -68,7 +76,14 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     for flag, (name, _) in _SETTING_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{flag.replace('_', '-')} must be finite, got {value}")
             settings[name] = value
+    for item in getattr(args, "fault", None) or []:
+        cid, sep, kind = item.partition("=")
+        if not sep:
+            raise ValueError(f"--fault {item!r}: expected CLIENT=KIND")
+        settings.setdefault("faults", {})[cid] = kind
     kw = {k: doc[k] for k in ("arms", "distributions", "seeds", "threads") if k in doc}
     for name in ("arms", "distributions", "seeds", "threads"):
         if getattr(args, name) is not None:

@@ -53,6 +53,10 @@ def _positive_float(obj, name: str) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
 
 
+_DEFENCE_FIELDS = ("clip_norm", "clip_adaptive", "max_weight_share", "trim_fraction", "max_norm_growth",
+                   "max_num_examples", "max_delta_norm", "faults")
+
+
 @dataclass(kw_only=True)
 class CellSettings:
     """The federation every cell runs (only strategy, distribution and seed vary)."""
@@ -70,6 +74,15 @@ class CellSettings:
     model: str | None = None               # None: the shipped tiny model (demo ranks)
     data: str | None = None                # client JSONL (instruction, input, output, category)
     collapse_threshold: float = 0.9        # spectrum warning: share of ||dW||^2 at the smallest rank
+    # defences and decoder limits (docs/security.md; off / library defaults unless set)
+    clip_norm: float | None = None
+    clip_adaptive: float | None = None
+    max_weight_share: float | None = None
+    trim_fraction: float = 0.0
+    max_norm_growth: float | None = None
+    max_num_examples: int | None = None
+    max_delta_norm: float | None = None
+    faults: dict = field(default_factory=dict)   # client id -> fault kind or python:MODULE:FUNCTION
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "heldout_examples", "rounds", "local_steps", "batch_size",
@@ -85,6 +98,18 @@ class CellSettings:
                                  f"got {self.clients_per_round}")
         if not (isinstance(self.collapse_threshold, (int, float)) and 0 < self.collapse_threshold <= 1):
             raise ValueError(f"collapse_threshold must be in (0, 1], got {self.collapse_threshold!r}")
+        from ..simulation.faults import check_fault
+        from ..strategies import RobustConfig
+        RobustConfig(clip_norm=self.clip_norm, clip_adaptive=self.clip_adaptive,
+                     max_weight_share=self.max_weight_share, trim_fraction=self.trim_fraction)
+        self.decode_limits()
+        for cid, fault in dict(self.faults).items():
+            check_fault(cid, fault)
+
+    def decode_limits(self):
+        from edge_client.wire import DecodeLimits
+        lim = {k: getattr(self, k) for k in ("max_num_examples", "max_delta_norm") if getattr(self, k) is not None}
+        return DecodeLimits(**lim) if lim else None
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -135,7 +160,13 @@ class ExperimentConfig:
 
     def identity(self) -> dict:
         """What a stored cell must match to be reused (settings, not the grid's extent)."""
-        return asdict(self.settings)
+        doc = asdict(self.settings)
+        # defence fields at their defaults leave the identity (and stored cells) as before
+        for f in fields(CellSettings):
+            if f.name in _DEFENCE_FIELDS and doc[f.name] == (f.default_factory() if callable(f.default_factory)
+                                                            else f.default):
+                del doc[f.name]
+        return doc
 
     def identity_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True).encode()

@@ -8,7 +8,7 @@ checkpoints live here once.
 """
 from __future__ import annotations
 
-from .checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointLocked, load_checkpoint, save_checkpoint
 from .rounds import (
                      ClientTransport,
                      Order,
@@ -22,6 +22,6 @@ from .rounds import (
                      sample_clients,
 )
 
-__all__ = ["CHECKPOINT_NAME", "Checkpoint", "load_checkpoint", "save_checkpoint", "ClientTransport", "Order",
+__all__ = ["CHECKPOINT_NAME", "Checkpoint", "CheckpointLocked", "load_checkpoint", "save_checkpoint", "ClientTransport", "Order",
            "Reply", "ResumeError", "RoundEngine", "RoundPlan", "check_reply_identity", "client_seed",
            "reject_reason", "sample_clients"]

@@ -18,6 +18,7 @@ rejects that client with its reason; fewer than ``min_clients`` valid replies ra
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,13 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from edge_client.wire import ClientUpdate, GlobalFactors, RankSpec, encode_global
 
 from ..strategies import RoundFailed, Strategy
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import DEFAULT_KEEP, check_writable, has_checkpoint, load_checkpoint, lock_directory, save_checkpoint
 
 __all__ = ["client_seed", "sample_clients", "check_reply_identity", "reject_reason", "Order", "Reply",
            "RoundPlan", "ClientTransport", "ResumeError", "RoundEngine"]
+# RoundFailed (from .strategies) is raised below min_clients; a round whose aggregate is not
+# finite, or whose global norm grows more than ``max_norm_growth`` times, is recorded with
+# "failed" in its history entry and not committed (the strategy state is restored).
 
 
 def client_seed(seed: int, round: int, index: int) -> int:
@@ -109,11 +115,23 @@ class RoundEngine:
                  evaluate: Callable[[Strategy], dict] | None = None,
                  on_round: Callable[[dict], None] | None = None, checkpoint_dir: str | Path | None = None,
                  identity: Mapping | None = None, base_model: str | None = None, runtime_state=None,
-                 runtime: str = "embedded", logger: logging.Logger | None = None) -> None:
+                 runtime: str = "embedded", logger: logging.Logger | None = None,
+                 max_norm_growth: float | None = None, overwrite: bool = True,
+                 keep_checkpoints: int = DEFAULT_KEEP) -> None:
         if not specs:
             raise ValueError("specs must name at least one client")
         if clients_per_round is not None and not 1 <= clients_per_round <= len(specs):
             raise ValueError(f"clients_per_round must be in [1, {len(specs)}] (the clients), got {clients_per_round}")
+        if max_norm_growth is not None and not (isinstance(max_norm_growth, (int, float))
+                                                and math.isfinite(max_norm_growth) and max_norm_growth > 1):
+            raise ValueError(f"max_norm_growth must be a finite number > 1 or None, got {max_norm_growth!r}")
+        if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be an int >= 1, got {keep_checkpoints!r}")
+        self.max_norm_growth = max_norm_growth   # a round whose global norm grows more is not committed
+        self.overwrite = overwrite               # False: refuse to start over an existing checkpoint
+        self.keep_checkpoints = keep_checkpoints
+        self._lock = None
+        self._global_norm: float | None = None
         self.strategy = strategy
         self.specs = dict(specs)
         self.seed = seed
@@ -173,15 +191,26 @@ class RoundEngine:
                 rejected[cid] = reject_reason(exc)
                 self.log.warning("round %d: reply from %s rejected: %s", rnd, cid, rejected[cid])
         train_s = time.perf_counter() - plan.started
+        snapshot = self._snapshot()
         try:
             result = agg.finalize()
         except RoundFailed as exc:
             raise RoundFailed(f"{exc} (rejected: {rejected})") from None
+        failed = self._insane(rnd)
+        if failed is not None:
+            # not committed: the previous state stays, and the run goes on with the next round
+            self.strategy.load_state(*snapshot)
+            self.log.error("round %d failed and was not committed: %s", rnd, failed)
         t_eval = time.perf_counter()
         scores = self.evaluate(self.strategy) if self.evaluate is not None else {}
-        entry = {"round": rnd, **scores, "aggregation_s": result.aggregation_s, "clients": result.num_clients,
+        entry = {"round": rnd, **scores, "aggregation_s": result.aggregation_s,
+                 "clients": 0 if failed else result.num_clients,
                  "ranks": result.ranks, "rejected": rejected, "train_s": train_s,
                  "eval_s": time.perf_counter() - t_eval, "traffic": traffic, **result.metrics}
+        if failed is not None:
+            entry["failed"] = failed
+        if getattr(agg, "robust_report", None):
+            entry["robust"] = agg.robust_report
         entry["round_s"] = time.perf_counter() - plan.started
         if self.on_round is not None:
             self.on_round(entry)
@@ -190,12 +219,55 @@ class RoundEngine:
         self.save()
         return entry
 
+    def _snapshot(self) -> tuple[dict, dict]:
+        """A copy of the strategy's state, to restore if the round is not committed."""
+        tensors = {k: v.copy() for k, v in self.strategy.state_tensors().items()}
+        return tensors, dict(self.strategy.state_meta())
+
+    def _insane(self, rnd: int) -> str | None:
+        """Why the freshly aggregated state must not be committed (None: it is fine)."""
+        for key, value in self.strategy.state_tensors().items():
+            if not np.isfinite(value).all():
+                return f"the aggregated state {key!r} is not finite"
+        if self.max_norm_growth is None:
+            return None
+        sq = 0.0
+        for delta in self.strategy.global_delta().values():
+            sq += float(np.sum(np.square(np.asarray(delta, np.float64))))
+        norm = math.sqrt(sq)
+        if not math.isfinite(norm):
+            return "the global model's norm is not finite"
+        prev = self._global_norm
+        if prev is not None and prev > 0 and norm > self.max_norm_growth * prev:
+            return (f"the global update's norm grew from {prev:.4g} to {norm:.4g}, more than "
+                    f"max_norm_growth={self.max_norm_growth:g} times")
+        self._global_norm = norm
+        return None
+
     def run_round(self, round: int, transport: ClientTransport) -> dict:
         plan = self.plan(round)
         return self.complete(plan, transport.exchange(plan))
 
+    def _open_checkpoints(self) -> None:
+        """Lock ``checkpoint_dir`` for this run and check it is writable (once)."""
+        if not self.checkpoint_dir or self._lock is not None:
+            return
+        self._lock = lock_directory(self.checkpoint_dir)
+        check_writable(self.checkpoint_dir)
+
+    def close(self) -> None:
+        """Release the checkpoint directory's lock (also released when the process ends)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def start(self) -> None:
         """Resume from ``checkpoint_dir`` if asked by the caller (:meth:`restore`), else score the base."""
+        self._open_checkpoints()
+        if (self.checkpoint_dir and not self.resumed and not self.overwrite
+                and has_checkpoint(self.checkpoint_dir)):
+            raise ResumeError(f"checkpoint-dir: {self.checkpoint_dir} already holds a checkpoint; pass --resume to continue "
+                              f"it or --overwrite to start over")
         if not self.resumed and self.evaluate is not None and not self.base:
             self.base = self.evaluate(self.strategy)
 
@@ -219,16 +291,21 @@ class RoundEngine:
         version, internal, gauss = self.rng.getstate()
         meta = {"round": self.round, "config": self.identity, "strategy": self.strategy.state_meta(),
                 "rng": [version, list(internal), gauss], "history": [{"base": self.base}, *self.history],
-                "base_model": self.base_model, "runtime": self.runtime}
+                "base_model": self.base_model, "runtime": self.runtime, "global_norm": self._global_norm}
         runtime_tensors = self.runtime_state.state_tensors() if self.runtime_state is not None else {}
         save_checkpoint(self.checkpoint_dir, meta=meta, strategy_tensors=self.strategy.state_tensors(),
-                        runtime_tensors=runtime_tensors)
+                        runtime_tensors=runtime_tensors, keep=self.keep_checkpoints)
 
     def restore(self) -> bool:
         """Load the checkpoint in ``checkpoint_dir``; False when there is none yet."""
+        if self.checkpoint_dir:
+            self._open_checkpoints()
         ck = load_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
         if ck is None:
+            self.log.warning("resume: nothing to resume in %s; starting at round 1", self.checkpoint_dir)
             return False
+        if ck.fallback:
+            self.log.warning("resume: fell back to %s (round %s): %s", ck.path, ck.meta.get("round"), ck.fallback)
         theirs = ck.meta.get("config", {})
         diff = {k: (theirs.get(k), v) for k, v in self.identity.items() if theirs.get(k) != v}
         if diff:
@@ -243,6 +320,7 @@ class RoundEngine:
         self.base = next((h["base"] for h in history if "base" in h), {})
         self.history = [h for h in history if "round" in h]
         self.round = int(ck.meta["round"])
+        self._global_norm = ck.meta.get("global_norm")
         if self.runtime_state is not None:
             self.runtime_state.load_state(ck.runtime_tensors)
         self.resumed = True

@@ -13,7 +13,9 @@ Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed`
 ``clients-per-round`` (0 = every node every round) or ``fraction-train`` (0 = unused; else
 ``max(1, int(fraction * nodes))``); not both. Reply limits (0 = the safe default):
 ``max-update-bytes``, ``max-header-bytes``, ``max-delta-norm`` (``DecodeLimits``) and
-``max-round-bytes`` (the per-round aggregator memory budget; 0 = none).
+``max-round-bytes`` (the per-round aggregator memory budget; 0 = none), ``max-num-examples``.
+Defences (docs/security.md; 0 = off): ``clip-norm``, ``clip-adaptive``, ``max-weight-share``,
+``trim-fraction``, ``max-norm-growth``; ``keep-checkpoints`` round checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ def decode_limits(cfg: Mapping) -> DecodeLimits | None:
     """``DecodeLimits`` from ``max-update-bytes`` / ``max-header-bytes`` / ``max-delta-norm`` (None: defaults)."""
     given = {"max_bytes": _get(cfg, "max-update-bytes", 0, int),
              "max_header_bytes": _get(cfg, "max-header-bytes", 0, int),
-             "max_delta_norm": _get(cfg, "max-delta-norm", 0.0, float)}
+             "max_delta_norm": _get(cfg, "max-delta-norm", 0.0, float),
+             "max_num_examples": _get(cfg, "max-num-examples", 0, int)}
     for key, value in given.items():
         if value < 0:
             raise ValueError(f"run config limit {key} must be >= 0 (0 = default), got {value}")
@@ -114,7 +117,9 @@ _SIM_KEYS = {  # run config key -> SimulationConfig field (the embedded runtime'
     "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
-    "target-modules": "target_modules"}
+    "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints"}
+_OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
+             "max-norm-growth": "max_norm_growth"}   # 0.0 = None (off) there
 
 
 def simulation_defaults() -> dict:
@@ -124,6 +129,8 @@ def simulation_defaults() -> dict:
     fields = {f.name: f for f in dataclasses.fields(SimulationConfig)}
     out = {key: fields[name].default for key, name in _SIM_KEYS.items()}
     out.update({"rank-distribution": "", "model": "", "data": ""})   # "" = None there
+    out.update({key: 0.0 if fields[name].default is None else float(fields[name].default)
+                for key, name in _OFF_KEYS.items()})
     out["target-modules"] = ",".join(out["target-modules"])
     return out
 
@@ -152,4 +159,6 @@ def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
         batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
         max_length=get("max-length", int), min_clients=get("min-clients", int),
         target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()),
-        eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False)
+        eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
+        trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
+        **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})

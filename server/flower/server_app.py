@@ -87,7 +87,8 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
 
         engine = RoundEngine(strategy, specs, seed=cfg.seed, clients_per_round=cfg.clients_per_round,
                              evaluate=evaluate, checkpoint_dir=out, identity=cfg.identity(), base_model=base_model,
-                             runtime="flower", logger=log)
+                             runtime="flower", logger=log, max_norm_growth=cfg.max_norm_growth,
+                             keep_checkpoints=cfg.keep_checkpoints)
         if fcfg.resume and engine.restore():
             log.info("resuming after round %d from %s", engine.round, out)
         engine.start()
@@ -104,7 +105,10 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
 
         wrapper = FlexLoRAFlowerStrategy(strategy, nodes, seed=cfg.seed, round_timeout_s=fcfg.round_timeout_s,
                                          on_round=on_round, first_round=engine.round + 1, engine=engine)
-        wrapper.start(grid, num_rounds=fcfg.num_rounds)
+        try:
+            wrapper.start(grid, num_rounds=fcfg.num_rounds)
+        finally:
+            engine.close()   # the checkpoint directory's lock
         doc.update(status="ok", wall_s=time.perf_counter() - t0, checkpoint=str(out / CHECKPOINT_NAME))
         _write_json(results_path, doc)
         return doc

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import Strategy as FlowerStrategyBase
 from edge_client.wire import PROBE_KEY, QUERY_KEY, TRAIN_KEY, UPDATE_KEY, NodeProbe, RankSpec, TrainOrder
 
 from ..federation import Reply, RoundEngine, RoundPlan
+from ..federation.rounds import reject_reason
 from ..strategies import Strategy
 
 __all__ = ["NodeInfo", "probe_nodes", "FlowerTransport", "FlexLoRAFlowerStrategy"]
@@ -51,8 +52,13 @@ class NodeInfo:
         return RankSpec(rank=self.probe.rank, rank_pattern=self.probe.rank_pattern)
 
 
-def probe_nodes(grid: Grid, *, min_nodes: int, wait_s: float, timeout_s: float) -> list[NodeInfo]:
-    """Wait for ``min_nodes`` nodes, ask each who it is; returns them in sorted client-id order."""
+def probe_nodes(grid: Grid, *, min_nodes: int, wait_s: float, timeout_s: float,
+                max_rank: int | None = None) -> list[NodeInfo]:
+    """Wait for ``min_nodes`` nodes, ask each who it is; returns them in sorted client-id order.
+
+    One node can neither stop the run nor take another's place: any error while reading its
+    probe leaves that node out, a client id already taken keeps its first node, and a rank above
+    ``max_rank`` (the run's maximum) is refused."""
     deadline = time.monotonic() + wait_s
     while len(node_ids := sorted(grid.get_node_ids())) < min_nodes:
         if time.monotonic() > deadline:
@@ -74,8 +80,10 @@ def probe_nodes(grid: Grid, *, min_nodes: int, wait_s: float, timeout_s: float) 
             if probe.client_id in nodes:
                 raise ValueError(f"client id {probe.client_id!r} already taken by node "
                                  f"{nodes[probe.client_id].node_id}")
-        except ValueError as exc:
-            log.warning("node %d left out: %s", src, exc)
+            if max_rank is not None and probe.spec.max_rank() > max_rank:
+                raise ValueError(f"rank {probe.spec.max_rank()} is above the run's maximum {max_rank}")
+        except Exception as exc:  # noqa: BLE001 - one node's probe never ends the ServerApp
+            log.warning("node %s left out: %s", src, reject_reason(exc)[:300])
             continue
         nodes[probe.client_id] = NodeInfo(node_id=src, probe=probe)
         log.info("node %d is %s: rank %s, %d examples (%s)", src, probe.client_id,
@@ -93,6 +101,13 @@ def _train_message(order, node_id: int) -> Message:
 
 
 def _reply(node: NodeInfo, message: Message) -> Reply:
+    try:
+        return _read_reply(node, message)
+    except Exception as exc:  # noqa: BLE001 - one node's malformed message drops that client only
+        return Reply(client_id=node.client_id, error=f"unreadable reply: {reject_reason(exc)}"[:400])
+
+
+def _read_reply(node: NodeInfo, message: Message) -> Reply:
     if message.has_error():
         return Reply(client_id=node.client_id, error=f"client failed: {message.error.reason}")
     records = message.content.config_records

@@ -23,11 +23,11 @@ from edge_client.trainer import DEFAULT_TARGETS, LocalTrainer, TrainConfig
 from edge_client.wire import DecodeLimits
 
 from ..federation import ResumeError, RoundEngine
-from ..strategies import RoundFailed, StrategyConfig, build_strategy
+from ..strategies import RobustConfig, RoundFailed, StrategyConfig, build_strategy
 from .clients import InProcessClients
 from .devices import DEMO_RANKS, assign_devices
 from .evaluate import Evaluator
-from .faults import FAULTS
+from .faults import check_fault
 from .model import fingerprint, linear_shapes, load_base
 from .suite import Suite, SuiteConfig, build_suite, load_suite_from_jsonl
 
@@ -69,6 +69,14 @@ class SimulationConfig:
     progress: bool = True
     limits: DecodeLimits | None = None        # reply decoder bounds (None: DecodeLimits() defaults)
     max_round_bytes: int | None = None        # per-round aggregator memory budget (None: none)
+    # defences (docs/security.md); all off by default
+    clip_norm: float | None = None            # clip each client's effective update to this norm
+    clip_adaptive: float | None = None        # ... or to this multiple of the round's median norm
+    max_weight_share: float | None = None     # cap on any client's share of the aggregation weight
+    trim_fraction: float = 0.0                # drop this fraction of clients farthest from the rest
+    max_norm_growth: float | None = None      # a round whose global norm grows more is not committed
+    keep_checkpoints: int = 3                 # round checkpoints kept in checkpoint_dir
+    overwrite: bool = False                   # start over an existing checkpoint (else refuse)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "local_steps", "batch_size", "min_clients", "max_length"):
@@ -89,10 +97,21 @@ class SimulationConfig:
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir")
         for cid, fault in self.faults.items():
-            if fault not in FAULTS:
-                raise ValueError(f"faults[{cid!r}]={fault!r} is not one of {FAULTS}")
-        # StrategyConfig validates them; fail here, before a model is loaded
-        StrategyConfig(limits=self.limits, max_round_bytes=self.max_round_bytes)
+            check_fault(cid, fault)
+        # StrategyConfig / RobustConfig / RoundEngine validate them; fail here, before a model is loaded
+        StrategyConfig(limits=self.limits, max_round_bytes=self.max_round_bytes, robust=self.robust())
+        if self.max_norm_growth is not None and not (isinstance(self.max_norm_growth, (int, float))
+                                                     and 1 < self.max_norm_growth < float("inf")):
+            raise ValueError(f"max_norm_growth must be a finite number > 1, got {self.max_norm_growth!r}")
+        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
+                or not 1 <= self.keep_checkpoints <= 1000:
+            raise ValueError(f"keep_checkpoints must be an int in [1, 1000], got {self.keep_checkpoints!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
+
+    def robust(self) -> RobustConfig:
+        return RobustConfig(clip_norm=self.clip_norm, clip_adaptive=self.clip_adaptive,
+                            max_weight_share=self.max_weight_share, trim_fraction=self.trim_fraction)
 
     def identity(self) -> dict:
         """Fields a resumed run must share with the checkpoint it resumes."""
@@ -167,7 +186,7 @@ def train_config_for(cfg: SimulationConfig) -> TrainConfig:
 def strategy_for(cfg: SimulationConfig, specs, *, base_model: str, module_shapes) -> object:
     scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=base_model,
                           module_shapes=module_shapes, seed=cfg.seed, limits=cfg.limits,
-                          max_round_bytes=cfg.max_round_bytes)
+                          max_round_bytes=cfg.max_round_bytes, robust=cfg.robust())
     return build_strategy(cfg.strategy, scfg, specs=specs, fedit_rank=cfg.fedit_rank)
 
 
@@ -189,6 +208,10 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
     base_state = copy.deepcopy(model.state_dict())
     suite = build_suite_for(cfg)
     clients = {c.client_id: c for c in suite.train}
+    unknown = sorted(set(cfg.faults) - set(clients))
+    if unknown:
+        raise ValueError(f"--fault names unknown clients {unknown[:5]}; the clients are "
+                         f"{sorted(clients)[0]} .. {sorted(clients)[-1]}")
     devices = {d.client_id: d for d in assign_devices(
         list(clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution,
         rank_map=DEMO_RANKS if cfg.model is None else None)}
@@ -203,12 +226,17 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
         engine = RoundEngine(strategy, specs, seed=cfg.seed, clients_per_round=cfg.clients_per_round,
                              evaluate=lambda s: evaluator(s.global_delta()), checkpoint_dir=cfg.checkpoint_dir,
                              identity=cfg.identity(), base_model=base_model, runtime_state=transport,
-                             runtime="embedded", logger=log)
+                             runtime="embedded", logger=log, max_norm_growth=cfg.max_norm_growth,
+                             overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints)
         try:
             resumed = bool(cfg.resume and engine.restore())
+            engine.start()
         except ResumeError as exc:
+            engine.close()
             raise SimulationError(f"--{exc}") from None
-        engine.start()
+        except BaseException:
+            engine.close()
+            raise
         setup_peak = _peak_rss_bytes()
         _release_free_memory()
         reset = _reset_peak_rss()
@@ -216,6 +244,8 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
             engine.run(transport, cfg.rounds, stop_after=stop_after)
         except RoundFailed as exc:
             raise SimulationError(str(exc)) from None
+        finally:
+            engine.close()
     return {
         "strategy": cfg.strategy, "config": asdict(cfg), "base_model": base_model,
         "base": engine.base, "rounds": engine.history, "rounds_completed": engine.round, "resumed": resumed,

@@ -11,9 +11,10 @@ from .fedit import FedIT, federation_rank
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .robust import RobustConfig
 
 __all__ = ["RankSpec", "RoundAggregation", "RoundFailed", "RoundResult", "Strategy",
-           "StrategyConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "STRATEGIES", "make_strategy",
+           "StrategyConfig", "RobustConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "STRATEGIES", "make_strategy",
            "build_strategy"]
 
 STRATEGIES = {"flexlora": FlexLoRA, "hetlora": HetLoRA, "flora": FLoRA, "fedit": FedIT}

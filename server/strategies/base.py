@@ -20,6 +20,8 @@ model's weight change per module (peft module path -> dW, d_out x d_in) for eval
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -39,7 +41,10 @@ from edge_client.wire import (
     split_factors,
 )
 
-__all__ = ["RankSpec", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
+from .robust import RobustConfig, clip_multipliers, effective_norms, squared_distances, trim_by_distance
+from .robust import cap_shares as _cap_shares
+
+__all__ = ["RankSpec", "RobustConfig", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
            "Strategy", "factor_keys", "split_factors", "join_factors"]
 
 
@@ -59,8 +64,12 @@ class StrategyConfig:
     # per-round aggregator memory budget: bytes the round's aggregator holds plus the next
     # update's factor bytes must not exceed it, else that reply is rejected (None: no budget)
     max_round_bytes: int | None = None
+    # robust aggregation (clipping, weight-share cap, trimming; see .robust); None: off
+    robust: RobustConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.robust is not None and not isinstance(self.robust, RobustConfig):
+            raise ValueError(f"robust must be a RobustConfig or None, got {type(self.robust).__name__}")
         if self.limits is not None and not isinstance(self.limits, DecodeLimits):
             raise ValueError(f"limits must be a DecodeLimits or None, got {type(self.limits).__name__}")
         if self.max_round_bytes is not None and (isinstance(self.max_round_bytes, bool)
@@ -97,6 +106,10 @@ class RoundAggregation(ABC):
         self._losses: list[tuple[float, int]] = []
         self._done = False
         self._factor_bytes = 0          # factor bytes of the updates added so far
+        robust = strategy.config.robust
+        # with robust aggregation on, valid updates wait here until finalize (see .robust)
+        self._pending: list[ClientUpdate] | None = [] if robust is not None and robust.enabled else None
+        self.robust_report: dict = {}
 
     def held_bytes(self) -> int:
         """Bytes the aggregator holds now (default: every added update's factors, an upper
@@ -116,7 +129,10 @@ class RoundAggregation(ABC):
                 raise ValueError(f"client {update.client_id!r}: round {self.round} aggregator holds {held} bytes, "
                                  f"this update's factors add {new}, above max_round_bytes={budget}")
         t0 = time.perf_counter()
-        self._add(update)
+        if self._pending is not None:
+            self._pending.append(update)
+        else:
+            self._add(update)   # each strategy's _add is atomic: it raises before it mutates
         self.seconds += time.perf_counter() - t0
         self._factor_bytes += new
         self.client_ids.append(update.client_id)
@@ -133,6 +149,8 @@ class RoundAggregation(ABC):
             raise RoundFailed(f"round {self.round}: {len(self.client_ids)} valid replies, "
                               f"min_clients={need}; global state left unchanged")
         t0 = time.perf_counter()
+        if self._pending is not None:
+            self._add_robustly(self._pending)
         self._finalize()
         self.seconds += time.perf_counter() - t0
         self._done = True
@@ -144,6 +162,46 @@ class RoundAggregation(ABC):
         return RoundResult(round=self.round, num_clients=len(self.client_ids),
                            total_examples=self.total_examples, aggregation_s=self.seconds,
                            client_ids=list(self.client_ids), ranks=dict(self.ranks), metrics=metrics)
+
+    def _add_robustly(self, updates: list[ClientUpdate]) -> None:
+        """Trim, clip and cap the buffered updates (settings in ``config.robust``), then add them."""
+        cfg = self.strategy.config.robust
+        factored = [{m: (u.module_scaling(m), *u.pair(m)) for m in u.modules()} for u in updates]
+        keep = list(range(len(updates)))
+        report: dict = {}
+        if cfg.trim_fraction > 0 and len(updates) > 1:
+            keep = trim_by_distance(squared_distances(factored), cfg.trim_fraction)
+            report["trimmed"] = [updates[i].client_id for i in range(len(updates)) if i not in keep]
+        kept = [updates[i] for i in keep]
+        mult = np.ones(len(kept))
+        if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
+            mult = clip_multipliers(effective_norms([factored[i] for i in keep]), clip_norm=cfg.clip_norm,
+                                    clip_adaptive=cfg.clip_adaptive)
+            report["clipped"] = [u.client_id for u, c in zip(kept, mult) if c < 1]
+        weights = [float(u.num_examples) for u in kept]
+        if cfg.max_weight_share is not None:
+            capped = _cap_shares(weights, cfg.max_weight_share)
+            total = float(sum(capped))
+            # integer weights the strategies understand: shares kept to 1e-6
+            weights = [max(1, round(w / total * 1_000_000)) for w in capped]
+            report["capped"] = [u.client_id for u, w, c in zip(kept, [u.num_examples for u in kept], capped)
+                                if c < w * (1 - 1e-9)]
+        for u, c, w in zip(kept, mult, weights):
+            v = copy.copy(u)
+            if c < 1 or cfg.max_weight_share is not None:
+                v.factors = dict(u.factors)
+                if c < 1:
+                    for m in u.modules():
+                        _a_key, b_key = factor_keys(m)
+                        v.factors[b_key] = (u.factors[b_key].astype(np.float64) * c).astype(np.float32)
+                v.num_examples = int(w)
+            try:
+                self._add(v)
+            except Exception as exc:  # noqa: BLE001 - one update never ends the round
+                report.setdefault("failed", {})[u.client_id] = str(exc)
+        if report:
+            logging.getLogger("flexlora.robust").info("round %d: robust aggregation %s", self.round, report)
+        self.robust_report = report
 
     @abstractmethod
     def _add(self, update: ClientUpdate) -> None: ...

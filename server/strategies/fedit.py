@@ -65,11 +65,12 @@ class _FedAvgRound(RoundAggregation):
             if b.shape[1] != self.strategy.rank:
                 raise ValueError(f"client {update.client_id!r}: module {module!r} has rank "
                                  f"{b.shape[1]}, FedIT runs every client at {self.strategy.rank}")
+        staged = {}   # new arrays, committed only when every module succeeded
         for module, (b, a) in split_factors(update.factors).items():
             s = update.module_scaling(module)
-            acc = self._acc.setdefault(module, [0.0, 0.0])
-            acc[0] = acc[0] + n * s * b.astype(np.float64)
-            acc[1] = acc[1] + n * a.astype(np.float64)
+            acc = self._acc.get(module, [0.0, 0.0])
+            staged[module] = [acc[0] + n * s * b.astype(np.float64), acc[1] + n * a.astype(np.float64)]
+        self._acc.update(staged)
         self._n += n
 
     def _finalize(self) -> None:

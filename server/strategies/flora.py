@@ -44,8 +44,15 @@ class _StackRound(RoundAggregation):
 
     def _add(self, update: ClientUpdate) -> None:
         n = float(update.num_examples)
-        for module, (b, a) in split_factors(update.factors).items():
-            self._parts.setdefault(module, []).append((n * update.module_scaling(module) * b, a))
+        staged = [(module, (n * update.module_scaling(module) * b, a))
+                  for module, (b, a) in split_factors(update.factors).items()]
+        for module, (b, a) in staged:
+            first = self._parts.get(module)
+            if first and (b.shape[0], a.shape[1]) != (first[0][0].shape[0], first[0][1].shape[1]):
+                raise ValueError(f"client {update.client_id!r}: module {module!r} is {b.shape[0]}x{a.shape[1]}, "
+                                 f"other clients sent {first[0][0].shape[0]}x{first[0][1].shape[1]}")
+        for module, part in staged:   # commit only when every module was checked
+            self._parts.setdefault(module, []).append(part)
         self._n += n
 
     def _finalize(self) -> None:

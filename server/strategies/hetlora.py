@@ -79,24 +79,28 @@ class _HetRound(RoundAggregation):
         self._acc: dict[str, list] = {}
 
     def _add(self, update: ClientUpdate) -> None:
+        staged = {}   # computed on new arrays, committed only when every module succeeded
         for module, (b, a) in split_factors(update.factors).items():
             sb = update.module_scaling(module) * b.astype(np.float64)
             a = a.astype(np.float64)
             w = float(np.linalg.norm(sb @ a))
             acc = self._acc.get(module)
             if acc is None:
-                acc = self._acc[module] = [np.zeros((b.shape[0], 0)), np.zeros((0, a.shape[1])), 0.0,
-                                           np.zeros((b.shape[0], 0)), np.zeros((0, a.shape[1])), 0]
+                acc = [np.zeros((b.shape[0], 0)), np.zeros((0, a.shape[1])), 0.0,
+                       np.zeros((b.shape[0], 0)), np.zeros((0, a.shape[1])), 0]
+            acc = list(acc)
             r = max(acc[0].shape[1], b.shape[1])
             for i, axis in ((0, 1), (1, 0), (3, 1), (4, 0)):
                 acc[i] = _grow(acc[i], r, axis)
             bp, ap = _grow(sb, r, 1), _grow(a, r, 0)
-            acc[0] += w * bp
-            acc[1] += w * ap
+            acc[0] = acc[0] + w * bp
+            acc[1] = acc[1] + w * ap
             acc[2] += w
-            acc[3] += bp
-            acc[4] += ap
+            acc[3] = acc[3] + bp
+            acc[4] = acc[4] + ap
             acc[5] += 1
+            staged[module] = acc
+        self._acc.update(staged)
 
     def _finalize(self) -> None:
         out = {}

@@ -54,7 +54,7 @@ def test_each_limit_admits_its_value_and_rejects_one_more(field):
 def test_max_delta_norm_admits_the_bound_and_rejects_below_it():
     f = fuzzlib.valid_factors()
     a, b = f[MODULE + ".lora_A.weight"], f[MODULE + ".lora_B.weight"]
-    bound = 16.0 / 4 * float(np.linalg.norm(a)) * float(np.linalg.norm(b))
+    bound = 16.0 / 4 * float(np.linalg.norm(b.astype(np.float64) @ a.astype(np.float64)))
     decode_update(GOOD, limits=DecodeLimits(max_delta_norm=bound * (1 + 1e-6)))
     with pytest.raises(ValueError, match="max_delta_norm"):
         decode_update(GOOD, limits=DecodeLimits(max_delta_norm=bound * (1 - 1e-6)))

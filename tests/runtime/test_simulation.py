@@ -95,7 +95,7 @@ def test_cli_json_and_one_line_errors(capsys):
     assert doc["strategy"] == "hetlora" and doc["rounds_completed"] == 1 and doc["peak_rss_bytes"] > 0
     assert main(["--clients", "0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["flexlora simulate: error: num_clients must be an int >= 1, got 0"]
+    assert err == ["flexlora simulate: error: --clients 0 is outside [1, 1000000]"]
 
 
 @pytest.mark.slow

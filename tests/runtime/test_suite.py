@@ -83,9 +83,14 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     assert ck.meta["round"] == 2 and ck.runtime_tensors == {}
     np.testing.assert_array_equal(ck.strategy_tensors["w"], t["w"])
     assert ck.strategy_tensors["blob"].tobytes() == b"abc"
-    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_NAME]      # no temp files left
+    # no temp files left; the last rounds are kept besides the newest
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_NAME, "checkpoint-r000001.safetensors",
+                                                               "checkpoint-r000002.safetensors"])
     assert load_checkpoint(tmp_path / "none") is None
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")     # the same file as round 2's (a hard link)
+    fallback = load_checkpoint(tmp_path)
+    assert fallback.meta["round"] == 1 and "not a readable checkpoint" in fallback.fallback
+    (tmp_path / "checkpoint-r000001.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a readable checkpoint"):
         load_checkpoint(tmp_path)
     assert "pickle" not in json.dumps(ck.meta)

@@ -1,0 +1,159 @@
+"""Robust aggregation for factored (LoRA) updates: the math as pure functions.
+
+A client's *effective update* is the weight change it stands for, ``dW_k[m] = s_k B_k A_k`` per
+module ``m``. Nothing here forms ``dW_k``: norms and inner products come from the small Gram
+matrices of the factors (``r x r``), in float64:
+
+* ``||B A||_F^2 = trace((B^T B)(A A^T))``
+* ``<B_i A_i, B_j A_j>_F = trace((B_j^T B_i)(A_i A_j^T))``
+* ``||X_i - X_j||_F^2 = ||X_i||^2 + ||X_j||^2 - 2 <X_i, X_j>``
+
+Defences (all off by default; :class:`RobustConfig`):
+
+* ``clip_norm``: scale every client's effective update down to at most this norm.
+* ``clip_adaptive``: the same with the bound ``clip_adaptive x`` the round's median norm.
+* ``max_weight_share``: no client's aggregation weight (its share of the examples) above this
+  fraction; the excess is spread over the others in proportion to their weights.
+* ``trim_fraction``: drop the ``floor(trim_fraction x n)`` clients whose effective updates are
+  farthest (mean squared distance) from the others' before aggregating.
+
+Memory: with any defence on, a round buffers every valid update's factors until ``finalize``
+(the sum over clients of ``r_k (d_out + d_in)`` floats per module, what the exact route of the
+FlexLoRA aggregator keeps anyway); trimming costs ``O(n^2 sum_m (d_out + d_in) r^2)`` flops.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["RobustConfig", "FactoredUpdate", "effective_norms", "inner_products", "squared_distances",
+           "clip_multipliers", "cap_shares", "trim_by_distance"]
+
+# one client's effective update: module -> (scaling, B, A)
+FactoredUpdate = Mapping[str, tuple[float, np.ndarray, np.ndarray]]
+
+
+def _positive(name: str, value, *, upper: float | None = None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0) and (upper is None or value <= upper)
+    if not ok:
+        rng = f"in {'[' if allow_zero else '('}0, {upper}]" if upper is not None else "> 0 and finite"
+        raise ValueError(f"{name} must be a number {rng}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class RobustConfig:
+    """Robust aggregation settings (None / 0: that defence is off)."""
+    clip_norm: float | None = None          # fixed bound on each client's ||effective update||_F
+    clip_adaptive: float | None = None      # bound = clip_adaptive x the round's median norm
+    max_weight_share: float | None = None   # cap on any client's share of the aggregation weight
+    trim_fraction: float = 0.0              # drop this fraction of clients farthest from the rest
+
+    def __post_init__(self) -> None:
+        _positive("clip_norm", self.clip_norm)
+        _positive("clip_adaptive", self.clip_adaptive)
+        _positive("max_weight_share", self.max_weight_share, upper=1.0)
+        _positive("trim_fraction", self.trim_fraction, upper=0.5, allow_zero=True)
+        if self.trim_fraction == 0.5:
+            raise ValueError("trim_fraction must be below 0.5, got 0.5")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.clip_norm is not None or self.clip_adaptive is not None
+                or self.max_weight_share is not None or self.trim_fraction > 0)
+
+
+def _f64(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+def _inner(s_i: float, b_i, a_i, s_j: float, b_j, a_j) -> float:
+    """``<s_i B_i A_i, s_j B_j A_j>_F`` from ``(B_j^T B_i)`` (r_j x r_i) and ``(A_i A_j^T)`` (r_i x r_j)."""
+    gb = _f64(b_j).T @ _f64(b_i)
+    ga = _f64(a_i) @ _f64(a_j).T
+    return float(s_i * s_j * np.sum(gb.T * ga))
+
+
+def effective_norms(updates: Sequence[FactoredUpdate]) -> np.ndarray:
+    """``||dW_k||_F`` over all modules of each client (float64, via Gram matrices)."""
+    out = np.zeros(len(updates))
+    for k, u in enumerate(updates):
+        out[k] = math.sqrt(max(sum(_inner(s, b, a, s, b, a) for s, b, a in u.values()), 0.0))
+    return out
+
+
+def inner_products(updates: Sequence[FactoredUpdate]) -> np.ndarray:
+    """Gram matrix ``G[i, j] = sum_m <dW_i[m], dW_j[m]>_F`` (modules both clients sent)."""
+    n = len(updates)
+    g = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i, n):
+            common = updates[i].keys() & updates[j].keys()
+            g[i, j] = g[j, i] = sum(_inner(*updates[i][m], *updates[j][m]) for m in common)
+    return g
+
+
+def squared_distances(updates: Sequence[FactoredUpdate]) -> np.ndarray:
+    """``D[i, j] = ||dW_i - dW_j||_F^2`` from :func:`inner_products` (clamped at 0)."""
+    g = inner_products(updates)
+    d = np.diag(g)
+    return np.maximum(d[:, None] + d[None, :] - 2 * g, 0.0)
+
+
+def clip_multipliers(norms: Sequence[float], *, clip_norm: float | None = None,
+                     clip_adaptive: float | None = None) -> np.ndarray:
+    """Per client ``min(1, C / norm)`` with ``C`` the smaller of ``clip_norm`` and
+    ``clip_adaptive x median(norms)`` (whichever are given); 1 where no bound is given."""
+    norms = np.asarray(norms, dtype=np.float64)
+    bound = math.inf
+    if clip_norm is not None:
+        bound = min(bound, float(clip_norm))
+    if clip_adaptive is not None and norms.size:
+        bound = min(bound, float(clip_adaptive) * float(np.median(norms)))
+    out = np.ones_like(norms)
+    over = norms > bound
+    out[over] = bound / norms[over]
+    return out
+
+
+def cap_shares(weights: Sequence[float], max_share: float) -> np.ndarray:
+    """Weights rescaled so that no share ``w_k / sum w`` exceeds ``max_share`` (water-filling:
+    capped clients get exactly the cap, the rest keep their proportions). Same total as the
+    input. With ``max_share < 1/n`` the cap cannot hold and every client gets ``1/n``."""
+    w = np.asarray(weights, dtype=np.float64)
+    n = w.size
+    total = float(w.sum())
+    if n == 0 or total <= 0:
+        return w.copy()
+    if max_share * n <= 1.0:
+        return np.full(n, total / n)
+    share = w / total
+    capped = np.zeros(n, dtype=bool)
+    for _ in range(n):
+        over = (share > max_share * (1 + 1e-12)) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        free = 1.0 - max_share * capped.sum()
+        rest = w[~capped].sum()
+        share = np.where(capped, max_share, w / rest * free if rest > 0 else 0.0)
+    return share * total
+
+
+def trim_by_distance(sq_dist: np.ndarray, fraction: float) -> list[int]:
+    """Indices kept after dropping the ``floor(fraction x n)`` clients with the largest mean
+    squared distance to the others (ties: the later index goes first); at least one is kept."""
+    d = np.asarray(sq_dist, dtype=np.float64)
+    n = d.shape[0]
+    drop = min(int(math.floor(fraction * n)), max(n - 1, 0))
+    if drop <= 0:
+        return list(range(n))
+    score = d.sum(axis=1) / max(n - 1, 1)
+    order = sorted(range(n), key=lambda i: (-score[i], -i))
+    dropped = set(order[:drop])
+    return [i for i in range(n) if i not in dropped]
