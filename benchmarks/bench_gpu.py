@@ -185,7 +185,7 @@ def run_scale(torch, cuda, wl, scale, args):
     for module, e in errs.items():
         print(f"  error / optimum {module}: " + ", ".join(f"{k} {v:.4f}" for k, v in e.items()),
               flush=True)
-    del members, svds, agg, ref
+    members = svds = agg = ref = None  # free the pool and results before the next scale
     torch.cuda.empty_cache()
     return res
 
@@ -205,6 +205,7 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import torch
+
     from server import cuda
     ok, why = cuda.available()
     if not ok:
