@@ -34,12 +34,13 @@ def _load_config(name: str):
 
 
 def _common(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    from .trainer import DEFAULT_TARGETS
+
 
     p.add_argument("--model", required=model_required, default=None, help="local model directory or hub id")
     p.add_argument("--ranks", type=_ranks, default=[4, 8, 16, 32, 64, 128, 200])
     p.add_argument("--paper-types", action="store_true", help="candidates r8, r30, r30_200, r200 instead of --ranks")
-    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS))
+    p.add_argument("--targets", type=_targets, default=["auto"],
+                   help="comma list of module short names; auto (default): every projection of the blocks")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -171,7 +172,7 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer import DEFAULT_TARGETS, TrainConfig
+    from .trainer import TrainConfig
 
     TRAIN_DEFAULTS = TrainConfig()
     parser = argparse.ArgumentParser(prog="flexlora-client", description=__doc__)
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-pattern", default=None, help='JSON, e.g. {"gate_proj": 200}')
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--rslora", action="store_true")
-    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS))
+    p.add_argument("--targets", type=_targets, default=["auto"],
+                   help="comma list of module short names; auto (default): every projection of the blocks")
     p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr)
     p.add_argument("--batch", type=int, default=TRAIN_DEFAULTS.batch_size)
     p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.max_length)

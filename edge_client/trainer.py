@@ -19,17 +19,20 @@ client through it (that is why it is fast): the same code path, config, prompt a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
+from .targets import AUTO, has_conv1d, is_auto, is_conv1d, module_shape, resolve_targets
 from .wire import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, RankSpec, module_names, scaling
 
 __all__ = ["DEFAULT_TARGETS", "TrainConfig", "LocalTrainer", "load_model", "fingerprint", "merge_deltas"]
@@ -63,7 +66,7 @@ class TrainConfig:
     alpha: float = 16.0
     rslora: bool = False
     max_length: int = 64               # tokens per example (prompt cut from the left, response kept)
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] = AUTO    # ("auto",): every projection of the model's blocks
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
 
@@ -94,18 +97,22 @@ class TrainConfig:
             if key in run_config:
                 value = run_config[key]
                 if name == "target_modules":
-                    value = tuple(t.strip() for t in str(value).split(",") if t.strip())
+                    value = tuple(t.strip() for t in str(value).split(",") if t.strip()) or AUTO
                 elif name in ("lr", "alpha") and isinstance(value, int) and not isinstance(value, bool):
                     value = float(value)
                 kw[name] = value
         return cls(**kw)
 
-    def lora_config(self, spec: RankSpec):
+    def lora_config(self, spec: RankSpec, *, fan_in_fan_out: bool = False):
         from peft import LoraConfig
 
+        if is_auto(self.target_modules):
+            raise ValueError("TrainConfig.target_modules is 'auto': resolve it on the model first "
+                             "(edge_client.targets.resolve_targets)")
         return LoraConfig(r=spec.rank, lora_alpha=self.alpha, rank_pattern=dict(spec.rank_pattern),
                           use_rslora=self.rslora, target_modules=list(self.target_modules),
-                          lora_dropout=self.lora_dropout, bias="none", task_type="CAUSAL_LM")
+                          lora_dropout=self.lora_dropout, bias="none", task_type="CAUSAL_LM",
+                          fan_in_fan_out=fan_in_fan_out)
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: bool = False):
@@ -114,6 +121,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    local_files_only = _check_local_model(name_or_path) or local_files_only
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
@@ -126,6 +134,27 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _check_local_model(name_or_path: str) -> bool:
+    """True for an existing local folder (checked for a config and tokenizer files); a path-like
+    name that does not exist fails here, naming the path, before any hub lookup."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {str(path)!r} has no config.json (save it with save_pretrained)")
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"model folder {str(path)!r} has no tokenizer files (expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)}; save the tokenizer with save_pretrained too)")
+        return True
+    if path.exists():
+        raise ValueError(f"model path {str(path)!r} is a file, expected a model folder or a hub id")
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise ValueError(f"local model path {str(path)!r} does not exist")
+    return False
 
 
 def fingerprint(model) -> str:
@@ -151,17 +180,22 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def merge_deltas(model, deltas: Mapping[str, np.ndarray]) -> None:
-    """Add ``deltas`` (peft module path -> dW, d_out x d_in) to the plain model's weights in place."""
-    params = dict(model.named_parameters())
+    """Add ``deltas`` (peft module path -> dW, d_out x d_in) to the plain model's weights in place
+    (transposed into a Conv1D, which stores ``(d_in, d_out)``). Every shape is checked first."""
+    modules = dict(model.named_modules())
+    plan = []
+    for module, dw in deltas.items():
+        path = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+        mod = modules.get(path)
+        if mod is None or not hasattr(mod, "weight"):
+            raise ValueError(f"delta names module {module!r}, which the model does not have")
+        if module_shape(mod) != tuple(dw.shape):
+            raise ValueError(f"delta for {module!r} is {tuple(dw.shape)}, the module is (d_out, d_in) = "
+                             f"{module_shape(mod)}")
+        plan.append((mod, np.asarray(dw, np.float32).T if is_conv1d(mod) else np.asarray(dw, np.float32)))
     with torch.no_grad():
-        for module, dw in deltas.items():
-            name = (module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module) + ".weight"
-            if name not in params:
-                raise ValueError(f"delta names module {module!r}, which the model does not have")
-            p = params[name]
-            if tuple(p.shape) != tuple(dw.shape):
-                raise ValueError(f"delta for {module!r} is {tuple(dw.shape)}, the weight is {tuple(p.shape)}")
-            p.add_(torch.from_numpy(np.asarray(dw, np.float32)).to(p.dtype))
+        for mod, dw in plan:
+            mod.weight.add_(torch.from_numpy(np.ascontiguousarray(dw)).to(mod.weight.dtype))
 
 
 def _batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
@@ -190,7 +224,9 @@ class LocalTrainer:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.base = model
-        self.config = config or TrainConfig()
+        config = config or TrainConfig()
+        # the same target set as probe/plan/simulate; a name matching nothing fails here, before work
+        self.config = dataclasses.replace(config, target_modules=resolve_targets(model, config.target_modules))
         self.spec = spec or RankSpec(rank=8)
         self.client_id = client_id
         self.base_model = base_model_id or fingerprint(model)
@@ -227,7 +263,7 @@ class LocalTrainer:
         spec = spec or self.spec
         torch.manual_seed(seed)
         use_cache, self.base.config.use_cache = getattr(self.base.config, "use_cache", None), False
-        peft_model = get_peft_model(self.base, self.config.lora_config(spec))
+        peft_model = get_peft_model(self.base, self.config.lora_config(spec, fan_in_fan_out=has_conv1d(self.base)))
         try:
             if factors is not None:
                 _load_factors(peft_model, factors, self.config, spec)

@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from edge_client.trainer import DEFAULT_TARGETS, LocalTrainer, TrainConfig
+from edge_client.targets import AUTO
+from edge_client.trainer import LocalTrainer, TrainConfig
 from edge_client.wire import DecodeLimits
 
 from ..federation import ResumeError, RoundEngine
@@ -58,7 +59,7 @@ class SimulationConfig:
     lr: float = 5e-3
     alpha: float = 16.0
     max_length: int = 64
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # short names of the linear layers that get LoRA
+    target_modules: tuple[str, ...] = AUTO   # short names of the layers that get LoRA; ("auto",): discovered
     min_clients: int = 1
     client_timeout_s: float | None = 60.0
     eval_max_new_tokens: int = 16
