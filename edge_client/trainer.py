@@ -121,7 +121,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    local_files_only = _check_local_model(name_or_path) or local_files_only
+    try:
+        local_files_only = _check_local_model(name_or_path) or local_files_only
+    except ValueError as exc:
+        raise ValueError(f"could not load model {name_or_path!r}: {exc}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
