@@ -118,6 +118,7 @@ def cmd_train(args) -> int:
     trainer = LocalTrainer.from_pretrained(args.model, config=_train_config(args),
                                            spec=RankSpec(rank=args.rank, rank_pattern=pattern),
                                            client_id=args.client_id, local_files_only=args.offline)
+    trainer.check_spec(trainer.spec, strict_pattern=True)
     if args.global_factors:
         trainer.load_global(decode_global(Path(args.global_factors).read_bytes()))
     update = trainer.train(args.data, round=args.round, seed=args.seed)
@@ -134,15 +135,21 @@ def cmd_export(args) -> int:
     import torch
 
     from .export import OnnxLM, export_onnx, merged_model
+    from .peft_io import read_update_path
     from .trainer import LocalTrainer, TrainConfig
-    from .wire import RankSpec, decode_update
+    from .wire import RankSpec
 
     config, spec, update = None, None, None
-    if args.adapter:
-        update = decode_update(Path(args.adapter).read_bytes())
+    if args.adapter:   # a wire update file or a peft adapter folder
+        update = read_update_path(args.adapter)
+        if update.alpha_pattern:
+            raise ValueError(f"{args.adapter}: export of adapters with an alpha_pattern is not supported yet")
         config = TrainConfig(alpha=update.alpha, rslora=update.rslora, target_modules=tuple(update.target_modules))
         spec = RankSpec(rank=update.rank, rank_pattern=update.rank_pattern)
     trainer = LocalTrainer.from_pretrained(args.model, config=config, spec=spec, local_files_only=args.offline)
+    if update is not None and _is_fingerprint(update.base_model) and update.base_model != trainer.base_model:
+        raise ValueError(f"adapter {args.adapter} was trained on base model {update.base_model[:12]}..., "
+                         f"not on {args.model} ({trainer.base_model[:12]}...): refusing to merge it")
     with trainer.adapter(factors=update.factors if update is not None else None) as model:
         path = export_onnx(model, args.out)
         merged = merged_model(model)
@@ -169,6 +176,10 @@ def cmd_export(args) -> int:
                   f"onnxruntime {result['onnxruntime_ms_per_token']:.2f} ms/token ({result['onnxruntime_spread_ms']:.2f})  "
                   f"torch {result['torch_ms_per_token']:.2f} ms/token ({result['torch_spread_ms']:.2f})")
     return 0 if diff < 1e-4 else 1
+
+
+def _is_fingerprint(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", help="merge the adapter and export ONNX, checked with onnxruntime")
     p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None, help="an update file to merge")
+    p.add_argument("--adapter", default=None, help="an update file or a peft adapter folder to merge")
     p.add_argument("--out", required=True)
     p.add_argument("--time-tokens", type=int, default=0, help="also time greedy generation of N tokens")
     p.add_argument("--offline", action="store_true")

@@ -26,11 +26,11 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checks import check_local_model, check_spec
 from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
 from .targets import AUTO, has_conv1d, is_auto, is_conv1d, module_shape, resolve_targets
 from .wire import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, RankSpec, module_names, scaling
@@ -122,7 +122,7 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
 
     hf_logging.disable_progress_bar()
     try:
-        local_files_only = _check_local_model(name_or_path) or local_files_only
+        local_files_only = check_local_model(name_or_path) or local_files_only
     except ValueError as exc:
         raise ValueError(f"could not load model {name_or_path!r}: {exc}") from None
     try:
@@ -137,27 +137,6 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
-
-
-def _check_local_model(name_or_path: str) -> bool:
-    """True for an existing local folder (checked for a config and tokenizer files); a path-like
-    name that does not exist fails here, naming the path, before any hub lookup."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"model folder {str(path)!r} has no config.json (save it with save_pretrained)")
-        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
-            raise ValueError(f"model folder {str(path)!r} has no tokenizer files (expected one of "
-                             f"{', '.join(_TOKENIZER_FILES)}; save the tokenizer with save_pretrained too)")
-        return True
-    if path.exists():
-        raise ValueError(f"model path {str(path)!r} is a file, expected a model folder or a hub id")
-    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise ValueError(f"local model path {str(path)!r} does not exist")
-    return False
 
 
 def fingerprint(model) -> str:
@@ -243,6 +222,16 @@ class LocalTrainer:
         model, tokenizer = load_model(name_or_path, dtype=dtype, local_files_only=local_files_only)
         return cls(model, tokenizer, config=config, spec=spec, client_id=client_id)
 
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """peft module path -> (d_out, d_in) of every targeted module."""
+        targets = set(self.config.target_modules)
+        return {_PEFT_PREFIX + n: module_shape(m) for n, m in self.base.named_modules()
+                if n.rsplit(".", 1)[-1] in targets and hasattr(m, "weight") and m.weight.dim() == 2}
+
+    def check_spec(self, spec: RankSpec, *, strict_pattern: bool = False) -> None:
+        """Before any work: every module's rank within its size (see ``checks.check_spec``)."""
+        check_spec(self.module_shapes(), spec, self.config.target_modules, strict_pattern=strict_pattern)
+
     # ------------------------------------------------------------------ what the server sends
     def load_global(self, g: GlobalFactors | None) -> None:
         """Take the server's message: FLoRA's ``merge_into_base`` is merged into the base weights
@@ -308,6 +297,7 @@ class LocalTrainer:
         records = as_records(data)
         c = self.config
         spec = spec or self.spec
+        self.check_spec(spec)
         seed = round if seed is None else int(seed)
         encoded = [tokenize_record(self.tokenizer, r, c.max_length) for r in records]
         rng = random.Random(seed)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,8 +20,8 @@ def _peft_train(base, out, *, seed, rank_pattern, alpha_pattern, targets, fan_in
 
     from peft import LoraConfig, get_peft_model
 
-    from edge_client.testing import synthetic_records, train_tokenizer
     from edge_client.data import format_prompt
+    from edge_client.testing import synthetic_records, train_tokenizer
 
     torch.manual_seed(seed)
     cfg = LoraConfig(r=4, lora_alpha=8, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
@@ -71,9 +69,15 @@ def round_trip(arch: str = "llama", rank: int = 32) -> dict:
     wire_diff = max(float(np.abs(u.module_delta(m) - d[m]).max())
                     for u, d in zip(updates, deltas) for m in d)
     out = tmp / "global"
-    cmd = [sys.executable, "-m", "server.cli", "aggregate", str(tmp / "adapter0"), str(tmp / "adapter1"),
-           "--rank", str(rank), "--out", str(out), "--json"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    import contextlib
+    import io
+
+    from server.cli import main as flexlora
+
+    with contextlib.redirect_stdout(io.StringIO()):   # `flexlora aggregate A B --rank R --out DIR`
+        if flexlora(["aggregate", str(tmp / "adapter0"), str(tmp / "adapter1"), "--rank", str(rank),
+                     "--out", str(out), "--json"]) != 0:
+            raise RuntimeError("flexlora aggregate failed")
     g = read_peft_adapter(out)
     ids = torch.tensor([[1, 5, 9, 14, 20, 33, 40, 2]])
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path).eval(), str(out)).eval()

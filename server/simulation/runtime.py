@@ -160,6 +160,12 @@ def build_suite_for(cfg: SimulationConfig) -> Suite:
     return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout, seed=cfg.seed))
 
 
+def _capped_ranks(shapes) -> dict[int, int]:
+    """Client types' ranks capped at the smallest targeted module's size (tiny test models)."""
+    cap = min(min(s) for s in shapes.values())
+    return {r: min(r, cap) for r in (8, 30, 200)}
+
+
 def train_config_for(cfg: SimulationConfig) -> TrainConfig:
     return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
                        max_length=cfg.max_length, target_modules=tuple(cfg.target_modules))
@@ -192,7 +198,7 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
     clients = {c.client_id: c for c in suite.train}
     devices = {d.client_id: d for d in assign_devices(
         list(clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution,
-        rank_map=DEMO_RANKS if cfg.model is None else None)}
+        rank_map=DEMO_RANKS if cfg.model is None else _capped_ranks(linear_shapes(model, cfg.target_modules)))}
     specs = {cid: d.spec for cid, d in devices.items()}
     strategy = strategy_for(cfg, specs.values(), base_model=base_model,
                             module_shapes=linear_shapes(model, cfg.target_modules))
