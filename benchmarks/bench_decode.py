@@ -50,7 +50,7 @@ def main() -> int:
     print("| prompt | ort no cache | ort KV cache | ort KV int8 | torch generate (cache) | same tokens kv/int8 |")
     print("|---|---|---|---|---|---|")
     for plen in (int(p) for p in args.prompts.split(",")):
-        prompt = [1] + rng.integers(3, 500, plen - 1).tolist()
+        prompt = [1] + rng.integers(3, model.config.vocab_size, plen - 1).tolist()
         cells, outs = [], {}
         for name, fn, obj in (("full", lm_full.greedy, lm_full), ("kv", lm_kv.greedy, lm_kv),
                               ("q8", lm_q8.greedy, lm_q8), ("torch", greedy_torch_cache, ref)):

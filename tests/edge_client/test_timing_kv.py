@@ -66,3 +66,22 @@ def test_kv_cache_export_matches_torch_and_int8(tmp_path):
     q8 = quantize_int8(path, tmp_path / "kv.int8.onnx")
     assert (tmp_path / "kv.int8.onnx").stat().st_size < (tmp_path / "kv.onnx").stat().st_size
     assert np.abs(OnnxKVLM(q8).logits(ids) - want).max() < 0.5
+
+
+def test_chat_and_completion_records_and_non_utf8(tmp_path, tokenizer):
+    from edge_client.data import load_jsonl, prompt_ids
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "Reverse: a b"}, {"role": "assistant", "content": "b a"}]}\n'
+                    '{"prompt": "Copy: x", "completion": "x"}\n')
+    chat, completion = load_jsonl(path)
+    assert (chat["output"], completion["instruction"], completion["output"]) == ("b a", "Copy: x", "x")
+    assert prompt_ids(tokenizer, chat)[1:] == prompt_ids(tokenizer, {"instruction": "Reverse: a b"})[1:]
+    tokenizer_with_template = __import__("copy").deepcopy(tokenizer)
+    tokenizer_with_template.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    ids = prompt_ids(tokenizer_with_template, chat)
+    assert tokenizer_with_template.decode(ids) == "<user>Reverse: a b<assistant>"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff", "output": "b"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not UTF-8"):
+        load_jsonl(bad)
