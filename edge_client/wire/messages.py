@@ -222,6 +222,19 @@ class _RankedFactors:
     def module_scaling(self, module: str) -> float:
         return scaling(self.module_alpha(module), self.module_rank(module), self.rslora)
 
+    def factors_at_alpha(self) -> dict[str, np.ndarray]:
+        """The factors with every ``alpha_pattern`` folded into ``B`` (``B * alpha_m / alpha``), for
+        consumers that scale by the single ``alpha``; the same dict when there is no pattern."""
+        if not getattr(self, "alpha_pattern", None):
+            return self.factors
+        out = dict(self.factors)
+        for module in self.modules():
+            ratio = self.module_alpha(module) / float(self.alpha)
+            if ratio != 1.0:
+                b_key = factor_keys(module)[1]
+                out[b_key] = (np.asarray(out[b_key], np.float32) * np.float32(ratio)).astype(np.float32)
+        return out
+
     def modules(self) -> list[str]:
         return module_names(self.factors)
 

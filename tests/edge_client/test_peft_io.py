@@ -85,3 +85,19 @@ def test_aggregate_cli_writes_rank_and_wire(tmp_path):
     wire = decode_global((tmp_path / "g.safetensors").read_bytes())
     assert np.allclose(wire.module_delta(MODS[1]), g.module_delta(MODS[1]), rtol=1e-5, atol=1e-5)
     assert main(["aggregate", str(paths[0]), "--rank", "9", "--out", str(tmp_path / "x")]) == 1   # above 8
+
+
+def test_streaming_aggregator_honours_alpha_pattern():
+    from server.aggregation import Aggregator
+    from server.strategies.flexlora import flexlora_delta
+
+    rng = np.random.default_rng(3)
+    u = ClientUpdate(client_id="c", factors=_factors(rng, MODS, 2), num_examples=3, rank=2, alpha=16.0,
+                     alpha_pattern={"down_proj": 128.0}, base_model="b", target_modules=["q_proj", "down_proj"])
+    agg = Aggregator(max_rank=2, method="exact")
+    agg.add_update(u)
+    adapter = agg.finalize()
+    for m in MODS:
+        b, a = u.pair(m)
+        want = flexlora_delta([(b, a, u.module_scaling(m), 3)])
+        np.testing.assert_allclose(adapter.delta(m), want, rtol=1e-4, atol=1e-3)
