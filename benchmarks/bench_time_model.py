@@ -1,5 +1,5 @@
 """Time model vs reality: predicted seconds per LoRA training step (edge_client.timing, calibrated
-once per model on two sequence lengths at rank 4) against measured steps, models x ranks x
+once per model on two sequence lengths at rank 4 and one step set at rank 64) against measured steps, models x ranks x
 sequence lengths, every point (and every calibration) in a fresh subprocess. Goal: within +-25%.
 
     python benchmarks/bench_time_model.py                 # 2 models x 3 ranks x 2 seq lens

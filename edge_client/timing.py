@@ -4,13 +4,14 @@ Time model (one optimizer step, batch B, sequence T, n = B*T tokens):
 
   flops(r) = fwd + bwd,  fwd = 2 n P_lin + 4 B T^2 d_model L + 2 n sum_m r_m (d_in + d_out)
   bwd      = 2 n P_lin + 8 B T^2 d_model L + 4 n sum_m r_m (d_in + d_out)   (+ fwd again with checkpointing)
-  t(r)     = t0 + flops(r) / rate
+  t(r)     = t0 + base flops / rate + LoRA flops / lora_rate
 
 ``P_lin`` counts the weights of every linear/Conv1D layer (LM head included); the frozen base
 needs input gradients only (one GEMM per layer backward), LoRA factors both. ``rate`` (effective
-FLOP/s of this device on this model) and ``t0`` (per-step framework overhead: optimizer, kernel
-launches, Python) are calibrated on the device by timing a few real training steps of the very
-model at two sequence lengths (:func:`calibrate`). A round is ``steps * t(r)``.
+FLOP/s of this device on this model), ``lora_rate`` (thin LoRA GEMMs run far below it) and ``t0``
+(per-step framework overhead: optimizer, kernel launches, Python) are calibrated on the device by
+timing a few real training steps of the very model at two sequence lengths and one high rank
+(:func:`calibrate`). A round is ``steps * t(r)``.
 
 :func:`choose_rank_for_deadline` keeps the memory choice of ``rank_policy.choose_rank`` and then
 drops every candidate whose predicted round time exceeds the deadline; on battery and low charge
@@ -23,7 +24,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["TimeModel", "step_flops", "measure_step_seconds", "calibrate", "battery_state",
+__all__ = ["TimeModel", "step_flops", "step_flops_parts", "measure_step_seconds", "calibrate", "battery_state",
            "choose_rank_for_deadline"]
 
 
@@ -63,19 +64,28 @@ def _shapes_of_model(model, targets):
 def step_flops(model_or_config, targets, spec, *, batch: int, seq_len: int,
                gradient_checkpointing: bool = False) -> float:
     """FLOPs of one LoRA training step (see the module docstring)."""
+    return sum(step_flops_parts(model_or_config, targets, spec, batch=batch, seq_len=seq_len,
+                                gradient_checkpointing=gradient_checkpointing))
+
+
+def step_flops_parts(model_or_config, targets, spec, *, batch: int, seq_len: int,
+                     gradient_checkpointing: bool = False) -> tuple[float, float]:
+    """(base FLOPs, LoRA FLOPs) of one step: thin LoRA GEMMs run at their own rate."""
     config, p_lin, lora = _shapes_of(model_or_config, targets)
     n = batch * seq_len
     layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1))
     hidden = int(getattr(config, "hidden_size", None) or getattr(config, "n_embd"))
     lora_inner = sum(spec.module_rank(m) * (o + i) for m, (o, i) in lora.items())
     attn = batch * seq_len * seq_len * hidden * layers
-    fwd = 2 * n * p_lin + 4 * attn + 2 * n * lora_inner
-    bwd = 2 * n * p_lin + 8 * attn + 4 * n * lora_inner
-    return float(fwd + bwd + (fwd if gradient_checkpointing else 0))
+    base_fwd, lora_fwd = 2 * n * p_lin + 4 * attn, 2 * n * lora_inner
+    base = base_fwd + 2 * n * p_lin + 8 * attn + (base_fwd if gradient_checkpointing else 0)
+    lora_f = lora_fwd + 2 * lora_fwd + (lora_fwd if gradient_checkpointing else 0)
+    return float(base), float(lora_f)
 
 
-def measure_step_seconds(trainer, spec, *, batch: int, seq_len: int, steps: int = 3, warmup: int = 1) -> float:
-    """Median seconds of ``steps`` real AdamW steps of ``trainer``'s model at ``spec`` (random tokens)."""
+def measure_step_seconds(trainer, spec, *, batch: int, seq_len: int, steps: int = 3, warmup: int = 1,
+                         stat: str = "median") -> float:
+    """Median (or min) seconds of ``steps`` real AdamW steps of ``trainer``'s model at ``spec`` (random tokens)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -93,7 +103,7 @@ def measure_step_seconds(trainer, spec, *, batch: int, seq_len: int, steps: int 
             if k >= warmup:
                 times.append(time.perf_counter() - t)
     times.sort()
-    return times[len(times) // 2]
+    return times[0] if stat == "min" else times[len(times) // 2]
 
 
 @dataclass(kw_only=True)
@@ -102,11 +112,13 @@ class TimeModel:
     flops_per_s: float
     overhead_s: float
     calibration: list[dict]
+    lora_flops_per_s: float | None = None    # None: LoRA FLOPs at the base rate
 
     def step_seconds(self, model_or_config, targets, spec, *, batch: int, seq_len: int,
                      gradient_checkpointing: bool = False) -> float:
-        return self.overhead_s + step_flops(model_or_config, targets, spec, batch=batch, seq_len=seq_len,
-                                            gradient_checkpointing=gradient_checkpointing) / self.flops_per_s
+        base, lora = step_flops_parts(model_or_config, targets, spec, batch=batch, seq_len=seq_len,
+                                      gradient_checkpointing=gradient_checkpointing)
+        return self.overhead_s + base / self.flops_per_s + lora / (self.lora_flops_per_s or self.flops_per_s)
 
     def round_seconds(self, model_or_config, targets, spec, *, steps: int, batch: int, seq_len: int,
                       gradient_checkpointing: bool = False) -> float:
@@ -117,23 +129,36 @@ class TimeModel:
         return asdict(self)
 
 
-def calibrate(trainer, *, spec=None, batch: int = 1, seq_lens: Sequence[int] = (16, 128), steps: int = 3) -> TimeModel:
-    """Fit ``overhead_s`` and ``flops_per_s`` to real steps at two (or more) sequence lengths."""
+def calibrate(trainer, *, spec=None, batch: int = 1, seq_lens: Sequence[int] = (16, 128), steps: int = 3,
+              high_rank: int | None = 64) -> TimeModel:
+    """Fit ``overhead_s`` and ``flops_per_s`` to real steps at two (or more) sequence lengths at
+    ``spec`` (default rank 4), and, with ``high_rank``, ``lora_flops_per_s`` to one more step at that
+    rank and the longest length (minimum of the steps: the least disturbed by other processes)."""
     import numpy as np
 
     from .wire import RankSpec
 
     spec = spec or RankSpec(rank=4)
+    points = [(int(seq), spec) for seq in seq_lens]
+    if high_rank:
+        points.append((int(max(seq_lens)), RankSpec(rank=int(high_rank))))
     rows = []
-    for seq in seq_lens:
-        t = measure_step_seconds(trainer, spec, batch=batch, seq_len=int(seq), steps=steps)
-        f = step_flops(trainer.base, trainer.config.target_modules, spec, batch=batch, seq_len=int(seq))
-        rows.append({"seq_len": int(seq), "batch": batch, "rank": spec.rank, "seconds": t, "flops": f})
-    x = np.array([[1.0, r["flops"]] for r in rows])
+    for seq, sp in points:
+        t = measure_step_seconds(trainer, sp, batch=batch, seq_len=seq, steps=steps, stat="min")
+        base, lora = step_flops_parts(trainer.base, trainer.config.target_modules, sp, batch=batch, seq_len=seq)
+        rows.append({"seq_len": seq, "batch": batch, "rank": sp.rank, "seconds": t, "base_flops": base,
+                     "lora_flops": lora})
     y = np.array([r["seconds"] for r in rows])
+    if high_rank:
+        x = np.array([[1.0, r["base_flops"], r["lora_flops"]] for r in rows])
+        (t0, inv_base, inv_lora), *_ = np.linalg.lstsq(x, y, rcond=None)
+        if t0 >= 0 and inv_base > 0 and inv_lora > 0:
+            return TimeModel(flops_per_s=float(1 / inv_base), overhead_s=float(t0), calibration=rows,
+                             lora_flops_per_s=float(1 / inv_lora))
+    x = np.array([[1.0, r["base_flops"] + r["lora_flops"]] for r in rows])
     (t0, inv_rate), *_ = np.linalg.lstsq(x, y, rcond=None)
     if inv_rate <= 0:   # noise swamped the slope: all time is per-FLOP at the largest point
-        t0, inv_rate = 0.0, rows[-1]["seconds"] / rows[-1]["flops"]
+        t0, inv_rate = 0.0, y[-1] / x[-1, 1]
     return TimeModel(flops_per_s=float(1.0 / inv_rate), overhead_s=float(max(t0, 0.0)), calibration=rows)
 
 

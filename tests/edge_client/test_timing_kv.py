@@ -43,8 +43,8 @@ def test_deadline_and_battery_choose_and_explain():
 def test_calibrate_on_device():
     model, tok = tiny_model_and_tokenizer(hidden=32, layers=1)
     trainer = LocalTrainer(model, tok, config=TrainConfig())
-    tm = calibrate(trainer, seq_lens=(8, 32), steps=1)
-    assert tm.flops_per_s > 0 and tm.overhead_s >= 0 and len(tm.calibration) == 2
+    tm = calibrate(trainer, seq_lens=(8, 32), steps=1, high_rank=16)
+    assert tm.flops_per_s > 0 and tm.overhead_s >= 0 and len(tm.calibration) == 3   # 2 lengths + 1 high rank
     assert tm.step_seconds(model, ("auto",), RankSpec(rank=4), batch=1, seq_len=32) > 0
 
 
