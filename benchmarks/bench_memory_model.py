@@ -52,13 +52,15 @@ def child(args) -> None:
 
     tok = train_tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(args.model))
+    model = AutoModelForCausalLM.from_config(_config(args.model), dtype=getattr(torch, args.dtype))
     words = "one two three four five six seven eight nine ten".split()
     long_output = " ".join(words[i % 10] for i in range(4 * args.seq_len))
     records = [{"instruction": "Count.", "input": "", "output": long_output}] * (BATCH * args.steps)
-    cfg = TrainConfig(rank=args.rank, target_modules=tuple(TARGETS), batch_size=BATCH, max_seq_len=args.seq_len,
-                      max_steps=args.steps, learning_rate=1e-4)
-    trainer = LocalTrainer(model, tok, config=cfg, base_model_id="bench")
+    from edge_client.wire import RankSpec
+
+    cfg = TrainConfig(target_modules=tuple(TARGETS), batch_size=BATCH, max_length=args.seq_len,
+                      steps=args.steps, lr=1e-4, gradient_checkpointing=args.gradient_checkpointing)
+    trainer = LocalTrainer(model, tok, config=cfg, spec=RankSpec(rank=args.rank), base_model_id="bench")
     t = time.perf_counter()
     update = trainer.train(records)
     step_s = (time.perf_counter() - t) / args.steps
@@ -66,9 +68,10 @@ def child(args) -> None:
     print(json.dumps({"peak_rss": peak, "step_s": step_s, "steps": update.metrics["steps"]}))
 
 
-def measure(model, rank, seq_len, steps, threads):
+def measure(model, rank, seq_len, steps, threads, dtype="float32", gradient_checkpointing=False):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", model, "--rank", str(rank),
-           "--seq-len", str(seq_len), "--steps", str(steps), "--threads", str(threads)]
+           "--seq-len", str(seq_len), "--steps", str(steps), "--threads", str(threads), "--dtype", dtype]
+    cmd += ["--gradient-checkpointing"] if gradient_checkpointing else []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT, TRANSFORMERS_VERBOSITY="error")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode:
@@ -88,6 +91,11 @@ def main() -> int:
     ap.add_argument("--seq-lens", default="64,256")
     ap.add_argument("--margin", type=float, default=0.05, help="policy safety margin for the check")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", default="float32", help="base weight dtype of a child")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--modes", default="float32", help="comma list of float32, bfloat16, float16, "
+                    "float32+gc, bfloat16+gc (gc: gradient checkpointing)")
+    ap.add_argument("--models", default=None, help="comma list of model names (default: all)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args()
     if args.child:
@@ -103,27 +111,30 @@ def main() -> int:
 
     ranks = [int(r) for r in args.ranks.split(",")]
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
-    models = list(MODELS)[:1] if args.quick else list(MODELS)
+    models = list(MODELS)[:1] if args.quick else (args.models.split(",") if args.models else list(MODELS))
+    modes = [(m.split("+")[0], m.endswith("+gc")) for m in args.modes.split(",")]
     print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.1f} GiB, torch {torch.__version__}, threads {args.threads}")
-    print(f"batch {BATCH}, vocab {VOCAB}, targets {','.join(TARGETS)}, AdamW, float32, "
+    print(f"batch {BATCH}, vocab {VOCAB}, targets {','.join(TARGETS)}, AdamW, modes {args.modes}, "
           f"{args.steps} steps per point, peak = ru_maxrss of a fresh process (one run per point: "
           f"memory is deterministic, unlike time)")
-    hdr = f"{'model':>14s} {'rank':>5s} {'seq':>5s} {'predicted MiB':>14s} {'measured MiB':>13s} {'error':>7s} {'step s':>7s}"
+    hdr = f"{'mode':>12s} {'model':>14s} {'rank':>5s} {'seq':>5s} {'predicted MiB':>14s} {'measured MiB':>13s} {'error':>7s} {'step s':>7s}"
     print(hdr)
     rows = []
     for model in models:
         cfg = _config(model)
-        for seq in seq_lens:
+        for dtype, gc in modes:
+          for seq in seq_lens:
             for rank in ranks:
-                est = estimate(cfg, TARGETS, rank, batch=BATCH, seq_len=seq)
-                m = measure(model, rank, seq, args.steps, args.threads)
+                est = estimate(cfg, TARGETS, rank, batch=BATCH, seq_len=seq, dtype=dtype, gradient_checkpointing=gc)
+                m = measure(model, rank, seq, args.steps, args.threads, dtype, gc)
                 err = est.total / m["peak_rss"] - 1
-                rows.append({"model": model, "rank": rank, "seq_len": seq, "predicted": est.total,
+                mode = dtype + ("+gc" if gc else "")
+                rows.append({"model": model, "rank": rank, "seq_len": seq, "mode": mode, "predicted": est.total,
                              "measured": m["peak_rss"], "error": err, "step_s": m["step_s"],
                              "breakdown": est.to_dict()})
-                print(f"{model:>14s} {rank:5d} {seq:5d} {est.total / 2**20:14.0f} {m['peak_rss'] / 2**20:13.0f} "
-                      f"{err:+7.1%} {m['step_s']:7.2f}", flush=True)
+                print(f"{mode:>12s} {model:>14s} {rank:5d} {seq:5d} {est.total / 2**20:14.0f} "
+                      f"{m['peak_rss'] / 2**20:13.0f} {err:+7.1%} {m['step_s']:7.2f}", flush=True)
     errors = [abs(r["error"]) for r in rows]
     within = sum(e <= 0.20 for e in errors)
     print(f"\n{within}/{len(rows)} points within +-20%; max |error| {max(errors):.1%}, "

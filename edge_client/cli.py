@@ -34,15 +34,24 @@ def _load_config(name: str):
 
 
 def _common(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-    from .trainer import DEFAULT_TARGETS
+
 
     p.add_argument("--model", required=model_required, default=None, help="local model directory or hub id")
     p.add_argument("--ranks", type=_ranks, default=[4, 8, 16, 32, 64, 128, 200])
     p.add_argument("--paper-types", action="store_true", help="candidates r8, r30, r30_200, r200 instead of --ranks")
-    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS))
+    p.add_argument("--targets", type=_targets, default=["auto"],
+                   help="comma list of module short names; auto (default): every projection of the blocks")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the base weights (adapters stay float32)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds the round's local training may take: calibrate on this device (loads the "
+                        "model, times a few steps) and keep only ranks predicted to finish in time")
+    p.add_argument("--round-steps", type=int, default=30, help="optimizer steps of a round (with --deadline)")
+    p.add_argument("--on-low-battery", choices=["ignore", "smaller", "skip"], default="smaller")
+    p.add_argument("--battery-low", type=float, default=20.0, help="percent below which the battery is low")
     p.add_argument("--json", action="store_true")
 
 
@@ -73,10 +82,31 @@ def cmd_probe(args) -> int:
 def _choose(args, profile):
     from .rank_policy import choose_rank, paper_candidates
 
+    if args.deadline is not None:
+        return _choose_for_deadline(args, profile)
     config = _load_config(args.model)
     return choose_rank(profile, config, None if args.paper_types else args.ranks,
                        candidates=paper_candidates() if args.paper_types else None, targets=args.targets,
-                       batch=args.batch, seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing)
+                       batch=args.batch, seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing,
+                       dtype=args.dtype)
+
+
+def _choose_for_deadline(args, profile):
+    from .timing import battery_state, calibrate, choose_rank_for_deadline
+    from .trainer import LocalTrainer, TrainConfig
+
+    if args.paper_types:
+        raise ValueError("--deadline works with --ranks (uniform ranks), not --paper-types")
+    trainer = LocalTrainer.from_pretrained(args.model, config=TrainConfig(target_modules=tuple(args.targets)),
+                                           dtype=args.dtype)
+    tm = calibrate(trainer, batch=args.batch, seq_lens=(max(8, args.seq_len // 4), args.seq_len))
+    choice, _ = choose_rank_for_deadline(profile, trainer.base, args.ranks, time_model=tm, deadline_s=args.deadline,
+                                         steps=args.round_steps, targets=trainer.config.target_modules,
+                                         batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
+                                         gradient_checkpointing=args.gradient_checkpointing,
+                                         battery=battery_state(), battery_low=args.battery_low,
+                                         on_low_battery=args.on_low_battery)
+    return choice
 
 
 def cmd_plan(args) -> int:
@@ -88,7 +118,7 @@ def cmd_plan(args) -> int:
     rows = []
     for c in cands:
         e = estimate(config, args.targets, c.rank, c.pattern, batch=args.batch, seq_len=args.seq_len,
-                     gradient_checkpointing=args.gradient_checkpointing)
+                     gradient_checkpointing=args.gradient_checkpointing, dtype=args.dtype)
         rows.append({"candidate": c.name, **e.to_dict()})
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -106,7 +136,8 @@ def _train_config(args, **over):
 
     return TrainConfig(**{"alpha": args.alpha, "rslora": args.rslora, "target_modules": tuple(args.targets),
                           "lr": args.lr, "batch_size": args.batch, "max_length": args.seq_len,
-                          "epochs": args.epochs, "steps": args.steps, **over})
+                          "epochs": args.epochs, "steps": args.steps,
+                          "gradient_checkpointing": args.gradient_checkpointing, **over})
 
 
 def cmd_train(args) -> int:
@@ -116,7 +147,9 @@ def cmd_train(args) -> int:
     pattern = json.loads(args.rank_pattern) if args.rank_pattern else {}
     trainer = LocalTrainer.from_pretrained(args.model, config=_train_config(args),
                                            spec=RankSpec(rank=args.rank, rank_pattern=pattern),
-                                           client_id=args.client_id, local_files_only=args.offline)
+                                           client_id=args.client_id, local_files_only=args.offline,
+                                           dtype=args.dtype)
+    trainer.check_spec(trainer.spec, strict_pattern=True)
     if args.global_factors:
         trainer.load_global(decode_global(Path(args.global_factors).read_bytes()))
     update = trainer.train(args.data, round=args.round, seed=args.seed)
@@ -133,15 +166,23 @@ def cmd_export(args) -> int:
     import torch
 
     from .export import OnnxLM, export_onnx, merged_model
+    from .peft_io import read_update_path
     from .trainer import LocalTrainer, TrainConfig
-    from .wire import RankSpec, decode_update
+    from .wire import RankSpec
 
     config, spec, update = None, None, None
-    if args.adapter:
-        update = decode_update(Path(args.adapter).read_bytes())
+    if args.adapter:   # a wire update file or a peft adapter folder
+        update = read_update_path(args.adapter)
+        if update.alpha_pattern:
+            raise ValueError(f"{args.adapter}: export of adapters with an alpha_pattern is not supported yet")
         config = TrainConfig(alpha=update.alpha, rslora=update.rslora, target_modules=tuple(update.target_modules))
         spec = RankSpec(rank=update.rank, rank_pattern=update.rank_pattern)
     trainer = LocalTrainer.from_pretrained(args.model, config=config, spec=spec, local_files_only=args.offline)
+    if update is not None and _is_fingerprint(update.base_model) and update.base_model != trainer.base_model:
+        raise ValueError(f"adapter {args.adapter} was trained on base model {update.base_model[:12]}..., "
+                         f"not on {args.model} ({trainer.base_model[:12]}...): refusing to merge it")
+    if args.kv_cache:
+        return _export_kv(args, trainer, update)
     with trainer.adapter(factors=update.factors if update is not None else None) as model:
         path = export_onnx(model, args.out)
         merged = merged_model(model)
@@ -170,8 +211,50 @@ def cmd_export(args) -> int:
     return 0 if diff < 1e-4 else 1
 
 
+def _export_kv(args, trainer, update) -> int:
+    """``export --kv-cache [--int8]``: the past-key-values graph, checked and optionally timed."""
+    import os
+
+    import numpy as np
+    import torch
+
+    from .export import merged_model
+    from .export_kv import OnnxKVLM, export_onnx_kv, greedy_torch_cache, quantize_int8, timed
+
+    with trainer.adapter(factors=update.factors if update is not None else None) as model:
+        path = export_onnx_kv(model, args.out)
+        merged = merged_model(model)
+    merged.config.use_cache = True
+    ids = np.array([[trainer.tokenizer.bos_token_id or 0] + list(range(3, 10))], dtype=np.int64)
+    with torch.no_grad():
+        ref = merged(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+    lm = OnnxKVLM(path)
+    result = {"out": path, "max_abs_logit_diff": float(np.abs(lm.logits(ids) - ref).max()),
+              "bytes": os.path.getsize(path)}
+    q8 = None
+    if args.int8:
+        q8 = OnnxKVLM(quantize_int8(path, str(path).removesuffix(".onnx") + ".int8.onnx"))
+        result.update(int8_out=str(path).removesuffix(".onnx") + ".int8.onnx",
+                      int8_bytes=os.path.getsize(str(path).removesuffix(".onnx") + ".int8.onnx"),
+                      int8_max_abs_logit_diff=float(np.abs(q8.logits(ids) - ref).max()))
+    if args.time_tokens:
+        prompt = ids[0].tolist()
+        result["onnxruntime_kv_ms_per_token"] = timed(lm.greedy, prompt, args.time_tokens)[0] * 1e3
+        if q8 is not None:
+            result["onnxruntime_int8_ms_per_token"] = timed(q8.greedy, prompt, args.time_tokens)[0] * 1e3
+        result["torch_generate_ms_per_token"] = timed(lambda p, n: greedy_torch_cache(merged, p, n), prompt,
+                                                      args.time_tokens)[0] * 1e3
+    print(json.dumps(result) if args.json else " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                        for k, v in result.items()))
+    return 0 if result["max_abs_logit_diff"] < 1e-4 else 1
+
+
+def _is_fingerprint(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .trainer import DEFAULT_TARGETS, TrainConfig
+    from .trainer import TrainConfig
 
     TRAIN_DEFAULTS = TrainConfig()
     parser = argparse.ArgumentParser(prog="flexlora-client", description=__doc__)
@@ -191,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank-pattern", default=None, help='JSON, e.g. {"gate_proj": 200}')
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--rslora", action="store_true")
-    p.add_argument("--targets", type=_targets, default=list(DEFAULT_TARGETS))
+    p.add_argument("--targets", type=_targets, default=["auto"],
+                   help="comma list of module short names; auto (default): every projection of the blocks")
     p.add_argument("--lr", type=float, default=TRAIN_DEFAULTS.lr)
     p.add_argument("--batch", type=int, default=TRAIN_DEFAULTS.batch_size)
     p.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.max_length)
@@ -202,14 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-id", default="client")
     p.add_argument("--round", type=int, default=0)
     p.add_argument("--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the base weights (adapters stay float32)")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--offline", action="store_true", help="never contact the hub")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("export", help="merge the adapter and export ONNX, checked with onnxruntime")
     p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None, help="an update file to merge")
+    p.add_argument("--adapter", default=None, help="an update file or a peft adapter folder to merge")
     p.add_argument("--out", required=True)
     p.add_argument("--time-tokens", type=int, default=0, help="also time greedy generation of N tokens")
+    p.add_argument("--kv-cache", action="store_true", help="export the past-key-values form (incremental decoding)")
+    p.add_argument("--int8", action="store_true", help="with --kv-cache: also write an int8 dynamic-quantised copy")
     p.add_argument("--offline", action="store_true")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)

@@ -12,9 +12,32 @@ __all__ = ["load_jsonl", "iter_jsonl", "validate_record", "format_prompt", "prom
 IGNORE_INDEX = -100
 
 
+def _from_chat_or_completion(record: dict, index: int) -> dict:
+    """Chat-style ``messages`` (the last must be the assistant's) or ``prompt``/``completion`` as an
+    instruction record; ``messages`` is kept so a tokenizer's chat template can format it."""
+    if "messages" in record:
+        msgs = record["messages"]
+        ok = isinstance(msgs, list) and len(msgs) >= 2 and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs)
+        if not ok or msgs[-1]["role"] != "assistant":
+            raise ValueError(f"record {index}: 'messages' must be a list of {{role, content}} objects ending with "
+                             "the assistant's reply")
+        prompt = "\n".join(m["content"] for m in msgs[:-1])
+        return {"instruction": prompt, "output": msgs[-1]["content"], "category": record.get("category"),
+                "messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+    return {"instruction": record.get("prompt"), "output": record.get("completion"),
+            "category": record.get("category")}
+
+
 def validate_record(record, index: int = 0) -> dict:
     if not isinstance(record, dict):
         raise ValueError(f"record {index} must be a JSON object, got {type(record).__name__}")
+    if "instruction" not in record and ("messages" in record or "prompt" in record):
+        converted = _from_chat_or_completion(record, index)
+        out = validate_record({k: v for k, v in converted.items() if k != "messages"}, index)
+        if "messages" in converted:
+            out["messages"] = converted["messages"]
+        return out
     for key in ("instruction", "output"):
         if not isinstance(record.get(key), str) or not record[key].strip():
             raise ValueError(f"record {index} needs a non-empty string {key!r}, got {record.get(key)!r:.60}")
@@ -29,8 +52,13 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
     """``(line number, parsed value)`` for every non-blank line of a JSONL file; a line that is
     not JSON raises ValueError naming the file and line. The one JSONL reader of the project
     (client data here, the simulation suite and the experiment converters in ``server``)."""
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"
+                                 ) from None
             if not line.strip():
                 continue
             try:
@@ -57,6 +85,9 @@ def format_prompt(record: Mapping[str, str]) -> str:
 def prompt_ids(tokenizer, record: Mapping[str, str] | str) -> list[int]:
     """Token ids of the prompt (``bos`` first when the tokenizer has one); a string is taken as an
     already formatted prompt."""
+    if not isinstance(record, str) and record.get("messages") and getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(record["messages"][:-1], add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, Mapping) else out)
     text = record if isinstance(record, str) else format_prompt(record)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + ids

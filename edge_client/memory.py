@@ -67,11 +67,13 @@ def _meta_peft_model(model_config, targets, rank, rank_pattern, dtype, alpha):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from .targets import has_conv1d, resolve_targets
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config, dtype=getattr(torch, dtype))
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(resolve_targets(model, targets)),
                         rank_pattern=dict(rank_pattern or {}), lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM")
+                        task_type="CAUSAL_LM", fan_in_fan_out=has_conv1d(model))
     return get_peft_model(model, config)
 
 
@@ -101,10 +103,15 @@ def _trace_saved(model, batch: int, seq_len: int, vocab: int):
         masking_utils, original = None, None
     if original is not None:
         masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    # transformers checks a batch without attention mask for pad tokens (a data-dependent test that
+    # meta tensors cannot answer, e.g. GPT-2 with pad_token_id set); the trace's batch has no padding.
+    config = model.get_base_model().config
+    pad_token_id, config.pad_token_id = config.pad_token_id, None
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(input_ids=ids, labels=ids, use_cache=False)
     finally:
+        config.pad_token_id = pad_token_id
         if original is not None:
             masking_utils.find_packed_sequence_indices = original
     act = sum(n for n, is_vocab in seen.values() if not is_vocab)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["tiny_llama_config", "train_tokenizer", "synthetic_records", "tiny_model_and_tokenizer"]
+__all__ = ["tiny_llama_config", "train_tokenizer", "synthetic_records", "tiny_model_and_tokenizer",
+           "ARCHITECTURES", "tiny_config", "save_tiny_model"]
 
 _WORDS = ("red green blue cat dog bird one two three four five apple pear plum sun moon star "
           "river hill tree stone fire water wind north south east west big small fast slow").split()
@@ -78,3 +79,42 @@ def tiny_model_and_tokenizer(*, seed: int = 0, **config_kwargs):
     model = AutoModelForCausalLM.from_config(config)
     model.config.use_cache = False
     return model, tokenizer
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "gpt_neox")
+
+
+def tiny_config(arch: str, *, vocab_size: int = 512, hidden: int = 32, layers: int = 2, heads: int = 4):
+    """A tiny config of one of :data:`ARCHITECTURES` (hidden 32, 2 layers), pad/bos/eos = 0/1/2."""
+    import transformers as tf
+
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    ffn = hidden * 2 + hidden // 2
+    if arch == "llama":
+        return tiny_llama_config(vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads)
+    if arch in ("qwen2", "mistral"):
+        cls = tf.Qwen2Config if arch == "qwen2" else tf.MistralConfig
+        return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                   num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=512,
+                   tie_word_embeddings=arch == "qwen2", **ids)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512,
+                             **ids)
+    if arch == "gpt_neox":
+        return tf.GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4,
+                                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=512,
+                                **ids)
+    raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+
+
+def save_tiny_model(arch: str, path, *, seed: int = 0, **config_kwargs) -> str:
+    """Save a randomly initialised tiny ``arch`` model and the in-process tokenizer to ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = train_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tokenizer), **config_kwargs))
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)

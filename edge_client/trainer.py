@@ -19,6 +19,7 @@ client through it (that is why it is fast): the same code path, config, prompt a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_local_model, check_spec
 from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
+from .targets import AUTO, has_conv1d, is_auto, is_conv1d, module_shape, resolve_targets
 from .wire import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, RankSpec, module_names, scaling
 
 __all__ = ["DEFAULT_TARGETS", "TrainConfig", "LocalTrainer", "load_model", "fingerprint", "merge_deltas"]
@@ -63,7 +66,7 @@ class TrainConfig:
     alpha: float = 16.0
     rslora: bool = False
     max_length: int = 64               # tokens per example (prompt cut from the left, response kept)
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] = AUTO    # ("auto",): every projection of the model's blocks
     lora_dropout: float = 0.0
     gradient_checkpointing: bool = False
 
@@ -94,18 +97,22 @@ class TrainConfig:
             if key in run_config:
                 value = run_config[key]
                 if name == "target_modules":
-                    value = tuple(t.strip() for t in str(value).split(",") if t.strip())
+                    value = tuple(t.strip() for t in str(value).split(",") if t.strip()) or AUTO
                 elif name in ("lr", "alpha") and isinstance(value, int) and not isinstance(value, bool):
                     value = float(value)
                 kw[name] = value
         return cls(**kw)
 
-    def lora_config(self, spec: RankSpec):
+    def lora_config(self, spec: RankSpec, *, fan_in_fan_out: bool = False):
         from peft import LoraConfig
 
+        if is_auto(self.target_modules):
+            raise ValueError("TrainConfig.target_modules is 'auto': resolve it on the model first "
+                             "(edge_client.targets.resolve_targets)")
         return LoraConfig(r=spec.rank, lora_alpha=self.alpha, rank_pattern=dict(spec.rank_pattern),
                           use_rslora=self.rslora, target_modules=list(self.target_modules),
-                          lora_dropout=self.lora_dropout, bias="none", task_type="CAUSAL_LM")
+                          lora_dropout=self.lora_dropout, bias="none", task_type="CAUSAL_LM",
+                          fan_in_fan_out=fan_in_fan_out)
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: bool = False):
@@ -114,6 +121,10 @@ def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: b
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    try:
+        local_files_only = check_local_model(name_or_path) or local_files_only
+    except ValueError as exc:
+        raise ValueError(f"could not load model {name_or_path!r}: {exc}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
@@ -151,17 +162,22 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def merge_deltas(model, deltas: Mapping[str, np.ndarray]) -> None:
-    """Add ``deltas`` (peft module path -> dW, d_out x d_in) to the plain model's weights in place."""
-    params = dict(model.named_parameters())
+    """Add ``deltas`` (peft module path -> dW, d_out x d_in) to the plain model's weights in place
+    (transposed into a Conv1D, which stores ``(d_in, d_out)``). Every shape is checked first."""
+    modules = dict(model.named_modules())
+    plan = []
+    for module, dw in deltas.items():
+        path = module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module
+        mod = modules.get(path)
+        if mod is None or not hasattr(mod, "weight"):
+            raise ValueError(f"delta names module {module!r}, which the model does not have")
+        if module_shape(mod) != tuple(dw.shape):
+            raise ValueError(f"delta for {module!r} is {tuple(dw.shape)}, the module is (d_out, d_in) = "
+                             f"{module_shape(mod)}")
+        plan.append((mod, np.asarray(dw, np.float32).T if is_conv1d(mod) else np.asarray(dw, np.float32)))
     with torch.no_grad():
-        for module, dw in deltas.items():
-            name = (module[len(_PEFT_PREFIX):] if module.startswith(_PEFT_PREFIX) else module) + ".weight"
-            if name not in params:
-                raise ValueError(f"delta names module {module!r}, which the model does not have")
-            p = params[name]
-            if tuple(p.shape) != tuple(dw.shape):
-                raise ValueError(f"delta for {module!r} is {tuple(dw.shape)}, the weight is {tuple(p.shape)}")
-            p.add_(torch.from_numpy(np.asarray(dw, np.float32)).to(p.dtype))
+        for mod, dw in plan:
+            mod.weight.add_(torch.from_numpy(np.ascontiguousarray(dw)).to(mod.weight.dtype))
 
 
 def _batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
@@ -190,7 +206,9 @@ class LocalTrainer:
             tokenizer.pad_token = tokenizer.eos_token
         self.tokenizer = tokenizer
         self.base = model
-        self.config = config or TrainConfig()
+        config = config or TrainConfig()
+        # the same target set as probe/plan/simulate; a name matching nothing fails here, before work
+        self.config = dataclasses.replace(config, target_modules=resolve_targets(model, config.target_modules))
         self.spec = spec or RankSpec(rank=8)
         self.client_id = client_id
         self.base_model = base_model_id or fingerprint(model)
@@ -203,6 +221,16 @@ class LocalTrainer:
                         local_files_only: bool = False) -> "LocalTrainer":
         model, tokenizer = load_model(name_or_path, dtype=dtype, local_files_only=local_files_only)
         return cls(model, tokenizer, config=config, spec=spec, client_id=client_id)
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """peft module path -> (d_out, d_in) of every targeted module."""
+        targets = set(self.config.target_modules)
+        return {_PEFT_PREFIX + n: module_shape(m) for n, m in self.base.named_modules()
+                if n.rsplit(".", 1)[-1] in targets and hasattr(m, "weight") and m.weight.dim() == 2}
+
+    def check_spec(self, spec: RankSpec, *, strict_pattern: bool = False) -> None:
+        """Before any work: every module's rank within its size (see ``checks.check_spec``)."""
+        check_spec(self.module_shapes(), spec, self.config.target_modules, strict_pattern=strict_pattern)
 
     # ------------------------------------------------------------------ what the server sends
     def load_global(self, g: GlobalFactors | None) -> None:
@@ -227,7 +255,7 @@ class LocalTrainer:
         spec = spec or self.spec
         torch.manual_seed(seed)
         use_cache, self.base.config.use_cache = getattr(self.base.config, "use_cache", None), False
-        peft_model = get_peft_model(self.base, self.config.lora_config(spec))
+        peft_model = get_peft_model(self.base, self.config.lora_config(spec, fan_in_fan_out=has_conv1d(self.base)))
         try:
             if factors is not None:
                 _load_factors(peft_model, factors, self.config, spec)
@@ -269,6 +297,7 @@ class LocalTrainer:
         records = as_records(data)
         c = self.config
         spec = spec or self.spec
+        self.check_spec(spec)
         seed = round if seed is None else int(seed)
         encoded = [tokenize_record(self.tokenizer, r, c.max_length) for r in records]
         rng = random.Random(seed)

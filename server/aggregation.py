@@ -113,7 +113,8 @@ class AggregatorBase:
 
     def add_update(self, update: Any) -> None:
         """Add an ``edge_client.wire.ClientUpdate`` (or any object with its fields)."""
-        self.add(update.factors, num_examples=update.num_examples, alpha=update.alpha,
+        factors = update.factors_at_alpha() if hasattr(update, "factors_at_alpha") else update.factors
+        self.add(factors, num_examples=update.num_examples, alpha=update.alpha,
                  rank=update.rank, rank_pattern=update.rank_pattern or None,
                  rslora=update.rslora, client_id=update.client_id)
 

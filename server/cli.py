@@ -178,12 +178,48 @@ def _run_bench(args: argparse.Namespace) -> int:
     return bench_cli.run(args)
 
 
+def _add_aggregate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("updates", nargs="+", metavar="UPDATE", help="update files or peft adapter folders")
+    p.add_argument("--rank", type=int, required=True, help="rank of the global adapter written")
+    p.add_argument("--out", required=True, help="output: a peft adapter folder (or a .safetensors wire file)")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha of the output (default: the first update's)")
+    p.add_argument("--rslora", action="store_true")
+    p.add_argument("--base-model", default=None, help="refuse updates whose base_model differs from this")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_aggregate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edge_client.peft_io import read_update_path, write_peft_adapter
+    from edge_client.wire import encode_global
+    from server.offline import aggregate_updates
+
+    updates = [read_update_path(p) for p in args.updates]
+    if args.base_model:
+        for path, u in zip(args.updates, updates):
+            if u.base_model != args.base_model:
+                raise ValueError(f"{path}: base_model {u.base_model!r} is not --base-model {args.base_model!r}")
+    g = aggregate_updates(updates, args.rank, alpha=args.alpha, rslora=args.rslora)
+    if args.out.endswith(".safetensors"):
+        Path(args.out).write_bytes(encode_global(g))
+    else:
+        write_peft_adapter(args.out, g.factors, alpha=g.alpha, rslora=g.rslora,
+                           extra={"clients": [u.client_id for u in updates], "rank": g.rank})
+    summary = {"out": args.out, "clients": len(updates), "examples": sum(u.num_examples for u in updates),
+               "modules": len(g.modules()), "rank": g.rank, "alpha": g.alpha}
+    print(json.dumps(summary) if args.json else " ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "simulate": ("run a whole federation in this process (the default)", _add_simulate, _run_simulate),
     "experiment": ("run the strategy x rank-distribution x seed comparison grid and write its report",
                    _add_experiment, _run_experiment),
     "bench": ("benchmarks: 'flexlora bench svd' times truncated-SVD kernels with their accuracy",
               _add_bench, _run_bench),
+    "aggregate": ("aggregate update files or peft adapter folders offline into one adapter at --rank",
+                  _add_aggregate, _run_aggregate),
 }
 
 

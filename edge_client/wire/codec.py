@@ -73,6 +73,8 @@ def encode_update(update: ClientUpdate, *, dtype: str = "float32") -> bytes:
             "rank": update.rank, "rank_pattern": update.rank_pattern, "alpha": update.alpha,
             "rslora": update.rslora, "base_model": update.base_model,
             "target_modules": update.target_modules, "round": update.round, "metrics": update.metrics}
+    if update.alpha_pattern:  # optional: messages without per-module alpha stay readable by older decoders
+        meta["alpha_pattern"] = update.alpha_pattern
     return _serialize(update.factors, dtype, meta)
 
 
@@ -84,6 +86,8 @@ def encode_global(g: GlobalFactors, *, dtype: str = "float32") -> bytes:
     meta = {"schema": SCHEMA_VERSION, "kind": "global", "dtype": dtype, "rank": g.rank,
             "rank_pattern": g.rank_pattern, "alpha": g.alpha, "rslora": g.rslora, "round": g.round,
             "strategy": g.strategy, "base_model": g.base_model, "merge_into_base": g.merge_into_base}
+    if g.alpha_pattern:
+        meta["alpha_pattern"] = g.alpha_pattern
     return _serialize(g.factors, dtype, meta)
 
 
@@ -93,6 +97,9 @@ _UPDATE_FIELDS = {"schema", "kind", "dtype", "client_id", "num_examples", "rank"
                   "alpha", "rslora", "base_model", "target_modules", "round", "metrics"}
 _GLOBAL_FIELDS = {"schema", "kind", "dtype", "rank", "rank_pattern", "alpha", "rslora", "round",
                   "strategy", "base_model", "merge_into_base"}
+
+
+_OPTIONAL_FIELDS = {"alpha_pattern"}   # schema 1 additions; absent means the default ({})
 
 
 def _reject_duplicate_keys(pairs):
@@ -152,7 +159,7 @@ def _read(data, kind: str, fields: set[str], limits: DecodeLimits | None):
         raise ValueError(f"metadata schema is {meta.get('schema')!r}, expected {SCHEMA_VERSION}")
     if meta.get("kind") != kind:
         raise ValueError(f"metadata kind is {meta.get('kind')!r}, expected {kind!r}")
-    missing, extra = sorted(fields - meta.keys()), sorted(meta.keys() - fields)
+    missing, extra = sorted(fields - meta.keys()), sorted(meta.keys() - fields - _OPTIONAL_FIELDS)
     if missing or extra:
         raise ValueError(f"metadata fields wrong: missing {missing}, unexpected {extra}")
     if meta["dtype"] not in WIRE_DTYPES:
@@ -213,6 +220,7 @@ def _decode_update(data, limits, expected_base_model, max_rank) -> ClientUpdate:
     update = ClientUpdate.__new__(ClientUpdate)
     for name in _UPDATE_FIELDS - {"schema", "kind", "dtype"}:
         setattr(update, name, meta[name])
+    update.alpha_pattern = meta.get("alpha_pattern", {})
     update.factors = tensors
     update._validate(limits)
     if expected_base_model is not None and update.base_model != expected_base_model:
@@ -236,6 +244,7 @@ def _decode_global(data, limits) -> GlobalFactors:
     g = GlobalFactors.__new__(GlobalFactors)
     for name in _GLOBAL_FIELDS - {"schema", "kind", "dtype"}:
         setattr(g, name, meta[name])
+    g.alpha_pattern = meta.get("alpha_pattern", {})
     g.factors = tensors
     g._validate(limits)
     return g

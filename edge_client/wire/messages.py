@@ -141,6 +141,20 @@ def product_norm(b: np.ndarray, a: np.ndarray) -> float:
     return math.sqrt(max(sq, 0.0))
 
 
+def _check_alpha_pattern(value) -> dict[str, float]:
+    """peft's ``alpha_pattern`` (pattern -> alpha), keys restricted like ``rank_pattern``'s."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"alpha_pattern must be a dict of pattern -> alpha, got {type(value).__name__}")
+    out = {}
+    for key, alpha in value.items():
+        _check_str("alpha_pattern key", key)
+        if not PATTERN_KEY_RE.fullmatch(key):
+            raise ValueError(f"alpha_pattern key {key!r} is not an allowed regular expression: only letters, "
+                             "digits, '_', '.' and '\\.' are accepted")
+        out[key] = _check_float(f"alpha_pattern[{key!r}]", alpha, positive=True)
+    return out
+
+
 def _check_delta_norms(obj, limits: DecodeLimits) -> None:
     """Reject norm bombs: per module the delta ``s ||B A||_F`` the update stands for (float64,
     exact, see :func:`product_norm`) must not exceed ``limits.max_delta_norm``, and for an update
@@ -231,8 +245,28 @@ class _RankedFactors:
     def module_rank(self, module: str) -> int:
         return rank_for_module(module, self.rank, self.rank_pattern)
 
+    def module_alpha(self, module: str) -> float:
+        """``alpha``, or the first ``alpha_pattern`` key matching ``module`` (peft's semantics)."""
+        for key, value in (getattr(self, "alpha_pattern", None) or {}).items():
+            if _pattern_matches(key, module):
+                return float(value)
+        return float(self.alpha)
+
     def module_scaling(self, module: str) -> float:
-        return scaling(self.alpha, self.module_rank(module), self.rslora)
+        return scaling(self.module_alpha(module), self.module_rank(module), self.rslora)
+
+    def factors_at_alpha(self) -> dict[str, np.ndarray]:
+        """The factors with every ``alpha_pattern`` folded into ``B`` (``B * alpha_m / alpha``), for
+        consumers that scale by the single ``alpha``; the same dict when there is no pattern."""
+        if not getattr(self, "alpha_pattern", None):
+            return self.factors
+        out = dict(self.factors)
+        for module in self.modules():
+            ratio = self.module_alpha(module) / float(self.alpha)
+            if ratio != 1.0:
+                b_key = factor_keys(module)[1]
+                out[b_key] = (np.asarray(out[b_key], np.float32) * np.float32(ratio)).astype(np.float32)
+        return out
 
     def modules(self) -> list[str]:
         return module_names(self.factors)
@@ -262,11 +296,13 @@ class ClientUpdate(_RankedFactors):
     target_modules: list[str]
     round: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)   # peft's per-module alpha
 
     def __post_init__(self) -> None:
         self._validate(DecodeLimits())
 
     def _validate(self, limits: DecodeLimits, check_finite: bool = True) -> None:
+        self.alpha_pattern = _check_alpha_pattern(getattr(self, "alpha_pattern", None) or {})
         self.client_id = _check_str("client_id", self.client_id)
         self.num_examples = _check_int("num_examples", self.num_examples, minimum=1,
                                        maximum=limits.max_num_examples)
@@ -317,11 +353,13 @@ class GlobalFactors(_RankedFactors):
     strategy: str = "flexlora"
     base_model: str | None = None
     merge_into_base: bool = False
+    alpha_pattern: dict[str, float] = field(default_factory=dict)   # peft's per-module alpha
 
     def __post_init__(self) -> None:
         self._validate(DecodeLimits())
 
     def _validate(self, limits: DecodeLimits) -> None:
+        self.alpha_pattern = _check_alpha_pattern(getattr(self, "alpha_pattern", None) or {})
         self.rank = _check_int("rank", self.rank, minimum=1, maximum=limits.max_rank)
         self.rank_pattern = _check_rank_pattern(self.rank_pattern, limits.max_rank)
         self.alpha = _check_float("alpha", self.alpha, positive=True)

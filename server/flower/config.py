@@ -158,7 +158,7 @@ def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
         model=opt_str("model"), data=opt_str("data"), local_steps=get("local-steps", int),
         batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
         max_length=get("max-length", int), min_clients=get("min-clients", int),
-        target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()),
+        target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()) or ("auto",),
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
         trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
         **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})

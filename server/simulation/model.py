@@ -29,10 +29,13 @@ def linear_shapes(model, targets=TARGET_MODULES) -> dict[str, tuple[int, int]]:
     """peft module path -> (d_out, d_in) of every targeted linear layer."""
     import torch
 
+    from edge_client.targets import is_conv1d, module_shape, resolve_targets
+
+    targets = set(resolve_targets(model, targets))
     out = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            out[_PEFT_PREFIX + name] = tuple(mod.weight.shape)
+        if (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)) and name.rsplit(".", 1)[-1] in targets:
+            out[_PEFT_PREFIX + name] = module_shape(mod)   # Conv1D (GPT-2) stores (d_in, d_out)
     return out
 
 

@@ -19,7 +19,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from edge_client.trainer import DEFAULT_TARGETS, LocalTrainer, TrainConfig
+from edge_client.targets import AUTO
+from edge_client.trainer import LocalTrainer, TrainConfig
 from edge_client.wire import DecodeLimits
 
 from ..federation import ResumeError, RoundEngine
@@ -58,7 +59,7 @@ class SimulationConfig:
     lr: float = 5e-3
     alpha: float = 16.0
     max_length: int = 64
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS   # short names of the linear layers that get LoRA
+    target_modules: tuple[str, ...] = AUTO   # short names of the layers that get LoRA; ("auto",): discovered
     min_clients: int = 1
     client_timeout_s: float | None = 60.0
     eval_max_new_tokens: int = 16
@@ -178,6 +179,12 @@ def build_suite_for(cfg: SimulationConfig) -> Suite:
     return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout, seed=cfg.seed))
 
 
+def _capped_ranks(shapes) -> dict[int, int]:
+    """Client types' ranks capped at the smallest targeted module's size (tiny test models)."""
+    cap = min(min(s) for s in shapes.values())
+    return {r: min(r, cap) for r in (8, 30, 200)}
+
+
 def train_config_for(cfg: SimulationConfig) -> TrainConfig:
     return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
                        max_length=cfg.max_length, target_modules=tuple(cfg.target_modules))
@@ -214,7 +221,7 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
                          f"{sorted(clients)[0]} .. {sorted(clients)[-1]}")
     devices = {d.client_id: d for d in assign_devices(
         list(clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution,
-        rank_map=DEMO_RANKS if cfg.model is None else None)}
+        rank_map=DEMO_RANKS if cfg.model is None else _capped_ranks(linear_shapes(model, cfg.target_modules)))}
     specs = {cid: d.spec for cid, d in devices.items()}
     strategy = strategy_for(cfg, specs.values(), base_model=base_model,
                             module_shapes=linear_shapes(model, cfg.target_modules))

@@ -1,0 +1,96 @@
+"""Time model vs reality: predicted seconds per LoRA training step (edge_client.timing, calibrated
+once per model on two sequence lengths at rank 4 and one step set at rank 64) against measured steps, models x ranks x
+sequence lengths, every point (and every calibration) in a fresh subprocess. Goal: within +-25%.
+
+    python benchmarks/bench_time_model.py                 # 2 models x 3 ranks x 2 seq lens
+    python benchmarks/bench_time_model.py --quick         # 1 model, 2 ranks, 2 seq lens
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MODELS = {"llama-h256-l4": ("llama", dict(hidden=256, layers=4, heads=4)),
+          "gpt2-h256-l4": ("gpt2", dict(hidden=256, layers=4, heads=4))}
+BATCH, THREADS, STEPS = 2, 1, 5
+
+
+def _trainer(path):
+    from edge_client.trainer import LocalTrainer, TrainConfig
+    return LocalTrainer.from_pretrained(path, config=TrainConfig())
+
+
+def worker(args) -> None:
+    import torch
+
+    from edge_client.timing import calibrate, measure_step_seconds
+    from edge_client.wire import RankSpec
+
+    torch.set_num_threads(THREADS)
+    trainer = _trainer(args.path)
+    if args.worker == "calibrate":
+        print(json.dumps(calibrate(trainer, batch=BATCH, seq_lens=(32, 256), steps=STEPS).to_dict()))
+    else:
+        print(json.dumps({"seconds": measure_step_seconds(trainer, RankSpec(rank=args.rank), batch=BATCH,
+                                                          seq_len=args.seq, steps=STEPS)}))
+
+
+def _run(*argv) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--worker", choices=["calibrate", "measure"])
+    ap.add_argument("--path")
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return 0
+    from transformers import AutoConfig
+
+    from edge_client.testing import save_tiny_model
+    from edge_client.timing import TimeModel
+    from edge_client.wire import RankSpec
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {THREADS}, "
+          f"batch {BATCH}, median of {STEPS} steps after 1 warm-up, each point a fresh process")
+    models = list(MODELS)[:1] if args.quick else list(MODELS)
+    ranks = (4, 64) if args.quick else (4, 32, 128)
+    seqs = (64, 192)
+    tmp = tempfile.mkdtemp(prefix="bench-time-")
+    rows = []
+    print("| model | rank | seq | predicted ms/step | measured ms/step | error |")
+    print("|---|---|---|---|---|---|")
+    for name in models:
+        arch, kw = MODELS[name]
+        path = save_tiny_model(arch, os.path.join(tmp, name), **kw)
+        tm = TimeModel(**_run("--worker", "calibrate", "--path", path))
+        config = AutoConfig.from_pretrained(path)
+        for r in ranks:
+            for s in seqs:
+                pred = tm.step_seconds(config, ("auto",), RankSpec(rank=r), batch=BATCH, seq_len=s)
+                meas = _run("--worker", "measure", "--path", path, "--rank", str(r), "--seq", str(s))["seconds"]
+                err = pred / meas - 1
+                rows.append(err)
+                print(f"| {name} | {r} | {s} | {pred * 1e3:.1f} | {meas * 1e3:.1f} | {err:+.0%} |", flush=True)
+        print(f"# {name}: calibrated {tm.flops_per_s / 1e9:.2f} GFLOP/s, overhead {tm.overhead_s * 1e3:.1f} ms/step")
+    worst = max(abs(e) for e in rows)
+    print(f"# worst |error| {worst:.0%} over {len(rows)} points: {'within' if worst <= 0.25 else 'OUTSIDE'} +-25%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

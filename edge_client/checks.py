@@ -1,0 +1,46 @@
+"""Checks that run before any work and name the cause: a model folder that is missing or lacks
+tokenizer files, and ranks that a model's modules cannot hold."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = ["check_local_model", "check_spec"]
+
+_PEFT_PREFIX = "base_model.model."
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def check_local_model(name_or_path: str) -> bool:
+    """True for an existing local folder (checked for a config and tokenizer files); a path-like
+    name that does not exist fails here, naming the path, before any hub lookup."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {str(path)!r} has no config.json (save it with save_pretrained)")
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ValueError(f"model folder {str(path)!r} has no tokenizer files (expected one of "
+                             f"{', '.join(_TOKENIZER_FILES)}; save the tokenizer with save_pretrained too)")
+        return True
+    if path.exists():
+        raise ValueError(f"model path {str(path)!r} is a file, expected a model folder or a hub id")
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise ValueError(f"local model path {str(path)!r} does not exist")
+    return False
+
+
+def check_spec(shapes: Mapping[str, tuple[int, int]], spec, targets: Sequence[str], *,
+               strict_pattern: bool = False) -> None:
+    """Every module's rank within its size; with ``strict_pattern`` every ``rank_pattern`` key must
+    match one of the targeted modules (``shapes``: peft module path -> (d_out, d_in))."""
+    from .wire.naming import _pattern_matches
+
+    for module, shape in shapes.items():
+        r = spec.module_rank(module)
+        if r > min(shape):
+            raise ValueError(f"rank {r} of module {module.removeprefix(_PEFT_PREFIX)!r} is above its size "
+                             f"{shape[0]} x {shape[1]}; use rank <= {min(shape)}")
+    if strict_pattern:
+        unused = [k for k in spec.rank_pattern if not any(_pattern_matches(k, m) for m in shapes)]
+        if unused:
+            raise ValueError(f"rank_pattern keys {unused} match no target module (targets: {list(targets)})")
