@@ -118,7 +118,8 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
     specs = {cid: type_spec(t, demo=base.demo, workloads=wl) for cid, t in types.items()}
     scfg = StrategyConfig(alpha=settings.alpha, base_model=base.fingerprint, seed=cell.seed,
                           module_shapes=_shape_check(base))
-    strategy = build_strategy(arm.strategy, scfg, specs=specs.values(), fedit_rank=arm.fedit_rank or "min")
+    strategy = build_strategy(arm.strategy, scfg, specs=specs.values(), fedit_rank=arm.fedit_rank or "min",
+                              split=settings.split, carry=arm.carry)
     tcfg = TrainConfig(steps=settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
                        alpha=settings.alpha, max_length=settings.max_length, target_modules=tuple(TARGET_MODULES))
     evaluator = Evaluator(base.eval_model, base.tokenizer, base.state, suite.heldout_examples(),
@@ -151,7 +152,7 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
     warning = collapse_warning(history[-1]["spectrum"], settings.collapse_threshold) if history else None
     final = history[-1]
     return {"cell": {"arm": cell.arm, "strategy": arm.strategy, "distribution": cell.distribution,
-                     "seed": cell.seed, "key": cell.key},
+                     "seed": cell.seed, "key": cell.key, "split": settings.split, "carry": arm.carry},
             "fedit_rank": getattr(strategy, "rank", None) if arm.strategy == "fedit" else None, "base": engine.base,
             "final": {"rougeL": final["rougeL"], "exact_match": final["exact_match"],
                       "families": final["families"], "heldout_loss": final["heldout_loss"]},

@@ -114,7 +114,7 @@ _SIM_KEYS = {  # run config key -> SimulationConfig field (the embedded runtime'
     "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
-    "target-modules": "target_modules"}
+    "target-modules": "target_modules", "split": "split", "carry": "carry"}
 
 
 def simulation_defaults() -> dict:
@@ -152,4 +152,5 @@ def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
         batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
         max_length=get("max-length", int), min_clients=get("min-clients", int),
         target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()),
-        eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False)
+        eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
+        split=get("split", str), carry=get("carry", bool))
