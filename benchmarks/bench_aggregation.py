@@ -73,7 +73,6 @@ def make_round(wl, scale, mix, seed=0, layers=None):
 # ----------------------------------------------------------------------------- measuring
 from _measure import PeakRSS, machine, sgemm_peak, timed  # noqa: E402
 
-
 # ----------------------------------------------------------------------------- methods
 def run_ours(modules, rank, method, threads):
     from server import linalg
@@ -97,7 +96,6 @@ def run_reference(modules, rank, keep=None):
     """The reference; ``keep`` collects (dW, optimum residual) from its full SVD, so the
     optimum costs no second full SVD (it inflates the reference's RSS by the dW's kept)."""
     import torch
-
     from server.reference import reference_delta
     out = []
     for _, Bs, As, ws in modules:
@@ -113,7 +111,6 @@ def run_reference(modules, rank, keep=None):
 def optimum_tails(modules, rank):
     """(dW, ||dW - optimum||_F) per module from a full SVD (untimed)."""
     import torch
-
     from server.reference import reference_delta
     out = []
     for _, Bs, As, ws in modules:

@@ -205,7 +205,6 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     import torch
-
     from server import cuda
     ok, why = cuda.available()
     if not ok:

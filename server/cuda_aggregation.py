@@ -27,9 +27,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import cuda
+from .aggregation import check_client_args, check_client_modules
 from ._global_adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter, group_factor_halves
 from ._validate import as_count, as_method, as_rank
-from .aggregation import check_client_args, check_client_modules
 
 __all__ = ["CudaAggregator"]
 

@@ -55,7 +55,8 @@ if "GOMP_SPINCOUNT" not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import _core  # noqa: E402
-from ._validate import METHODS, as_count, as_factors, as_matrix, as_method, as_rank, as_threads  # noqa: E402
+from ._validate import (METHODS, as_count, as_factors, as_matrix, as_method, as_rank,  # noqa: E402
+                        as_threads)
 
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan", "Plan",
            "set_num_threads", "get_num_threads", "METHODS", "EXACT_PREFERENCE",

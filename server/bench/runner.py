@@ -10,8 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from . import accuracy
-from . import flops as F
+from . import accuracy, flops as F
 from .backends import Backend, BenchSettings, load_all, select
 from .cases import CaseSpec, form_dense, save_case
 from .measure import MEMORY_MODES, PeakMemory, time_call

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.bench import accuracy
-from server.bench import flops as F
+from server.bench import accuracy, flops as F
 from server.bench.backends import BenchSettings, load_all, select
 from server.bench.cases import CaseSpec, client_ranks_for_mix, load_case, load_workloads, save_case
 from server.bench.measure import PeakMemory, time_call

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _server_testutil import make_problem
 
 from server import linalg
+from _server_testutil import make_problem
 
 
 @pytest.fixture

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
-from _server_testutil import check_svd, dense
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server import linalg
+from _server_testutil import check_svd, dense
 
 
 @st.composite
