@@ -76,6 +76,7 @@ class CellSettings:
     data: str | None = None                # client JSONL (instruction, input, output, category)
     collapse_threshold: float = 0.9        # spectrum warning: share of ||dW||^2 at the smallest rank
     split: str = "reference"               # FlexLoRA/raFLoRA factor split: official "reference" or "balanced"
+    suite: str = "bundled"                 # without data: "bundled" demo suite or "rank" (server.simulation.rank_suite)
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "heldout_examples", "rounds", "local_steps", "batch_size",
@@ -89,6 +90,8 @@ class CellSettings:
             if self.clients_per_round > self.num_clients:
                 raise ValueError(f"clients_per_round must be <= num_clients={self.num_clients}, "
                                  f"got {self.clients_per_round}")
+        if self.suite not in ("bundled", "rank"):
+            raise ValueError(f"suite must be 'bundled' or 'rank', got {self.suite!r}")
         if self.split not in ("reference", "balanced"):
             raise ValueError(f"split must be 'reference' or 'balanced', got {self.split!r}")
         if not (isinstance(self.collapse_threshold, (int, float)) and 0 < self.collapse_threshold <= 1):
