@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .checks import check_local_model, check_spec
+from .completion import complete_rows, dead_slots
 from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
 from .targets import AUTO, has_conv1d, is_auto, is_conv1d, module_shape, resolve_targets
 from .wire import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, RankSpec, module_names, scaling
@@ -356,7 +357,10 @@ class LocalTrainer:
 def _load_factors(peft_model, factors: Mapping[str, np.ndarray] | GlobalFactors, config: TrainConfig,
                   spec: RankSpec) -> None:
     """Copy factors into the adapter's first slots; ``B`` is rescaled from the sender's scaling
-    (a ``GlobalFactors``') to this adapter's; the remaining slots keep the fresh init."""
+    (a ``GlobalFactors``') to this adapter's. Slots with no direction (beyond the sent rank, or
+    sent with both ``A`` row and ``B`` column zero) get the orthonormal completion of
+    ``edge_client.completion`` (unit ``A`` rows orthogonal to the sent ones, ``B`` zero), the
+    same rule the server applies, so every slot has a gradient."""
     source = factors if isinstance(factors, GlobalFactors) else None
     tensors = source.factors if source is not None else factors
     params = dict(peft_model.named_parameters())
@@ -374,5 +378,11 @@ def _load_factors(peft_model, factors: Mapping[str, np.ndarray] | GlobalFactors,
                                  f"expects at most A{tuple(a_param.shape)} B{tuple(b_param.shape)}")
             if source is not None:
                 b = b * (source.module_scaling(module) / scaling(config.alpha, r, config.rslora))
-            a_param[: a.shape[0]] = torch.from_numpy(a).to(a_param.dtype)
-            b_param[:, : b.shape[1]] = torch.from_numpy(np.ascontiguousarray(b)).to(b_param.dtype)
+            full_a = np.zeros((r, a.shape[1]), np.float32)
+            full_b = np.zeros((b.shape[0], r), np.float32)
+            full_a[: a.shape[0]], full_b[:, : b.shape[1]] = a, b
+            dead = dead_slots(full_a, full_b)
+            if dead.any():
+                full_a = complete_rows(full_a, dead).astype(np.float32)
+            a_param.copy_(torch.from_numpy(full_a).to(a_param.dtype))
+            b_param.copy_(torch.from_numpy(np.ascontiguousarray(full_b)).to(b_param.dtype))

@@ -10,13 +10,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edge_client.completion import complete_rows
 from edge_client.wire import LORA_A_SUFFIX, LORA_B_SUFFIX, group_factor_halves, rank_for_module, scaling
 
 from ._validate import as_matrix, as_rank
 
 __all__ = ["GlobalAdapter", "SPLITS", "split_factor_dict", "group_factor_halves", "LORA_A_SUFFIX", "LORA_B_SUFFIX"]
 
-SPLITS = ("balanced", "reference")
+SPLITS = ("reference", "balanced")   # the first is the default: the official code's split
 _METADATA_KEY = "flexlora"
 _SCHEMA = 1
 
@@ -55,13 +56,19 @@ class GlobalAdapter:
         return (U * S) @ Vt
 
     def client_factors(self, rank: int | Mapping[str, int] | None = None, alpha: float = 16.0,
-                       rslora: bool = False, split: str = "balanced",
+                       rslora: bool = False, split: str = "reference",
                        rank_pattern: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
         """peft-named factors at a client's rank with ``s * B @ A`` equal to the rank-r
         truncation of each module's update, ``s`` the client's LoRA scaling.
 
-        ``rank`` is the default rank (None: ``max_rank``) or a rank pattern; ``split`` puts
-        ``sqrt(S)`` on both sides (``"balanced"``) or all of ``S`` on B (``"reference"``)."""
+        ``rank`` is the default rank (None: ``max_rank``) or a rank pattern; ``split`` puts all
+        of ``S`` on B (``"reference"``, the default: the official code's ``B = U_r S_r / s``,
+        ``A = V_r^T``) or ``sqrt(S)`` on both sides (``"balanced"``).
+
+        Slots beyond the update's numerical rank (zero singular value) get an orthonormal
+        completion of ``A`` (unit rows orthogonal to the others, ``B`` zero there), as the
+        official full SVD does, so they learn like fresh LoRA slots
+        (``edge_client.completion``)."""
         if isinstance(rank, Mapping):
             rank_pattern, rank = {**rank, **(rank_pattern or {})}, None
         default = self.max_rank if rank is None else as_rank(rank)
@@ -82,6 +89,11 @@ class GlobalAdapter:
                 B, A = U[:, :r] * root, root[:, None] * Vt[:r]
             else:
                 B, A = U[:, :r] * Sr, Vt[:r]
+            empty = Sr <= (Sr[0] if Sr.size else 0.0) * 1e-6
+            if empty.any():
+                B = np.array(B, dtype=np.float64, copy=True)
+                B[:, empty] = 0.0
+                A = complete_rows(np.where(empty[:, None], 0.0, A), empty)
             out[module + LORA_B_SUFFIX] = np.ascontiguousarray(B, dtype=np.float32)
             out[module + LORA_A_SUFFIX] = np.ascontiguousarray(A, dtype=np.float32)
         return out

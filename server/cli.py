@@ -96,7 +96,7 @@ def defence_settings(args: argparse.Namespace) -> dict:
 def _add_simulate(p: argparse.ArgumentParser) -> None:
     from server.simulation.runtime import SimulationConfig
     d = SimulationConfig()
-    p.add_argument("--strategy", choices=["flexlora", "hetlora", "flora", "fedit"], default=d.strategy)
+    p.add_argument("--strategy", choices=["flexlora", "hetlora", "flora", "fedit", "raflora"], default=d.strategy)
     p.add_argument("--rounds", type=number(int, lo=1, hi=100_000), default=d.rounds)
     p.add_argument("--clients", type=number(int, lo=1, hi=1_000_000), default=d.num_clients, help="training clients (default %(default)s)")
     p.add_argument("--clients-per-round", type=number(int, lo=1, hi=1_000_000), default=None, help="sample this many each round (default: all)")
@@ -105,6 +105,9 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-distribution", choices=["uniform", "heavy_tail_light", "heavy_tail_strong", "normal"],
                    default=None, help="draw client types from workloads.json (server/assets) instead of the device mix")
     p.add_argument("--fedit-rank", choices=["min", "max"], default=d.fedit_rank)
+    p.add_argument("--split", choices=["reference", "balanced"], default=d.split,
+                   help="FlexLoRA/raFLoRA factor split: the official all-S-on-B 'reference' (default) or sqrt(S) on both")
+    p.add_argument("--carry", action="store_true", help="FlexLoRA with carry: keep the global directions a client did not receive")
     p.add_argument("--model", default=None, help="HF model id or local path (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
     p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
@@ -147,7 +150,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
                            client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
                            resume=args.resume, faults=faults, threads=args.threads,
                            progress=not args.no_progress, overwrite=args.overwrite,
-                           keep_checkpoints=args.keep_checkpoints, **defence_settings(args))
+                           keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
+                           **defence_settings(args))
     doc = run_simulation(cfg)
     if args.json:
         json.dump(doc, sys.stdout, indent=1, sort_keys=True)

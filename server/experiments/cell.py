@@ -34,7 +34,7 @@ from .config import ARMS, Cell, CellSettings
 from .convert import suite_by_category
 from .spectrum import collapse_warning, module_spectrum, spectrum_summary
 
-__all__ = ["SharedBase", "load_shared_base", "allot_types", "type_spec", "run_cell"]
+__all__ = ["SharedBase", "load_shared_base", "allot_types", "type_spec", "run_cell", "client_view_loss"]
 
 
 @dataclass
@@ -88,11 +88,43 @@ def type_spec(client_type: str, *, demo: bool, workloads: Mapping | None = None)
     return RankSpec(rank=attn, rank_pattern=pattern)
 
 
+def client_view_loss(strategy, specs: Mapping[str, RankSpec], base: SharedBase, examples, *, round: int) -> float:
+    """The official code's view of the global model: each client's model before it trains
+    (base + the factors the strategy would send it, e.g. FlexLoRA's rank-r_k truncation; the
+    merged global model for FLoRA), its held-out loss averaged over the training clients."""
+    from ..simulation.evaluate import apply_delta, heldout_loss
+
+    by_label: dict[str, list[str]] = {}
+    for cid, spec in specs.items():
+        by_label.setdefault(strategy.assign_rank(spec).label(), []).append(cid)
+    total, n = 0.0, 0
+    for _label, cids in sorted(by_label.items()):
+        spec = strategy.assign_rank(specs[cids[0]])
+        msg = strategy.configure(client_id=cids[0], spec=spec, round=round)
+        if msg is None or strategy.merge_into_base:
+            delta = strategy.global_delta()
+        else:
+            delta = {}
+            for key, a in msg.factors.items():
+                if key.endswith(".lora_A.weight"):
+                    module = key[: -len(".lora_A.weight")]
+                    b = msg.factors[module + ".lora_B.weight"]
+                    delta[module] = (msg.module_scaling(module) * (np.asarray(b, np.float64) @ a)).astype(np.float32)
+        apply_delta(base.eval_model, base.state, delta)
+        total += heldout_loss(base.eval_model, base.tokenizer, examples) * len(cids)
+        n += len(cids)
+    return total / n
+
+
 def _suite(settings: CellSettings, seed: int) -> Suite:
     if settings.data:       # real data: one client per category (task), whole categories held out
         return suite_by_category(settings.data, num_clients=settings.num_clients,
                                  num_heldout=settings.num_heldout, seed=seed,
                                  heldout_examples=settings.heldout_examples)
+    if settings.suite == "rank":
+        from ..simulation.rank_suite import build_rank_suite
+        return build_rank_suite(num_clients=settings.num_clients, num_heldout=settings.num_heldout,
+                                heldout_examples=settings.heldout_examples, seed=seed)
     return build_suite(SuiteConfig(num_clients=settings.num_clients, num_heldout=settings.num_heldout,
                                    heldout_examples=settings.heldout_examples, seed=seed))
 
@@ -121,7 +153,8 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
                           robust=RobustConfig(clip_norm=settings.clip_norm, clip_adaptive=settings.clip_adaptive,
                                               max_weight_share=settings.max_weight_share,
                                               trim_fraction=settings.trim_fraction))
-    strategy = build_strategy(arm.strategy, scfg, specs=specs.values(), fedit_rank=arm.fedit_rank or "min")
+    strategy = build_strategy(arm.strategy, scfg, specs=specs.values(), fedit_rank=arm.fedit_rank or "min",
+                              split=settings.split, carry=arm.carry)
     tcfg = TrainConfig(steps=settings.local_steps, batch_size=settings.batch_size, lr=settings.lr,
                        alpha=settings.alpha, max_length=settings.max_length, target_modules=tuple(TARGET_MODULES))
     evaluator = Evaluator(base.eval_model, base.tokenizer, base.state, suite.heldout_examples(),
@@ -152,13 +185,15 @@ def run_cell(cell: Cell, settings: CellSettings, base: SharedBase,
                              max_norm_growth=settings.max_norm_growth)
         engine.run(transport, settings.rounds)
     history = engine.history
+    client_view = client_view_loss(strategy, specs, base, suite.heldout_examples(), round=settings.rounds + 1)
     warning = collapse_warning(history[-1]["spectrum"], settings.collapse_threshold) if history else None
     final = history[-1]
     return {"cell": {"arm": cell.arm, "strategy": arm.strategy, "distribution": cell.distribution,
-                     "seed": cell.seed, "key": cell.key},
+                     "seed": cell.seed, "key": cell.key, "split": settings.split, "carry": arm.carry},
             "fedit_rank": getattr(strategy, "rank", None) if arm.strategy == "fedit" else None, "base": engine.base,
             "final": {"rougeL": final["rougeL"], "exact_match": final["exact_match"],
-                      "families": final["families"], "heldout_loss": final["heldout_loss"]},
+                      "families": final["families"], "heldout_loss": final["heldout_loss"],
+                      "client_view_loss": client_view},
             "rounds": history, "collapse_warning": warning,
             "clients": {cid: {"type": types[cid], "rank": specs[cid].label(),
                               "examples": len(clients[cid].examples)} for cid in ids_all},

@@ -30,7 +30,7 @@ _SETTING_FLAGS = {
     "rounds": ("rounds", int), "local_steps": ("local_steps", int), "batch_size": ("batch_size", int),
     "lr": ("lr", float), "alpha": ("alpha", float), "max_length": ("max_length", int),
     "eval_max_new_tokens": ("eval_max_new_tokens", int), "model": ("model", str), "data": ("data", str),
-    "collapse_threshold": ("collapse_threshold", float),
+    "collapse_threshold": ("collapse_threshold", float), "split": ("split", str), "suite": ("suite", str),
     # defences and decoder limits (docs/security.md)
     "clip_norm": ("clip_norm", float), "clip_adaptive": ("clip_adaptive", float),
     "max_weight_share": ("max_weight_share", float), "trim_fraction": ("trim_fraction", float),

@@ -27,6 +27,7 @@ class Arm:
     label: str
     strategy: str
     fedit_rank: str | None = None      # "min" | "max" for FedIT, None otherwise
+    carry: bool = False                # FlexLoRA with carry
     description: str = ""
 
 
@@ -38,6 +39,10 @@ ARMS: dict[str, Arm] = {a.label: a for a in (
     Arm(label="hetlora", strategy="hetlora", description="HetLoRA: zero-pad, sparsity-weighted average"),
     Arm(label="flora", strategy="flora", description="FLoRA: stack the factors, merge into the base"),
     Arm(label="flexlora", strategy="flexlora", description="FlexLoRA: average dW, truncated SVD per rank"),
+    Arm(label="flexlora_carry", strategy="flexlora", carry=True,
+        description="FlexLoRA with carry: the directions a client did not receive are kept (ours)"),
+    Arm(label="raflora", strategy="raflora",
+        description="raFLoRA: rank-partitioned aggregation (arXiv 2602.13486), FlexLoRA redistribution"),
 )}
 
 
@@ -83,6 +88,8 @@ class CellSettings:
     max_num_examples: int | None = None
     max_delta_norm: float | None = None
     faults: dict = field(default_factory=dict)   # client id -> fault kind or python:MODULE:FUNCTION
+    split: str = "reference"               # FlexLoRA/raFLoRA factor split: official "reference" or "balanced"
+    suite: str = "bundled"                 # without data: "bundled" demo suite or "rank" (server.simulation.rank_suite)
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "heldout_examples", "rounds", "local_steps", "batch_size",
@@ -96,6 +103,10 @@ class CellSettings:
             if self.clients_per_round > self.num_clients:
                 raise ValueError(f"clients_per_round must be <= num_clients={self.num_clients}, "
                                  f"got {self.clients_per_round}")
+        if self.suite not in ("bundled", "rank"):
+            raise ValueError(f"suite must be 'bundled' or 'rank', got {self.suite!r}")
+        if self.split not in ("reference", "balanced"):
+            raise ValueError(f"split must be 'reference' or 'balanced', got {self.split!r}")
         if not (isinstance(self.collapse_threshold, (int, float)) and 0 < self.collapse_threshold <= 1):
             raise ValueError(f"collapse_threshold must be in (0, 1], got {self.collapse_threshold!r}")
         from ..simulation.faults import check_fault

@@ -78,6 +78,8 @@ class SimulationConfig:
     max_norm_growth: float | None = None      # a round whose global norm grows more is not committed
     keep_checkpoints: int = 3                 # round checkpoints kept in checkpoint_dir
     overwrite: bool = False                   # start over an existing checkpoint (else refuse)
+    split: str = "reference"                  # FlexLoRA/raFLoRA factor split: official "reference" or "balanced"
+    carry: bool = False                       # FlexLoRA with carry (strategy "flexlora" only)
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "local_steps", "batch_size", "min_clients", "max_length"):
@@ -99,6 +101,10 @@ class SimulationConfig:
             raise ValueError("resume needs checkpoint_dir")
         for cid, fault in self.faults.items():
             check_fault(cid, fault)
+        if self.split not in ("reference", "balanced"):
+            raise ValueError(f"split must be 'reference' or 'balanced', got {self.split!r}")
+        if self.carry and self.strategy != "flexlora":
+            raise ValueError(f"carry is an option of strategy 'flexlora', not {self.strategy!r}")
         # StrategyConfig / RobustConfig / RoundEngine validate them; fail here, before a model is loaded
         StrategyConfig(limits=self.limits, max_round_bytes=self.max_round_bytes, robust=self.robust())
         if self.max_norm_growth is not None and not (isinstance(self.max_norm_growth, (int, float))
@@ -118,7 +124,7 @@ class SimulationConfig:
         """Fields a resumed run must share with the checkpoint it resumes."""
         keep = ("strategy", "num_clients", "clients_per_round", "num_heldout", "seed", "rank_distribution",
                 "fedit_rank", "model", "data", "local_steps", "batch_size", "lr", "alpha", "max_length",
-                "target_modules")
+                "target_modules", "split", "carry")
         out = {k: getattr(self, k) for k in keep}
         out["target_modules"] = list(self.target_modules)
         return out
@@ -194,7 +200,8 @@ def strategy_for(cfg: SimulationConfig, specs, *, base_model: str, module_shapes
     scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=base_model,
                           module_shapes=module_shapes, seed=cfg.seed, limits=cfg.limits,
                           max_round_bytes=cfg.max_round_bytes, robust=cfg.robust())
-    return build_strategy(cfg.strategy, scfg, specs=specs, fedit_rank=cfg.fedit_rank)
+    return build_strategy(cfg.strategy, scfg, specs=specs, fedit_rank=cfg.fedit_rank, split=cfg.split,
+                          carry=cfg.carry)
 
 
 def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> dict:

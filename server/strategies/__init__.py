@@ -11,13 +11,15 @@ from .fedit import FedIT, federation_rank
 from .flexlora import FlexLoRA
 from .flora import FLoRA
 from .hetlora import HetLoRA
+from .raflora import RaFLoRA
 from .robust import RobustConfig
 
 __all__ = ["RankSpec", "RoundAggregation", "RoundFailed", "RoundResult", "Strategy",
-           "StrategyConfig", "RobustConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "STRATEGIES", "make_strategy",
+           "StrategyConfig", "RobustConfig", "FedIT", "FlexLoRA", "FLoRA", "HetLoRA", "RaFLoRA", "STRATEGIES",
+           "make_strategy",
            "build_strategy"]
 
-STRATEGIES = {"flexlora": FlexLoRA, "hetlora": HetLoRA, "flora": FLoRA, "fedit": FedIT}
+STRATEGIES = {"flexlora": FlexLoRA, "hetlora": HetLoRA, "flora": FLoRA, "fedit": FedIT, "raflora": RaFLoRA}
 
 
 def make_strategy(name: str, config: StrategyConfig | None = None, **options) -> Strategy:
@@ -26,9 +28,21 @@ def make_strategy(name: str, config: StrategyConfig | None = None, **options) ->
     return STRATEGIES[name](config, **options)
 
 
-def build_strategy(name: str, config: StrategyConfig, *, specs, fedit_rank: str = "min", **options) -> Strategy:
+SVD_STRATEGIES = ("flexlora", "raflora")   # the strategies that take ``split``
+
+
+def build_strategy(name: str, config: StrategyConfig, *, specs, fedit_rank: str = "min",
+                   split: str | None = None, carry: bool = False, **options) -> Strategy:
     """``make_strategy`` for a federation whose devices afford ``specs`` (RankSpecs): the one place
-    where strategy options that depend on the federation are derived (FedIT's rank)."""
+    where strategy options that depend on the federation are derived (FedIT's rank), and where
+    the runtimes' ``split`` (FlexLoRA, raFLoRA; None: the strategy's default, the official
+    split) and ``carry`` (FlexLoRA only) options reach the strategy."""
     if name == "fedit" and "rank" not in options:
         options["rank"] = federation_rank(specs, fedit_rank)
+    if split is not None and name in SVD_STRATEGIES:
+        options["split"] = split
+    if carry:
+        if name != "flexlora":
+            raise ValueError(f"carry is an option of strategy 'flexlora', not {name!r}")
+        options["carry"] = True
     return make_strategy(name, config, **options)

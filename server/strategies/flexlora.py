@@ -9,6 +9,33 @@ and hands client j the rank-r_j truncated SVD of dW split into ``B_j, A_j`` with
 ``s_j B_j A_j = U_r S_r V_r^T`` (Eckart-Young optimal). The heavy lifting is the streaming
 ``server.aggregation.Aggregator`` (native core); the functions below are the plain NumPy
 statement of the same math, used as the test oracle.
+
+**Split** (``split``): ``"reference"`` (the default) is the official code's
+(alibaba/FederatedScope, branch FlexLoRA, ``fed_utils/adaptive_peft.py``): all of ``S`` on B,
+``B = U_r S_r / s``, ``A = V_r^T``. ``"balanced"`` puts ``sqrt(S_r / s)`` on both. The effective
+update ``s B A`` is the same; local training from the two differs.
+
+**Carry** (``carry=True``, ours, not in the paper). The server holds the previous global update
+``G_t = U diag(sigma) V^T``; client k started from ``T_{r_k}(G_t)`` and sends
+``X_k = s_k B_k A_k = T_{r_k}(G_t) + Delta_k``. Plain FlexLoRA sets::
+
+    G_{t+1} = sum_k p_k X_k = sum_i w_i sigma_i u_i v_i^T + sum_k p_k Delta_k,
+    w_i = sum_{k: r_k >= i} p_k,
+
+so a direction that only some clients received is shrunk by ``w_i`` every round (the rank
+collapse of arXiv 2602.13486: the energy drifts geometrically to the smallest shared rank).
+Carrying them forward gives::
+
+    G_{t+1} = G_t + sum_k p_k Delta_k = sum_k p_k X_k + U diag((1 - w_i) sigma_i) V^T.
+
+Since ``1 - w_i = sum_k p_k [i > r_k]``, the carry term splits over clients:
+``U diag((1 - w_i) sigma_i) V^T = sum_k p_k R_k`` with ``R_k = G_t - T_{r_k}(G_t)`` the tail
+client k did not receive. So each reply is added to the *same* streaming aggregator as one
+factor pair ``[s_k B_k | U_tail S_tail] [A_k ; V_tail^T]`` (the client's factors with the tail
+appended, pre-scaled so the aggregator's per-module scaling reproduces ``s_k`` on the client's
+part) under the client's own weight ``n_k``: ``p_k`` normalisation is untouched, ``w_i`` is per
+module (from each client's rank or rank pattern) and, with client sampling or failed clients,
+over the clients whose replies were aggregated. Round 1 (no ``G_t``) is plain FlexLoRA.
 """
 
 from __future__ import annotations
@@ -21,7 +48,9 @@ from edge_client.wire import ClientUpdate, GlobalFactors, factor_keys, scaling
 
 from .base import RankSpec, RoundAggregation, Strategy, StrategyConfig, split_factors
 
-__all__ = ["FlexLoRA", "flexlora_delta", "truncate_delta", "reference_client_factors"]
+__all__ = ["FlexLoRA", "flexlora_delta", "carry_delta", "truncate_delta", "reference_client_factors"]
+
+SPLITS = ("reference", "balanced")
 
 
 def flexlora_delta(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]) -> np.ndarray:
@@ -40,7 +69,20 @@ def flexlora_delta(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]
     return out
 
 
-def truncate_delta(delta: np.ndarray, rank: int, scale: float, *, split: str = "balanced"
+def carry_delta(previous: np.ndarray, clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]
+                ) -> np.ndarray:
+    """FlexLoRA with carry, dense NumPy oracle: ``sum_k p_k X_k + U diag((1 - w_i) sigma_i) V^T``
+    with ``G_t = previous = U diag(sigma) V^T``, ``w_i = sum_{k: r_k >= i} p_k``, ``r_k`` the
+    inner rank of client k's factors."""
+    total = float(sum(n for *_, n in clients))
+    u, sig, vt = np.linalg.svd(np.asarray(previous, np.float64), full_matrices=False)
+    w = np.zeros_like(sig)
+    for b, _a, _s, n in clients:
+        w[: b.shape[1]] += n / total
+    return flexlora_delta(clients) + (u * ((1.0 - w) * sig)) @ vt
+
+
+def truncate_delta(delta: np.ndarray, rank: int, scale: float, *, split: str = "reference"
                    ) -> tuple[np.ndarray, np.ndarray]:
     """``(B, A)`` at ``rank`` with ``scale * B @ A`` = the rank-r truncated SVD of ``delta``."""
     if rank < 1:
@@ -68,7 +110,30 @@ class _FlexRound(RoundAggregation):
         return self._agg.state_bytes()
 
     def _add(self, update: ClientUpdate) -> None:
-        self._agg.add_update(update)
+        adapter = self.strategy.adapter
+        if not self.strategy.carry or adapter is None:
+            self._agg.add_update(update)
+            return
+        # carry: the client's factors with the tail of G_t it did not receive appended (see the
+        # module docstring); alpha=1, rslora=False makes the aggregator's scaling 1/r', so the
+        # client's part is pre-scaled by s_k r' and the tail by r'.
+        factors = {}
+        for module, (b, a) in split_factors(update.factors).items():
+            s_k = update.module_scaling(module)
+            r_k = a.shape[0]
+            bs, as_ = [np.asarray(b, np.float64) * s_k], [np.asarray(a, np.float64)]
+            if module in adapter.modules:
+                U, S, Vt = adapter.modules[module]
+                keep = np.flatnonzero(np.asarray(S[r_k:]) > 0) + r_k
+                if keep.size:
+                    bs.append(np.asarray(U[:, keep], np.float64) * np.asarray(S[keep], np.float64))
+                    as_.append(np.asarray(Vt[keep], np.float64))
+            B, A = np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)
+            a_key, b_key = factor_keys(module)
+            factors[a_key] = A.astype(np.float32)
+            factors[b_key] = (B * B.shape[1]).astype(np.float32)
+        self._agg.add(factors, num_examples=update.num_examples, alpha=1.0, rslora=False,
+                      client_id=update.client_id)
 
     def _finalize(self) -> None:
         self.strategy.adapter = self._agg.finalize()
@@ -80,15 +145,18 @@ class FlexLoRA(Strategy):
     name = "flexlora"
 
     def __init__(self, config: StrategyConfig | None = None, *, max_rank: int = 256,
-                 method: str = "auto", split: str = "balanced") -> None:
+                 method: str = "auto", split: str = "reference", carry: bool = False) -> None:
         super().__init__(config)
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-        if split not in ("balanced", "reference"):
-            raise ValueError(f"split must be 'balanced' or 'reference', got {split!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not isinstance(carry, bool):
+            raise ValueError(f"carry must be a bool, got {carry!r}")
         self.max_rank = int(max_rank)
         self.method = method
         self.split = split
+        self.carry = carry
         self.adapter = None  # server.aggregation.GlobalAdapter after the first round
 
     def configure(self, *, client_id: str, spec: RankSpec, round: int) -> GlobalFactors | None:
@@ -112,7 +180,8 @@ class FlexLoRA(Strategy):
         return {} if self.adapter is None else self.adapter.to_tensors()
 
     def state_meta(self) -> dict:
-        meta = {**super().state_meta(), "max_rank": self.max_rank, "split": self.split}
+        meta = {**super().state_meta(), "max_rank": self.max_rank, "split": self.split,
+                "carry": self.carry}
         if self.adapter is not None:
             meta.update(adapter_rank=self.adapter.max_rank, routes=self.adapter.routes)
         return meta
@@ -127,7 +196,7 @@ class FlexLoRA(Strategy):
 
 
 def reference_client_factors(updates: Sequence[ClientUpdate], spec: RankSpec, *, alpha: float,
-                             rslora: bool = False, split: str = "balanced") -> dict[str, np.ndarray]:
+                             rslora: bool = False, split: str = "reference") -> dict[str, np.ndarray]:
     """NumPy oracle for ``FlexLoRA.configure`` after aggregating ``updates``."""
     modules = split_factors(updates[0].factors)
     out = {}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from server.experiments.cell import allot_types, type_spec
-from server.experiments.config import CellSettings, ExperimentConfig, load_config_file
+from server.experiments.config import ARMS, CellSettings, ExperimentConfig, load_config_file
 from server.experiments.spectrum import collapse_warning, module_spectrum, retained_energy
 
 
@@ -95,5 +95,5 @@ def test_config_file_rejects_unknown_keys(tmp_path):
         load_config_file(str(p))
     p.write_text(json.dumps({"seeds": [0], "settings": {"rounds": 2}}), encoding="utf-8")
     cfg = ExperimentConfig(**load_config_file(str(p)))
-    assert cfg.settings.rounds == 2 and len(cfg.cells()) == 5 * 4
+    assert cfg.settings.rounds == 2 and len(cfg.cells()) == len(ARMS) * 4
     assert cfg.identity_hash() != ExperimentConfig().identity_hash()
