@@ -71,6 +71,15 @@ class _RaRound(RoundAggregation):
     def _add(self, update: ClientUpdate) -> None:
         pairs = {m: (np.array(b, np.float32), np.array(a, np.float32), update.module_scaling(m))
                  for m, (b, a) in split_factors(update.factors).items()}
+        # shapes are checked against earlier replies now, so a bad reply is rejected at add and
+        # never fails the round at finalize
+        seen = {m: (b.shape[0], a.shape[1]) for _c, _n, p in self._updates for m, (b, a, _s) in p.items()}
+        for m, (b, a, _s) in pairs.items():
+            if b.shape[1] != a.shape[0]:
+                raise ValueError(f"client {update.client_id!r}: module {m!r} has B {b.shape} and A {a.shape}")
+            if m in seen and (b.shape[0], a.shape[1]) != seen[m]:
+                raise ValueError(f"client {update.client_id!r}: module {m!r} is {b.shape[0]}x{a.shape[1]}, "
+                                 f"other clients sent {seen[m][0]}x{seen[m][1]}")
         self._updates.append((update.client_id, update.num_examples, pairs))
 
     def _finalize(self) -> None:

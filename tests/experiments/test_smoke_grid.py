@@ -65,7 +65,7 @@ def test_traffic_follows_ranks_and_methods(grid):
 def test_resume_recomputes_nothing_and_settings_must_match(grid, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in (grid / "cells").glob("*.json")}
     assert main(["run", "--out", str(grid), *TINY[:-1]]) == 0
-    assert "10 already done, 0 to run" in capsys.readouterr().err
+    assert f"{len(ARMS) * 2} already done, 0 to run" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in (grid / "cells").glob("*.json")} == stamps
     other = [("3" if x == "2" and i > 0 and TINY[i - 1] == "--rounds" else x) for i, x in enumerate(TINY)]
     assert main(["run", "--out", str(grid), *other]) == 1
@@ -82,7 +82,7 @@ def test_report_has_table_breakdowns_and_plots(grid):
         assert heading in report
     assert "Command: `flexlora experiment run" in report
     summary = json.loads((grid / "summary.json").read_text())
-    assert summary["cells"] == 10 and summary["table"]["flexlora"]["uniform"]["n"] == 1
+    assert summary["cells"] == len(ARMS) * 2 and summary["table"]["flexlora"]["uniform"]["n"] == 1
     assert len(summary["curves"]["flora"]["uniform"]["mean"]) == 3        # base + 2 rounds
     for png in ("rouge_over_rounds.png", "spectrum.png"):
         data = (grid / png).read_bytes()
