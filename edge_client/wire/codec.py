@@ -215,14 +215,20 @@ def decode_update(data: bytes, *, limits: DecodeLimits | None = None,
         raise ValueError(f"invalid update: {type(exc).__name__}: {exc}"[:400]) from None
 
 
+def _build(cls, data, kind: str, fields: set[str], limits):
+    """A message of type ``cls`` from untrusted bytes, every field validated."""
+    meta, tensors, limits = _read(data, kind, fields, limits)
+    obj = cls.__new__(cls)
+    for name in fields - {"schema", "kind", "dtype"}:
+        setattr(obj, name, meta[name])
+    obj.alpha_pattern = meta.get("alpha_pattern", {})
+    obj.factors = tensors
+    obj._validate(limits)
+    return obj
+
+
 def _decode_update(data, limits, expected_base_model, max_rank) -> ClientUpdate:
-    meta, tensors, limits = _read(data, "update", _UPDATE_FIELDS, limits)
-    update = ClientUpdate.__new__(ClientUpdate)
-    for name in _UPDATE_FIELDS - {"schema", "kind", "dtype"}:
-        setattr(update, name, meta[name])
-    update.alpha_pattern = meta.get("alpha_pattern", {})
-    update.factors = tensors
-    update._validate(limits)
+    update = _build(ClientUpdate, data, "update", _UPDATE_FIELDS, limits)
     if expected_base_model is not None and update.base_model != expected_base_model:
         raise ValueError(f"base_model {update.base_model!r} does not match the expected {expected_base_model!r}")
     _check_max_rank(update, max_rank)
@@ -240,11 +246,4 @@ def decode_global(data: bytes, *, limits: DecodeLimits | None = None) -> GlobalF
 
 
 def _decode_global(data, limits) -> GlobalFactors:
-    meta, tensors, limits = _read(data, "global", _GLOBAL_FIELDS, limits)
-    g = GlobalFactors.__new__(GlobalFactors)
-    for name in _GLOBAL_FIELDS - {"schema", "kind", "dtype"}:
-        setattr(g, name, meta[name])
-    g.alpha_pattern = meta.get("alpha_pattern", {})
-    g.factors = tensors
-    g._validate(limits)
-    return g
+    return _build(GlobalFactors, data, "global", _GLOBAL_FIELDS, limits)

@@ -109,20 +109,25 @@ def _check_str(name: str, value, *, allow_empty: bool = False) -> str:
     return value
 
 
-def _check_rank_pattern(value, max_rank: int) -> dict[str, int]:
+def _pattern_items(name: str, value) -> list:
+    """``(key, value)`` pairs of a peft-style pattern dict from an untrusted peer: a bounded number
+    of keys, each restricted to names, "." and "\\." (linear matching, no regex features)."""
     if not isinstance(value, Mapping):
-        raise ValueError(f"rank_pattern must be a dict of pattern -> rank, got {type(value).__name__}")
+        raise ValueError(f"{name} must be a dict of pattern -> value, got {type(value).__name__}")
     if len(value) > MAX_PATTERN_KEYS:
-        raise ValueError(f"rank_pattern has {len(value)} keys, above the limit of {MAX_PATTERN_KEYS}")
-    out = {}
-    for key, rank in value.items():
-        _check_str("rank_pattern key", key)
+        raise ValueError(f"{name} has {len(value)} keys, above the limit of {MAX_PATTERN_KEYS}")
+    for key in value:
+        _check_str(f"{name} key", key)
         if not PATTERN_KEY_RE.fullmatch(key):
-            raise ValueError(f"rank_pattern key {key!r} is not an allowed regular expression: only letters, "
+            raise ValueError(f"{name} key {key!r} is not an allowed regular expression: only letters, "
                              "digits, '_', '.' and '\\.' are accepted (no quantifiers, groups or alternation)")
         _pattern_matches(key, "probe")  # raises on an invalid regex
-        out[key] = _check_int(f"rank_pattern[{key!r}]", rank, minimum=1, maximum=max_rank)
-    return out
+    return list(value.items())
+
+
+def _check_rank_pattern(value, max_rank: int) -> dict[str, int]:
+    return {key: _check_int(f"rank_pattern[{key!r}]", rank, minimum=1, maximum=max_rank)
+            for key, rank in _pattern_items("rank_pattern", value)}
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -143,16 +148,8 @@ def product_norm(b: np.ndarray, a: np.ndarray) -> float:
 
 def _check_alpha_pattern(value) -> dict[str, float]:
     """peft's ``alpha_pattern`` (pattern -> alpha), keys restricted like ``rank_pattern``'s."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"alpha_pattern must be a dict of pattern -> alpha, got {type(value).__name__}")
-    out = {}
-    for key, alpha in value.items():
-        _check_str("alpha_pattern key", key)
-        if not PATTERN_KEY_RE.fullmatch(key):
-            raise ValueError(f"alpha_pattern key {key!r} is not an allowed regular expression: only letters, "
-                             "digits, '_', '.' and '\\.' are accepted")
-        out[key] = _check_float(f"alpha_pattern[{key!r}]", alpha, positive=True)
-    return out
+    return {key: _check_float(f"alpha_pattern[{key!r}]", alpha, positive=True)
+            for key, alpha in _pattern_items("alpha_pattern", value)}
 
 
 def _check_delta_norms(obj, limits: DecodeLimits) -> None:
