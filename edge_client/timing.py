@@ -24,7 +24,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["TimeModel", "step_flops", "step_flops_parts", "measure_step_seconds", "calibrate", "battery_state",
+__all__ = ["TimeModel", "step_flops", "step_flops_parts", "measure_step_seconds", "calibrate", "calibration_rows",
+           "fit_time_model", "battery_state",
            "choose_rank_for_deadline"]
 
 
@@ -130,12 +131,18 @@ class TimeModel:
 
 
 def calibrate(trainer, *, spec=None, batch: int = 1, seq_lens: Sequence[int] = (16, 128), steps: int = 3,
-              high_rank: int | None = 64) -> TimeModel:
+              high_rank: int | None = 128, warmup: int = 1) -> TimeModel:
     """Fit ``overhead_s`` and ``flops_per_s`` to real steps at two (or more) sequence lengths at
     ``spec`` (default rank 4), and, with ``high_rank``, ``lora_flops_per_s`` to one more step at that
-    rank and the longest length (minimum of the steps: the least disturbed by other processes)."""
-    import numpy as np
+    rank and the longest length. Each point is the median of its steps: a round's time is a sum of
+    steps, so the typical step (not the fastest) is what the prediction must match."""
+    return fit_time_model(calibration_rows(trainer, spec=spec, batch=batch, seq_lens=seq_lens, steps=steps,
+                                           high_rank=high_rank, warmup=warmup))
 
+
+def calibration_rows(trainer, *, spec=None, batch: int = 1, seq_lens: Sequence[int] = (16, 128), steps: int = 3,
+                     high_rank: int | None = 128, warmup: int = 1) -> list[dict]:
+    """The timed steps :func:`calibrate` fits: one row per (sequence length, rank) point."""
     from .wire import RankSpec
 
     spec = spec or RankSpec(rank=4)
@@ -144,22 +151,36 @@ def calibrate(trainer, *, spec=None, batch: int = 1, seq_lens: Sequence[int] = (
         points.append((int(max(seq_lens)), RankSpec(rank=int(high_rank))))
     rows = []
     for seq, sp in points:
-        t = measure_step_seconds(trainer, sp, batch=batch, seq_len=seq, steps=steps, stat="min")
+        t = measure_step_seconds(trainer, sp, batch=batch, seq_len=seq, steps=steps, warmup=warmup, stat="median")
         base, lora = step_flops_parts(trainer.base, trainer.config.target_modules, sp, batch=batch, seq_len=seq)
         rows.append({"seq_len": seq, "batch": batch, "rank": sp.rank, "seconds": t, "base_flops": base,
                      "lora_flops": lora})
-    y = np.array([r["seconds"] for r in rows])
-    if high_rank:
+    return rows
+
+
+def fit_time_model(rows: Sequence[Mapping]) -> TimeModel:
+    """Least-squares fit of ``overhead + base/rate [+ lora/lora_rate]`` to calibration rows (relative
+    errors weighted equally, so short steps count as much as long ones). The LoRA rate is fitted
+    only when the rows span more than one rank and the fit is physical (all terms positive);
+    otherwise LoRA FLOPs run at the base rate."""
+    import numpy as np
+
+    rows = [dict(r) for r in rows]
+    y = np.array([r["seconds"] for r in rows], dtype=float)
+    w = 1.0 / y
+    if len({r["rank"] for r in rows}) > 1 and len(rows) >= 3:
         x = np.array([[1.0, r["base_flops"], r["lora_flops"]] for r in rows])
-        (t0, inv_base, inv_lora), *_ = np.linalg.lstsq(x, y, rcond=None)
+        (t0, inv_base, inv_lora), *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
         if t0 >= 0 and inv_base > 0 and inv_lora > 0:
             return TimeModel(flops_per_s=float(1 / inv_base), overhead_s=float(t0), calibration=rows,
                              lora_flops_per_s=float(1 / inv_lora))
     x = np.array([[1.0, r["base_flops"] + r["lora_flops"]] for r in rows])
-    (t0, inv_rate), *_ = np.linalg.lstsq(x, y, rcond=None)
+    (t0, inv_rate), *_ = np.linalg.lstsq(x * w[:, None], y * w, rcond=None)
+    if t0 < 0:   # no measurable overhead: the line through the origin
+        t0, inv_rate = 0.0, float(np.sum(w * w * x[:, 1] * y) / np.sum(w * w * x[:, 1] ** 2))
     if inv_rate <= 0:   # noise swamped the slope: all time is per-FLOP at the largest point
         t0, inv_rate = 0.0, y[-1] / x[-1, 1]
-    return TimeModel(flops_per_s=float(1.0 / inv_rate), overhead_s=float(max(t0, 0.0)), calibration=rows)
+    return TimeModel(flops_per_s=float(1.0 / inv_rate), overhead_s=float(t0), calibration=rows)
 
 
 def battery_state() -> dict | None:
