@@ -61,8 +61,10 @@ double svd_flops(double m, double n) {  // sgesdd, thin vectors
 
 RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& opt) {
   const double m = d_out, n = d_in, R = static_cast<double>(total_rank), r = opt.rank;
-  const double l = std::min<double>({static_cast<double>(opt.rank + std::max(0, opt.oversample)), m, n});
   const bool adaptive = opt.method == Method::Auto;
+  const int p_over = adaptive ? auto_oversample(opt.rank, std::max(0, opt.oversample))
+                              : std::max(0, opt.oversample);
+  const double l = std::min<double>({static_cast<double>(opt.rank + p_over), m, n});
   // auto iterates adaptively: price it at the typical count, not the minimum
   const double q = std::max(0, opt.power_iters) + (adaptive ? kAutoPlanExtraIters : 0);
   RoutePlan p;
@@ -96,9 +98,11 @@ RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& 
   // Passes through the factors run as two thin GEMMs (inner size R) at about GEMM speed
   // (kFactoredPassWeight = 1) but cost 2 l R (m + n) each against 2 l m n for a pass over
   // dW, so above R ~ mn/(m+n) forming dW once wins. auto's factored route also needs
-  // ||M||_F^2 = <Bc^T Bc, At^T At> for its stopping rule: two R x R syrk, priced here.
+  // ||M||_F^2 for its stopping rule: exactly as <Bc^T Bc, At^T At> (two R x R syrk, priced
+  // here) while that costs at most one pass, else estimated from the first pass for free
+  // (routes.cpp randomized_factored).
   const double rf_pass = (2 * q + 2) * 2 * l * R * (m + n);
-  const double rf_norm = adaptive ? R * R * (m + n) : 0.0;
+  const double rf_norm = adaptive && factored_norm_exact(R, l) ? R * R * (m + n) : 0.0;
   p.flops_randomized = rf_pass + rf_norm + orth + rq_svd + rq_tail;
   p.cost_randomized = kFactoredPassWeight * rf_pass + rf_norm + orth + kSvdWeight * rq_svd +
                       rq_tail;

@@ -111,27 +111,42 @@ struct DenseOp {  // W = M^T, column-major (n x m)
 // E = ||M||_F^2 - T is exactly the squared Frobenius error the result would have if it
 // stopped here (Rayleigh-Ritz on span(Q)).
 //
-// adaptive (method="auto" only; normF2 = ||M||_F^2 >= 0): power_iters is a minimum. After
-// it, iteration stops once an iteration lowers E by at most kAutoEnergyTol * E, or at
-// max(power_iters, kAutoMaxPowerIters) iterations. On flat/heavy-tail spectra E falls
-// roughly geometrically with a slowly rising ratio and the excess left over the optimum was
-// measured at 1 to 1.5 times the last relative decrease, so a 1% threshold leaves the error
-// ratio ||M - USVt|| / optimum near sqrt(1 + 1.5e-2) ~ 1.0075 (below the 1.01 target) at
-// the cost of typically 1-3 extra iterations of 2 passes each (2048^2 heavy_tail_strong
-// module: stops after 4, ratio 1.0034; plain q=2 gives 1.015). Measured alternative: a
-// two-block Rayleigh-Ritz on span[Q_prev, Q] (the previous iterate and its M^T image are
-// already at hand, so no extra pass) reached 1.001-1.003 after 2 iterations on the same
-// cases, but its 2l-wide orthogonalisation and final SVD (gesdd 2048x420 costs 3x
-// 2048x210) cost about as much as the two extra iterations on CPU; it is the next step if
-// passes get relatively dearer.
+// adaptive (method="auto" only; normF2 = ||M||_F^2 >= 0, or kEstimateNorm): power_iters is
+// a minimum, and l = rank + auto_oversample(rank, oversample) (at least rank/5 extra
+// vectors). After the minimum, iteration stops once an iteration lowers E by at most
+// kAutoEnergyTol * E (5%), or at max(power_iters, kAutoMaxPowerIters) iterations.
+// Measured on the workloads' heavy-tail mixes (1 layer of cpu_small, rank 200; NumPy replay
+// of this loop, err/opt = ||M - USVt||_F / optimum after k iterations, and the relative
+// decrease that led to it):
+//   strong mix, 2048x2048:  l = 210: k=2 1.0152 (dec 0.058), k=3 1.0072 (0.016), k=4 1.0039
+//                           l = 240: k=2 1.0074 (dec 0.042), k=3 1.0027 (0.009), k=4 1.0011
+//   strong mix, 5504x2048:  l = 240: k=2 1.0084 (dec 0.042), k=3 1.0032
+//   light mix (R < d, where auto takes the exact route anyway): l = 240: k=2 1.00000
+// The wider block buys more than an extra iteration on these flat spectra (the gap
+// sigma_{l+1}/sigma_rank is what the power iterations raise to their power) at 14% more
+// per pass, so auto runs the minimum 2 iterations at l = 240 (err/opt ~1.008, better than
+// torch.svd_lowrank's q = rank + 10, niter = 2 at ~1.015) where the former rule (l = 210,
+// 1%) ran 4 (1.0034) at 1.7x the passes. Measured alternative: a two-block Rayleigh-Ritz
+// on span[Q_prev, Q] reached 1.001-1.003 after 2 iterations, but its 2l-wide final SVD
+// costs about as much as two extra iterations on CPU.
+//
+// kEstimateNorm (factored operator with R > 2 l, where the exact norm would cost more than a
+// pass): ||M||_F^2 ~ ||M Omega||_F^2 / l from the first pass (E||M w||^2 = ||M||_F^2 for a
+// standard Gaussian w). Its relative error is sqrt(2 sum sigma^4) / (sum sigma^2 sqrt(l)):
+// under 0.5% for the spread spectra of R > 2 l client directions; it enters the rule only
+// through the size of E (the decrease itself is a difference of captured energies).
+constexpr double kEstimateNorm = -2.0;
+
 template <class Op>
 int randomized(const Op& op, float scale, const SvdOptions& opt, SvdOutput& out,
                double normF2) {
   const int m = op.rows(), n = op.cols(), rank = opt.rank;
   zero_output(out, m, n, rank);
-  const int l = std::min({rank + std::max(0, opt.oversample), m, n});
+  const bool adaptive = normF2 >= 0.0 || normF2 == kEstimateNorm;
+  const int p_over = adaptive ? auto_oversample(rank, std::max(0, opt.oversample))
+                              : std::max(0, opt.oversample);
+  const int l = std::min({rank + p_over, m, n});
   if (l <= 0) return 0;
-  const bool adaptive = normF2 >= 0.0;
   // The passes are large GEMMs and use every BLAS thread; the O(d l^2) steps between them
   // (CholQR, Gram eigenvalues, the final gesdd) are many small BLAS/LAPACK calls whose
   // thread synchronisation costs more than it saves, and on an oversubscribed machine each
@@ -148,6 +163,7 @@ int randomized(const Op& op, float scale, const SvdOptions& opt, SvdOutput& out,
   Mat Q, Z;
   apply(Omega, Q);
   Omega = Mat();
+  if (normF2 == kEstimateNorm) normF2 = frobenius2(Q.p(), Q.data.size()) / l;
   orthonormalize(Q);
   double prev_E = -1.0;
   int it = 0;
@@ -278,7 +294,10 @@ double frobenius2(const float* W, size_t count) {
 
 int randomized_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out,
                         bool adaptive) {
-  return randomized(FactoredOp{F}, 1.0f, opt, out, adaptive ? frobenius2(F) : -1.0);
+  if (!adaptive) return randomized(FactoredOp{F}, 1.0f, opt, out, -1.0);
+  const int l = std::min({opt.rank + auto_oversample(opt.rank, std::max(0, opt.oversample)), F.m, F.n});
+  return randomized(FactoredOp{F}, 1.0f, opt, out,
+                    factored_norm_exact(F.R, l) ? frobenius2(F) : kEstimateNorm);
 }
 
 int randomized_dense(const float* W, int m, int n, float scale, const SvdOptions& opt,

@@ -173,8 +173,6 @@ def cmd_export(args) -> int:
     config, spec, update = None, None, None
     if args.adapter:   # a wire update file or a peft adapter folder
         update = read_update_path(args.adapter)
-        if update.alpha_pattern:
-            raise ValueError(f"{args.adapter}: export of adapters with an alpha_pattern is not supported yet")
         config = TrainConfig(alpha=update.alpha, rslora=update.rslora, target_modules=tuple(update.target_modules))
         spec = RankSpec(rank=update.rank, rank_pattern=update.rank_pattern)
     trainer = LocalTrainer.from_pretrained(args.model, config=config, spec=spec, local_files_only=args.offline)
@@ -183,7 +181,7 @@ def cmd_export(args) -> int:
                          f"not on {args.model} ({trainer.base_model[:12]}...): refusing to merge it")
     if args.kv_cache:
         return _export_kv(args, trainer, update)
-    with trainer.adapter(factors=update.factors if update is not None else None) as model:
+    with trainer.adapter(factors=update.factors_at_alpha() if update is not None else None) as model:
         path = export_onnx(model, args.out)
         merged = merged_model(model)
     ids = np.array([[trainer.tokenizer.bos_token_id or 0] + list(range(3, 10))], dtype=np.int64)
@@ -221,7 +219,7 @@ def _export_kv(args, trainer, update) -> int:
     from .export import merged_model
     from .export_kv import OnnxKVLM, export_onnx_kv, greedy_torch_cache, quantize_int8, timed
 
-    with trainer.adapter(factors=update.factors if update is not None else None) as model:
+    with trainer.adapter(factors=update.factors_at_alpha() if update is not None else None) as model:
         path = export_onnx_kv(model, args.out)
         merged = merged_model(model)
     merged.config.use_cache = True

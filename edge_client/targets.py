@@ -97,6 +97,29 @@ def resolve_targets(model, requested: Sequence[str] | str | None = None) -> tupl
     return tuple(names)
 
 
+# Names transformers gives the feed-forward block of a decoder layer (LLaMA/Qwen2/Mistral/GPT-2/
+# GPT-NeoX: mlp; Falcon-style and others: feed_forward / ffn).
+MLP_CONTAINERS = ("mlp", "feed_forward", "ffn")
+
+
+def ffn_pattern_keys(model, targets: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """``rank_pattern`` keys that select the feed-forward projections among ``targets``:
+    ``<container>.<leaf>`` for every targeted projection inside an MLP block of a repeated layer
+    (``mlp.gate_proj`` on LLaMA, ``mlp.c_fc``/``mlp.c_proj`` on GPT-2, whose attention has a
+    ``c_proj`` too, ``mlp.dense_h_to_4h``/``mlp.dense_4h_to_h`` on GPT-NeoX). Empty when the
+    targets hold no MLP projection."""
+    leaves = set(resolve_targets(model, targets))
+    out: list[str] = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if (len(parts) >= 2 and _is_projection(mod) and parts[-1] in leaves and parts[-2] in MLP_CONTAINERS
+                and any(p.isdigit() for p in parts[:-2])):
+            key = f"{parts[-2]}.{parts[-1]}"
+            if key not in out:
+                out.append(key)
+    return tuple(out)
+
+
 _CONFIG_CACHE: dict[str, tuple[str, ...]] = {}
 
 

@@ -215,6 +215,7 @@ class LocalTrainer:
         self.base_model = base_model_id or fingerprint(model)
         self.factors: dict[str, np.ndarray] | None = None    # the adapter after the last train
         self.init: GlobalFactors | None = None               # the server's factors for the next round
+        self.merged_round = 0                                # FLoRA: round of the last stack merged into base
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, config: TrainConfig | None = None, spec: RankSpec | None = None,
@@ -240,7 +241,11 @@ class LocalTrainer:
         if g is None:
             self.init = None
         elif g.merge_into_base:
-            merge_deltas(self.base, {m: g.module_delta(m) for m in g.modules()})
+            # a stack is merged once: after a round the server did not commit it sends the same
+            # stack (same producing round) again
+            if g.round > self.merged_round:
+                merge_deltas(self.base, {m: g.module_delta(m) for m in g.modules()})
+                self.merged_round = int(g.round)
             self.init, self.factors = None, None
         else:
             self.init = g

@@ -8,6 +8,7 @@
 // with the leading dimension equal to its number of columns.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -54,12 +55,21 @@ struct SvdOutput {
 // method="auto" on a randomized route treats power_iters as a minimum and keeps iterating
 // until one iteration lowers the residual energy ||M||_F^2 - sum_{i<rank} sigma_i^2 of the
 // current subspace by at most kAutoEnergyTol of itself, or until
-// max(power_iters, kAutoMaxPowerIters) iterations (rationale in csrc/routes.cpp). The
-// planner prices auto's randomized routes at power_iters + kAutoPlanExtraIters iterations.
-// Explicit "randomized" / "dense" run exactly power_iters iterations.
-constexpr double kAutoEnergyTol = 1e-2;
+// max(power_iters, kAutoMaxPowerIters) iterations, with at least rank / kAutoOversampleDiv
+// extra test vectors (auto_oversample; rationale in csrc/routes.cpp). The planner prices
+// auto's randomized routes at power_iters + kAutoPlanExtraIters iterations. Explicit
+// "randomized" / "dense" run exactly power_iters iterations at exactly `oversample`.
+constexpr double kAutoEnergyTol = 5e-2;
 constexpr int kAutoMaxPowerIters = 10;
-constexpr int kAutoPlanExtraIters = 2;
+constexpr int kAutoPlanExtraIters = 1;
+constexpr int kAutoOversampleDiv = 5;
+inline int auto_oversample(int rank, int oversample) {
+  return std::max(oversample, (rank + kAutoOversampleDiv - 1) / kAutoOversampleDiv);
+}
+// auto's stopping rule needs ||M||_F^2. On the factored operator the exact value,
+// <Bc^T Bc, At^T At>, costs R^2 (d_out + d_in), one pass of width l costs 2 l R (d_out + d_in):
+// above R = 2 l it is estimated from the first pass instead (routes.cpp).
+inline bool factored_norm_exact(double total_rank, double l) { return total_rank <= 2.0 * l; }
 
 // Cost model (floating-point operations, weighted by how efficiently each kind of kernel
 // runs: GEMM x1, float64 BLAS-3 and QR x2, SVD and tridiagonal reduction x4) behind the

@@ -16,17 +16,20 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from edge_client.targets import ffn_pattern_keys
 from edge_client.trainer import LocalTrainer
 from edge_client.wire import ClientUpdate, NodeProbe, RankSpec, TrainOrder, parse_rank_pattern
 
-from ..simulation.devices import DEMO_RANKS, assign_devices
-from ..simulation.model import apply_delta, fingerprint, load_base
-from ..simulation.runtime import build_suite_for, train_config_for
+from ..simulation.devices import DEMO_RANKS, LLAMA_FFN_KEYS, assign_devices
+from ..simulation.model import apply_delta, fingerprint, linear_shapes, load_base
+from ..simulation.runtime import _capped_ranks, build_suite_for, train_config_for
+from ..strategies.flora import merge_once
 from .config import simulation_config
 
 __all__ = ["SimulatedTask"]
 
 _MERGED_KEY = "flexlora.client-delta"
+_MERGED_ROUND_KEY = "flexlora.flora-merged-round"
 
 
 def _node_int(node_config: Mapping, key: str) -> int:
@@ -46,14 +49,20 @@ _BASES: dict[str | None, tuple] = {}
 
 
 def _federation(cfg) -> tuple[dict, dict]:
-    key = (cfg.num_clients, cfg.num_heldout, cfg.seed, cfg.data, cfg.model, cfg.rank_distribution)
+    key = (cfg.num_clients, cfg.num_heldout, cfg.seed, cfg.data, cfg.model, cfg.rank_distribution,
+           tuple(cfg.target_modules))
     if key not in _FEDERATIONS:
         suite = build_suite_for(cfg)
         clients = {c.client_id: c for c in suite.train}
-        rank_map = DEMO_RANKS if cfg.model is None else None
+        if cfg.model is None:
+            rank_map, ffn_keys = DEMO_RANKS, LLAMA_FFN_KEYS
+        else:   # the same ranks and FFN keys as `flexlora simulate --model` (simulation/runtime.py)
+            model = _base(cfg.model)[0]
+            rank_map = _capped_ranks(linear_shapes(model, cfg.target_modules))
+            ffn_keys = ffn_pattern_keys(model, cfg.target_modules)
         devices = {d.client_id: d for d in assign_devices(sorted(clients), seed=cfg.seed,
                                                           rank_distribution=cfg.rank_distribution,
-                                                          rank_map=rank_map)}
+                                                          rank_map=rank_map, ffn_keys=ffn_keys)}
         _FEDERATIONS.clear()
         _FEDERATIONS[key] = (clients, devices)
     return _FEDERATIONS[key]
@@ -116,11 +125,15 @@ class SimulatedTask:
         self._load()
         init = order.init()
         merged = self._merged(state)
-        if init is not None and init.merge_into_base:  # FLoRA: this node's base gains the stack
+        merged_round = (int(state.array_records[_MERGED_ROUND_KEY]["round"].numpy().reshape(-1)[0])
+                        if _MERGED_ROUND_KEY in state.array_records else 0)
+        if merge_once(init, merged_round):  # FLoRA: this node's base gains the stack, once
             for module in init.modules():
                 merged[module] = merged.get(module, 0) + init.module_delta(module)
             state.array_records[_MERGED_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v, np.float32))
                                                             for k, v in merged.items()})
+            state.array_records[_MERGED_ROUND_KEY] = ArrayRecord({"round": Array(np.array([init.round], np.int64))})
+        if init is not None and init.merge_into_base:
             init = None
         # the base may be shared with other nodes served by this process: reset it per message
         apply_delta(self.model, self.base_state, merged)

@@ -26,12 +26,14 @@ from edge_client.trainer import LocalTrainer
 from edge_client.wire import decode_global, encode_update
 
 from ..federation import Order, Reply, RoundPlan
+from ..strategies.flora import merge_once
 from .faults import faulty_reply
 from .model import apply_delta
 
 __all__ = ["InProcessClients"]
 
 _DELTA_PREFIX = "client_delta."
+_MERGED_ROUND = "client_merged_round"
 
 
 class InProcessClients:
@@ -47,6 +49,7 @@ class InProcessClients:
         self.faults = dict(faults or {})
         self.progress = progress          # callable(iterable, round) -> iterable (a progress bar)
         self.client_delta: dict[str, np.ndarray] = {}   # FLoRA: what every client merged into its base
+        self.merged_round = 0                            # FLoRA: the round of the last stack merged
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client")
 
     def close(self) -> None:
@@ -61,18 +64,23 @@ class InProcessClients:
 
     # --- state that travels in the checkpoint -----------------------------------------
     def state_tensors(self) -> dict[str, np.ndarray]:
-        return {_DELTA_PREFIX + k: v for k, v in self.client_delta.items()}
+        out = {_DELTA_PREFIX + k: v for k, v in self.client_delta.items()}
+        if self.client_delta:
+            out[_MERGED_ROUND] = np.array([self.merged_round], np.int64)
+        return out
 
     def load_state(self, tensors: Mapping[str, np.ndarray]) -> None:
         self.client_delta = {k[len(_DELTA_PREFIX):]: np.asarray(v, np.float32)
                              for k, v in tensors.items() if k.startswith(_DELTA_PREFIX)}
+        self.merged_round = int(np.asarray(tensors[_MERGED_ROUND]).reshape(-1)[0]) if _MERGED_ROUND in tensors else 0
 
     # --- one round ---------------------------------------------------------------------
     def exchange(self, plan: RoundPlan) -> list[Reply]:
         stack = next((o.message for o in plan.orders if o.message is not None and o.message.merge_into_base), None)
-        if stack is not None:
+        if merge_once(stack, self.merged_round):
             for module in stack.modules():
                 self.client_delta[module] = self.client_delta.get(module, 0) + stack.module_delta(module)
+            self.merged_round = int(stack.round)
         apply_delta(self.trainer.base, self.base_state, self.client_delta)
         orders = plan.orders if self.progress is None else self.progress(plan.orders, plan.round)
         return [self._ask(order) for order in orders]

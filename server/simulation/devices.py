@@ -93,11 +93,17 @@ def planning_config(workloads: Mapping, name: str = "llama-1.3b"):
                        vocab_size=32000)
 
 
-def _spec_for_type(types: Mapping, client_type: str, rank_map: Mapping[int, int] | None) -> RankSpec:
+# rank_pattern keys of the FFN projections of the LLaMA-style planning model (and the shipped tiny
+# model); a real --model passes its own (edge_client.targets.ffn_pattern_keys).
+LLAMA_FFN_KEYS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _spec_for_type(types: Mapping, client_type: str, rank_map: Mapping[int, int] | None,
+                   ffn_keys: Sequence[str] = LLAMA_FFN_KEYS) -> RankSpec:
     attn, ffn = int(types[client_type]["attn"]), int(types[client_type]["ffn"])
     if rank_map is not None:
         attn, ffn = rank_map.get(attn, attn), rank_map.get(ffn, ffn)
-    pattern = {m: ffn for m in ("gate_proj", "up_proj", "down_proj")} if ffn != attn else {}
+    pattern = {m: ffn for m in ffn_keys} if ffn != attn else {}
     return RankSpec(rank=attn, rank_pattern=pattern)
 
 
@@ -112,8 +118,10 @@ def _draw(rng: random.Random, shares: Sequence[tuple[str, float]]) -> str:
 
 def assign_devices(client_ids: Sequence[str], *, seed: int, rank_distribution: str | None = None,
                    rank_map: Mapping[int, int] | None = DEMO_RANKS, workloads: Mapping | None = None,
-                   mix: Sequence[DeviceClass] = DEVICE_MIX) -> list[ClientDevice]:
-    """Device class (or client type) and rank for every client, deterministic from ``seed``."""
+                   mix: Sequence[DeviceClass] = DEVICE_MIX,
+                   ffn_keys: Sequence[str] = LLAMA_FFN_KEYS) -> list[ClientDevice]:
+    """Device class (or client type) and rank for every client, deterministic from ``seed``.
+    ``ffn_keys``: the rank_pattern keys that put a client type's FFN rank on the model's FFN."""
     wl = workloads or load_workloads()
     types = wl["client_types"]
     rng = random.Random(f"devices-{seed}")
@@ -126,7 +134,7 @@ def assign_devices(client_ids: Sequence[str], *, seed: int, rank_distribution: s
         for cid in client_ids:
             t = _draw(rng, shares)
             out.append(ClientDevice(client_id=cid, device=f"type:{t}", client_type=t,
-                                    spec=_spec_for_type(types, t, rank_map),
+                                    spec=_spec_for_type(types, t, rank_map, ffn_keys),
                                     reasons=[f"drawn from rank_distribution {rank_distribution}"]))
         return out
 
@@ -145,5 +153,5 @@ def assign_devices(client_ids: Sequence[str], *, seed: int, rank_distribution: s
         name = _draw(rng, shares)
         label, reasons = by_class[name]
         out.append(ClientDevice(client_id=cid, device=name, client_type=label,
-                                spec=_spec_for_type(types, label, rank_map), reasons=reasons))
+                                spec=_spec_for_type(types, label, rank_map, ffn_keys), reasons=reasons))
     return out

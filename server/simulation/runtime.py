@@ -19,14 +19,14 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from edge_client.targets import AUTO
+from edge_client.targets import AUTO, ffn_pattern_keys
 from edge_client.trainer import LocalTrainer, TrainConfig
 from edge_client.wire import DecodeLimits
 
 from ..federation import ResumeError, RoundEngine
 from ..strategies import RobustConfig, RoundFailed, StrategyConfig, build_strategy
 from .clients import InProcessClients
-from .devices import DEMO_RANKS, assign_devices
+from .devices import DEMO_RANKS, LLAMA_FFN_KEYS, assign_devices
 from .evaluate import Evaluator
 from .faults import check_fault
 from .model import fingerprint, linear_shapes, load_base
@@ -228,7 +228,8 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
                          f"{sorted(clients)[0]} .. {sorted(clients)[-1]}")
     devices = {d.client_id: d for d in assign_devices(
         list(clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution,
-        rank_map=DEMO_RANKS if cfg.model is None else _capped_ranks(linear_shapes(model, cfg.target_modules)))}
+        rank_map=DEMO_RANKS if cfg.model is None else _capped_ranks(linear_shapes(model, cfg.target_modules)),
+        ffn_keys=LLAMA_FFN_KEYS if cfg.model is None else ffn_pattern_keys(model, cfg.target_modules))}
     specs = {cid: d.spec for cid, d in devices.items()}
     strategy = strategy_for(cfg, specs.values(), base_model=base_model,
                             module_shapes=linear_shapes(model, cfg.target_modules))

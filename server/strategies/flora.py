@@ -21,7 +21,7 @@ from edge_client.wire import ClientUpdate, GlobalFactors
 
 from .base import RankSpec, RoundAggregation, Strategy, StrategyConfig, join_factors, split_factors
 
-__all__ = ["FLoRA", "stack_factors"]
+__all__ = ["FLoRA", "stack_factors", "merge_once"]
 
 
 def stack_factors(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]
@@ -34,6 +34,13 @@ def stack_factors(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]
     bs = [(n / total) * s * b.astype(np.float64) for b, a, s, n in clients]
     as_ = [a.astype(np.float64) for _, a, _, _ in clients]
     return np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)
+
+
+def merge_once(message: GlobalFactors | None, merged_round: int) -> bool:
+    """Whether a client whose base already holds the stacks up to ``merged_round`` must merge
+    ``message``: only a ``merge_into_base`` stack from a later round (a stack re-sent after a
+    round that was not committed was merged already)."""
+    return message is not None and message.merge_into_base and int(message.round) > int(merged_round)
 
 
 class _StackRound(RoundAggregation):
@@ -86,7 +93,11 @@ class FLoRA(Strategy):
         pattern = {m: int(b.shape[1]) for m, (b, _) in self.stack.items()}
         out = {m: (b / self.send_scaling(pattern[m]), a) for m, (b, a) in self.stack.items()}
         msg_spec = RankSpec(rank=max(pattern.values()), rank_pattern=pattern)
-        return self._message(join_factors(out), msg_spec, round)
+        # The message's round is the round whose aggregation produced the stack (the last one
+        # committed), not the round being configured: after a round that was not committed
+        # (RoundFailed) the same stack goes out again, and a client must not merge it twice
+        # (see merge_once).
+        return self._message(join_factors(out), msg_spec, self.rounds_completed)
 
     def begin_round(self, round: int) -> RoundAggregation:
         return _StackRound(self, round)

@@ -87,3 +87,31 @@ def test_model_zoo_table_all_pass():
     zoo_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(zoo_mod)
     assert zoo_mod.main([]) == 0
+
+
+FFN_KEYS = {"llama": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+            "qwen2": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+            "mistral": ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
+            "gpt2": ("mlp.c_fc", "mlp.c_proj"),
+            "gpt_neox": ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_ffn_rank_pattern_reaches_the_ffn_only(zoo, arch):
+    """The simulation's mixed client type (attention rank 4, FFN rank 16) puts its FFN rank on the
+    model's FFN projections and nowhere else, whatever the architecture calls them."""
+    from edge_client.targets import ffn_pattern_keys
+    from edge_client.wire import rank_for_module
+    from server.simulation.devices import assign_devices
+
+    model, _ = load_model(zoo[arch])
+    keys = ffn_pattern_keys(model, "auto")
+    assert keys == FFN_KEYS[arch]
+    devices = assign_devices([f"c{i}" for i in range(40)], seed=0, rank_distribution="uniform",
+                             rank_map={8: 2, 30: 4, 200: 16}, ffn_keys=keys)
+    spec = next(d.spec for d in devices if d.client_type == "r30_200")
+    shapes = linear_shapes(model, ("auto",))
+    ranks = {m: rank_for_module(m, spec.rank, spec.rank_pattern) for m in shapes}
+    ffn = {m for m in shapes if ".mlp." in m}
+    assert ffn and all(ranks[m] == 16 for m in ffn)                  # every FFN projection at the FFN rank
+    assert all(ranks[m] == 4 for m in set(shapes) - ffn)            # attention (GPT-2's attn.c_proj too) at 4

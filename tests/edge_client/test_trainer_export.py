@@ -140,3 +140,34 @@ def test_cli_export(model_dir, tmp_path, capsys):
     assert main(["export", "--model", str(model_dir), "--out", str(out), "--offline", "--json", "--time-tokens", "4"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["max_abs_logit_diff"] < 1e-4 and result["onnxruntime_ms_per_token"] > 0 and out.exists()
+
+
+def test_cli_export_honours_alpha_pattern(model_dir, tmp_path, capsys):
+    """A peft folder with an alpha_pattern exports with peft's own scaling per module."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edge_client.cli import main
+    from edge_client.export import OnnxLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    cfg = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"down_proj": 64}, target_modules=["q_proj", "down_proj"],
+                     init_lora_weights=False)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, cfg)
+    folder = tmp_path / "adapter"
+    peft_model.save_pretrained(folder)
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(model_dir), "--adapter", str(folder), "--out", str(out), "--offline",
+                 "--json"]) == 0
+    capsys.readouterr()
+    ids = np.array([[1, 5, 6, 7, 8, 9]], dtype=np.int64)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), folder).eval()
+    with torch.no_grad():
+        ref = loaded(input_ids=torch.from_numpy(ids)).logits.numpy()
+        plain = AutoModelForCausalLM.from_pretrained(model_dir)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    got = OnnxLM(str(out)).logits(ids)
+    assert np.abs(ref - plain).max() > 1e-3          # the adapter changes the outputs
+    assert np.abs(got - ref).max() < 1e-4            # and the export applies it at peft's per-module scale

@@ -180,3 +180,21 @@ def test_decode_reply_checks_shapes_against_the_base_model():
     alien = make_update("c2", 2, seed=2, modules={"base_model.model.x.q_proj": (12, 12)})
     with pytest.raises(ValueError, match="not a LoRA target"):
         st.decode_reply(encode_update(alien), spec=RankSpec(rank=2))
+
+
+def test_flora_stack_resent_after_an_uncommitted_round_is_merged_once(updates):
+    """A FLoRA stack names the round that produced it; after a round that fails (not committed)
+    the same stack goes out again and a client that merged it must not merge it twice."""
+    from server.strategies.flora import merge_once
+
+    st = make_strategy("flora", StrategyConfig(min_clients=2))
+    st.aggregate(updates[:2], round=1)
+    spec = RankSpec(rank=2)
+    first = st.configure(client_id="c0", spec=spec, round=2)
+    assert first.round == 1 and merge_once(first, 0)
+    with pytest.raises(RoundFailed):
+        st.aggregate(updates[:1], round=2)
+    again = st.configure(client_id="c0", spec=spec, round=3)
+    assert again.round == 1 and not merge_once(again, 1)
+    st.aggregate(updates[:2], round=3)
+    assert merge_once(st.configure(client_id="c0", spec=spec, round=4), 1)
