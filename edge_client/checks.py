@@ -29,17 +29,37 @@ def check_local_model(name_or_path: str) -> bool:
     return False
 
 
+_WIRE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
 def check_spec(shapes: Mapping[str, tuple[int, int]], spec, targets: Sequence[str], *,
-               strict_pattern: bool = False) -> None:
-    """Every module's rank within its size; with ``strict_pattern`` every ``rank_pattern`` key must
-    match one of the targeted modules (``shapes``: peft module path -> (d_out, d_in))."""
+               strict_pattern: bool = False, wire_dtype: str = "float32", limits=None) -> None:
+    """Every module's rank within its size; the update this spec produces within the wire's caps
+    (``limits``: the decoder's ``DecodeLimits``, default the defaults: rank, module count, bytes at
+    ``wire_dtype``); with ``strict_pattern`` every ``rank_pattern`` key must match one of the
+    targeted modules (``shapes``: peft module path -> (d_out, d_in))."""
+    from .wire import DecodeLimits
     from .wire.naming import _pattern_matches
 
+    limits = limits or DecodeLimits()
+    if wire_dtype not in _WIRE_BYTES:
+        raise ValueError(f"wire dtype must be one of {sorted(_WIRE_BYTES)}, got {wire_dtype!r}")
+    total = 0
     for module, shape in shapes.items():
         r = spec.module_rank(module)
         if r > min(shape):
             raise ValueError(f"rank {r} of module {module.removeprefix(_PEFT_PREFIX)!r} is above its size "
                              f"{shape[0]} x {shape[1]}; use rank <= {min(shape)}")
+        if r > limits.max_rank:
+            raise ValueError(f"rank {r} of module {module.removeprefix(_PEFT_PREFIX)!r} is above the wire's "
+                             f"max_rank {limits.max_rank}: the server would reject the update")
+        total += r * (shape[0] + shape[1]) * _WIRE_BYTES[wire_dtype]
+    if len(shapes) > limits.max_modules:
+        raise ValueError(f"{len(shapes)} target modules exceed the wire's max_modules {limits.max_modules}: "
+                         f"the server would reject the update")
+    if total > limits.max_bytes:
+        raise ValueError(f"the update would be {total:,} bytes of {wire_dtype} factors, above the wire's cap of "
+                         f"{limits.max_bytes:,} bytes: lower the rank or send float16/bfloat16")
     if strict_pattern:
         unused = [k for k in spec.rank_pattern if not any(_pattern_matches(k, m) for m in shapes)]
         if unused:

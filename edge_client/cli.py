@@ -149,7 +149,7 @@ def cmd_train(args) -> int:
                                            spec=RankSpec(rank=args.rank, rank_pattern=pattern),
                                            client_id=args.client_id, local_files_only=args.offline,
                                            dtype=args.dtype)
-    trainer.check_spec(trainer.spec, strict_pattern=True)
+    trainer.check_spec(trainer.spec, strict_pattern=True, wire_dtype=args.wire_dtype)
     if args.global_factors:
         trainer.load_global(decode_global(Path(args.global_factors).read_bytes()))
     update = trainer.train(args.data, round=args.round, seed=args.seed)

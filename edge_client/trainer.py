@@ -230,9 +230,12 @@ class LocalTrainer:
         return {_PEFT_PREFIX + n: module_shape(m) for n, m in self.base.named_modules()
                 if n.rsplit(".", 1)[-1] in targets and hasattr(m, "weight") and m.weight.dim() == 2}
 
-    def check_spec(self, spec: RankSpec, *, strict_pattern: bool = False) -> None:
-        """Before any work: every module's rank within its size (see ``checks.check_spec``)."""
-        check_spec(self.module_shapes(), spec, self.config.target_modules, strict_pattern=strict_pattern)
+    def check_spec(self, spec: RankSpec, *, strict_pattern: bool = False, wire_dtype: str = "float32",
+                   limits=None) -> None:
+        """Before any work: every module's rank within its size and the update within the wire's caps
+        (see ``checks.check_spec``)."""
+        check_spec(self.module_shapes(), spec, self.config.target_modules, strict_pattern=strict_pattern,
+                   wire_dtype=wire_dtype, limits=limits)
 
     # ------------------------------------------------------------------ what the server sends
     def load_global(self, g: GlobalFactors | None) -> None:

@@ -34,7 +34,12 @@ import numpy as np  # noqa: E402
 _JSON_VALUES = [None, True, False, 0, -1, 1, 2**31, 10**30, 1.5, float("nan"), float("inf"), "", "x",
                 "q_proj", [], ["q_proj"], ["q_proj", "q_proj"], {}, {"q_proj": 2}, {"(a+)+b": 2},
                 {"q_proj": 0}, [[[[]]]]]
-_FIELDS = sorted(fuzzlib.update_meta())
+_FIELDS = sorted(set(fuzzlib.update_meta()) | {"alpha_pattern"})
+# peft's per-module alpha (optional wire field): well-formed, lying, hostile
+_ALPHA_PATTERNS = [{"q_proj": 32.0}, {"q_proj": 1e30}, {"q_proj": 1e-30}, {"q_proj": -8.0}, {"q_proj": 0},
+                   {"q_proj": float("nan")}, {"q_proj": float("inf")}, {"q_proj": "8"}, {"q_proj": True},
+                   {"(a+)+b": 8.0}, {"": 8.0}, {f"k{i}": 8.0 for i in range(100)}, {"q_proj": [8.0]},
+                   {"self_attn.q_proj": 4.0, "q_proj": 16.0}, [], "q_proj", 8.0]
 
 
 def _array(fdp: atheris.FuzzedDataProvider, shape, dtype: str) -> np.ndarray:
@@ -63,7 +68,9 @@ def structured(fdp: atheris.FuzzedDataProvider) -> bytes:
     meta = fuzzlib.update_meta(dtype=dtype)
     for _ in range(fdp.ConsumeIntInRange(0, 3) // 2):     # metadata that lies
         field = fdp.PickValueInList(_FIELDS)
-        meta[field] = fdp.PickValueInList(_JSON_VALUES + [meta[field]])
+        meta[field] = fdp.PickValueInList(_JSON_VALUES + [meta.get(field)])
+    if fdp.ConsumeIntInRange(0, 3) == 3:                   # a per-module alpha
+        meta["alpha_pattern"] = fdp.PickValueInList(_ALPHA_PATTERNS)
     r = fdp.ConsumeIntInRange(1, 9)
     meta["rank"] = fdp.ConsumeIntInRange(0, 80) if fdp.ConsumeIntInRange(0, 7) == 7 else r
     if fdp.ConsumeIntInRange(0, 3) == 3:

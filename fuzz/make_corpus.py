@@ -68,6 +68,13 @@ def seeds() -> dict[str, bytes]:
         "bad-kind": fuzzlib.update_bytes(kind="global"),
         "bad-dtype-lie": fuzzlib.update_bytes(dtype="float16"),
         "bad-no-metadata": fuzzlib.raw_safetensors(sorted(f.items())),
+        "ok-alpha-pattern": encode_update(ClientUpdate(
+            client_id="c0", factors=f, num_examples=10, rank=4, alpha=16.0, alpha_pattern={"q_proj": 64.0},
+            base_model="ab" * 16, target_modules=["q_proj"], round=1, metrics={"train_loss": 1.0})),
+        "bad-alpha-pattern-bomb": fuzzlib.update_bytes(alpha_pattern={"q_proj": 1e300}),
+        "bad-alpha-pattern-negative": fuzzlib.update_bytes(alpha_pattern={"q_proj": -16.0}),
+        "bad-alpha-pattern-redos": fuzzlib.update_bytes(
+            fuzzlib.valid_factors(module="x" * 40 + ".q_proj"), alpha_pattern={"(x+x+)+y": 4.0}),
     }
     g = GlobalFactors(factors=f, rank=4, alpha=16.0, round=1, strategy="flexlora")
     out["bad-global-as-update"] = encode_global(g)

@@ -65,6 +65,18 @@ def test_rank_checks_before_training(zoo, tmp_path):
         trainer.train(synthetic_records(2), spec=RankSpec(rank=64))
     with pytest.raises(ValueError, match="match no target module"):
         trainer.check_spec(RankSpec(rank=2, rank_pattern={"c_fc": 4}), strict_pattern=True)
+    # the wire's caps, before any training: bytes at the chosen wire dtype, rank, module count
+    from edge_client.wire import DecodeLimits
+    shapes = trainer.module_shapes()
+    need = sum(4 * (o + i) * 4 for o, i in shapes.values())      # rank 4, 4 bytes per float32
+    trainer.check_spec(RankSpec(rank=4), limits=DecodeLimits(max_bytes=need))
+    with pytest.raises(ValueError, match="above the wire's cap"):
+        trainer.check_spec(RankSpec(rank=4), limits=DecodeLimits(max_bytes=need - 1))
+    trainer.check_spec(RankSpec(rank=4), wire_dtype="bfloat16", limits=DecodeLimits(max_bytes=need // 2))
+    with pytest.raises(ValueError, match="max_rank 2"):
+        trainer.check_spec(RankSpec(rank=4), limits=DecodeLimits(max_rank=2))
+    with pytest.raises(ValueError, match="max_modules"):
+        trainer.check_spec(RankSpec(rank=4), limits=DecodeLimits(max_modules=len(shapes) - 1))
 
 
 def test_load_errors_name_the_cause(zoo, tmp_path):
