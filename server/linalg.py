@@ -24,15 +24,18 @@ Routes (``method``):
   ``max_state_bytes`` when the other routes would not fit.
 * ``"auto"``: the cheapest route by the cost model of :func:`plan`; exact unless an
   approximate route is more than ``EXACT_PREFERENCE`` times cheaper. On a randomized route
-  ``auto`` is accuracy-driven: ``power_iters`` is a minimum, and subspace iteration goes on
-  until one iteration lowers the residual energy ``||dW||_F^2 - sum_{i<rank} sigma_i^2`` of
-  the current subspace by at most ``AUTO_ENERGY_TOL`` (1%) of itself, or until
-  ``max(power_iters, AUTO_MAX_POWER_ITERS)`` iterations. That residual is exactly the
-  squared error the answer would have, and on flat/heavy-tailed spectra the excess left
-  over the Eckart-Young optimum was measured at 1-1.5x the last relative decrease, so the
-  error ratio ends near ``sqrt(1 + 1.5e-2)`` ~ 1.0075 (target: <= 1.01). With R above d
-  the planner forms dW (one GEMM) and iterates on it: a pass through the factors costs
-  ``2 l R (d_out + d_in)``, more than a dense pass ``2 l d_out d_in``.
+  ``auto`` is accuracy-driven: it draws at least ``rank / 5`` extra test vectors (more than
+  ``oversample`` when that is smaller), ``power_iters`` is a minimum, and subspace iteration
+  goes on until one iteration lowers the residual energy ``||dW||_F^2 - sum_{i<rank}
+  sigma_i^2`` of the current subspace by at most ``AUTO_ENERGY_TOL`` (5%) of itself, or until
+  ``max(power_iters, AUTO_MAX_POWER_ITERS)`` iterations. That residual is exactly the squared
+  error the answer would have. On the workloads' heavy-tailed sums (R above d) the wider
+  block stops after the minimum 2 iterations at an error ratio of ~1.007-1.009 (target:
+  <= 1.01; torch's ``svd_lowrank`` with ``niter=2`` gives ~1.015): the measured table is in
+  csrc/routes.cpp. The planner forms dW (one GEMM) and iterates on it when a dense pass,
+  ``2 l d_out d_in``, is cheaper than a pass through the factors, ``2 l R (d_out + d_in)``;
+  on the factors, ``||dW||_F^2`` is estimated from the first pass when its exact value
+  (``R^2 (d_out + d_in)``) would cost more than a pass.
   Explicit ``"randomized"`` / ``"dense"`` run exactly ``power_iters`` iterations.
 
 Re-orthonormalisation between passes is Cholesky QR twice (CholQR2, BLAS-3) with a shifted
@@ -194,8 +197,8 @@ def plan(d_out: int, d_in: int, ranks: Sequence[int] | int, rank: int, *, oversa
     (a sequence, or the total R as an int) at the requested ``rank``.
 
     ``method`` only changes how the randomized routes are priced: ``"auto"`` (default) at
-    ``power_iters + 2`` iterations, its typical adaptive count (the figures auto decides
-    by); an explicit method at exactly ``power_iters`` (for FLOP counts of that method)."""
+    ``power_iters + 1`` iterations and auto's block width (the figures auto decides by); an
+    explicit method at exactly ``power_iters`` (for FLOP counts of that method)."""
     d_out, d_in, rank = as_rank(d_out, "d_out"), as_rank(d_in, "d_in"), as_rank(rank)
     if isinstance(ranks, (int, np.integer)) and not isinstance(ranks, bool):
         total = as_rank(ranks, "ranks")
