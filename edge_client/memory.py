@@ -13,7 +13,8 @@ Gradients and optimizer states are float32, like peft's adapters. The logits wor
 loss's transient peak in the backward pass (upcast logits, log-softmax output and their
 gradients, each batch x seq x vocab float32). The runtime overhead is the resident size of
 Python with torch, transformers and peft loaded. Saved activations are scaled by
-`ACTIVATION_RETENTION` (the allocator keeps freed temporaries resident). Both defaults were measured
+`ACTIVATION_RETENTION` (the allocator keeps freed temporaries resident; `ACTIVATION_RETENTION_16BIT`
+with bfloat16/float16 base weights). The defaults were measured
 on x86-64 Linux with the CPU build of torch and can be overridden.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["MemoryEstimate", "estimate", "DTYPE_BYTES", "RUNTIME_BASE_BYTES", "ACTIVATION_RETENTION"]
+__all__ = ["MemoryEstimate", "estimate", "DTYPE_BYTES", "RUNTIME_BASE_BYTES", "ACTIVATION_RETENTION",
+           "ACTIVATION_RETENTION_16BIT"]
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
@@ -32,6 +34,10 @@ RUNTIME_BASE_BYTES = 420 * 2**20
 # the resident peak is about twice the saved bytes (measured by benchmarks/bench_memory_model.py on
 # glibc x86-64, CPU torch 2.x, LLaMA shapes; within a few percent over 18 configurations).
 ACTIVATION_RETENTION = 2.0
+# With 16-bit base weights the forward's freed temporaries are 16-bit too, while part of what autograd saves
+# stays float32 (peft upcasts a LoRA layer's input to the adapter's dtype): the resident peak is about 1.25x
+# the saved bytes (bench_memory_model.py, LLaMA h512 l8, bfloat16, ranks 8/64 x seq 64/256: fitted 1.04-1.40).
+ACTIVATION_RETENTION_16BIT = 1.25
 
 
 @dataclass(kw_only=True)
@@ -123,7 +129,7 @@ def estimate(model_config, targets: Sequence[str], rank: int | None = None,
              rank_pattern: Mapping[str, int] | None = None, *, batch: int, seq_len: int,
              dtype: str = "float32", optimizer: str = "adamw", gradient_checkpointing: bool = False,
              alpha: float = 16.0, runtime_base_bytes: int = RUNTIME_BASE_BYTES,
-             activation_retention: float = ACTIVATION_RETENTION) -> MemoryEstimate:
+             activation_retention: float | None = None) -> MemoryEstimate:
     """Predict the peak memory of one training step.
 
     `model_config` is a transformers `PretrainedConfig` (or a dict for `LlamaConfig`); `rank` is
@@ -170,6 +176,8 @@ def estimate(model_config, targets: Sequence[str], rank: int | None = None,
     act += act // layers if not gradient_checkpointing else 0
     grads = lora_bytes
     opt = OPTIMIZER_STATES[optimizer] * lora_bytes
+    if activation_retention is None:
+        activation_retention = ACTIVATION_RETENTION if dtype == "float32" else ACTIVATION_RETENTION_16BIT
     act = int(act * activation_retention)
     overhead = int(runtime_base_bytes)
     return MemoryEstimate(base_weights=int(base), lora_parameters=lora_bytes, gradients=grads,

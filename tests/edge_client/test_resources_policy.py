@@ -96,6 +96,17 @@ def test_estimate_breakdown_grows_with_rank_and_seq():
         estimate(CFG, ["q_proj"], 4, batch=1, seq_len=8, optimizer="lion")
 
 
+def test_16bit_weights_use_their_own_activation_retention():
+    from edge_client.memory import ACTIVATION_RETENTION, ACTIVATION_RETENTION_16BIT
+    kw = dict(batch=2, seq_len=64, dtype="bfloat16")
+    bf = estimate(CFG, ["q_proj", "v_proj"], 4, **kw)
+    assert bf.activations == estimate(CFG, ["q_proj", "v_proj"], 4, activation_retention=ACTIVATION_RETENTION_16BIT,
+                                      **kw).activations
+    at_fp32_rule = estimate(CFG, ["q_proj", "v_proj"], 4, activation_retention=ACTIVATION_RETENTION, **kw)
+    assert bf.activations < at_fp32_rule.activations and bf.base_weights < estimate(
+        CFG, ["q_proj", "v_proj"], 4, batch=2, seq_len=64).base_weights
+
+
 def test_policy_monotone_and_error():
     ranks = [4, 8, 16, 64, 256]
     kw = dict(targets=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], batch=2, seq_len=64,
