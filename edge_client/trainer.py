@@ -215,7 +215,7 @@ class LocalTrainer:
         self.base_model = base_model_id or fingerprint(model)
         self.factors: dict[str, np.ndarray] | None = None    # the adapter after the last train
         self.init: GlobalFactors | None = None               # the server's factors for the next round
-        self.merged_round = 0                                # FLoRA: round of the last stack merged into base
+        self.merged_round = -1                               # FLoRA: round of the last stack merged into base
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, *, config: TrainConfig | None = None, spec: RankSpec | None = None,

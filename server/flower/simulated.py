@@ -126,7 +126,7 @@ class SimulatedTask:
         init = order.init()
         merged = self._merged(state)
         merged_round = (int(state.array_records[_MERGED_ROUND_KEY]["round"].numpy().reshape(-1)[0])
-                        if _MERGED_ROUND_KEY in state.array_records else 0)
+                        if _MERGED_ROUND_KEY in state.array_records else -1)
         if merge_once(init, merged_round):  # FLoRA: this node's base gains the stack, once
             for module in init.modules():
                 merged[module] = merged.get(module, 0) + init.module_delta(module)

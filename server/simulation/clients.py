@@ -49,7 +49,7 @@ class InProcessClients:
         self.faults = dict(faults or {})
         self.progress = progress          # callable(iterable, round) -> iterable (a progress bar)
         self.client_delta: dict[str, np.ndarray] = {}   # FLoRA: what every client merged into its base
-        self.merged_round = 0                            # FLoRA: the round of the last stack merged
+        self.merged_round = -1                           # FLoRA: the round of the last stack merged
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client")
 
     def close(self) -> None:
@@ -72,7 +72,7 @@ class InProcessClients:
     def load_state(self, tensors: Mapping[str, np.ndarray]) -> None:
         self.client_delta = {k[len(_DELTA_PREFIX):]: np.asarray(v, np.float32)
                              for k, v in tensors.items() if k.startswith(_DELTA_PREFIX)}
-        self.merged_round = int(np.asarray(tensors[_MERGED_ROUND]).reshape(-1)[0]) if _MERGED_ROUND in tensors else 0
+        self.merged_round = int(np.asarray(tensors[_MERGED_ROUND]).reshape(-1)[0]) if _MERGED_ROUND in tensors else -1
 
     # --- one round ---------------------------------------------------------------------
     def exchange(self, plan: RoundPlan) -> list[Reply]:
