@@ -132,13 +132,12 @@ def optimum_tails(modules, rank):
 
 def record(mixres, method, times, rss, err, fl, rates):
     fl_total, fl64 = fl
-    sgemm, dgemm = rates
     med = statistics.median(times)
-    floor = (fl_total - fl64) / (sgemm * 1e9) + fl64 / (dgemm * 1e9)
+    floor = floor_seconds(fl_total, fl64, rates)
     mixres[method] = {"median_s": med, "min_s": min(times), "max_s": max(times),
                       "repeats": len(times), "error_ratio": err, "peak_rss_mb": rss,
                       "gflops": fl_total / med / 1e9, "flops": fl_total, "flops_f64": fl64,
-                      "floor_s": floor, "floor32_s": fl_total / (sgemm * 1e9),
+                      "floor_s": floor, "floor32_s": fl_total / (rates[0] * 1e9),
                       "x_floor": med / floor}
     print(f"  {method:<10} median {med:8.3f}s  [{min(times):.3f}, {max(times):.3f}]"
           f"  err/opt {err:.6f}  rss +{rss:7.1f} MB  {fl_total / med / 1e9:6.1f} GFLOP/s"
@@ -294,15 +293,21 @@ def bench_streaming(n, threads):
             "growth": res[4 * n] / res[n] - 1.0}
 
 
+def first_of_each_shape(modules, tails):
+    """(module, its optimum tail, d_out, d_in) for the first module of each distinct shape."""
+    seen = set()
+    for mod, tail in zip(modules, tails):
+        m, n = mod[1][0].shape[0], mod[2][0].shape[1]
+        if (m, n) not in seen:
+            seen.add((m, n))
+            yield mod, tail, m, n
+
+
 def bench_per_shape(modules, tails, rank, threads, repeats, warmup, rates):
     """auto and exact against torch on one module of each distinct shape (first layer),
     round-robin like the main table: the issue's per-shape targets."""
-    seen, rows = set(), []
-    for mod, tail in zip(modules, tails):
-        m, n = mod[1][0].shape[0], mod[2][0].shape[1]
-        if (m, n) in seen:
-            continue
-        seen.add((m, n))
+    rows = []
+    for mod, tail, m, n in first_of_each_shape(modules, tails):
         fns = {"auto": lambda: run_ours([mod], rank, "auto", threads),
                "exact": lambda: run_ours([mod], rank, "exact", threads),
                "torch": lambda: run_torch([mod], rank)}
@@ -319,7 +324,7 @@ def bench_per_shape(modules, tails, rank, threads, repeats, warmup, rates):
         for k in fns:
             fl, fl64 = flops([mod], rank, "dense" if k == "torch" else k)
             med = statistics.median(times[k])
-            floor = (fl - fl64) / (rates[0] * 1e9) + fl64 / (rates[1] * 1e9)
+            floor = floor_seconds(fl, fl64, rates)
             row[k] = {"median_s": med, "error_ratio": error_ratio([tail], outs[k]),
                       "x_floor": med / floor, "flops": fl, "flops_f64": fl64}
         for k in ("auto", "exact"):
@@ -336,12 +341,8 @@ def bench_sketch_sizes(modules, tails, rank, threads, sizes, target=1.05):
     of each shape: the default k = 2 rank + 1 and the smallest k of `sizes` reaching
     `target`."""
     from server import linalg
-    seen, rows = set(), []
-    for mod, tail in zip(modules, tails):
-        m, n = mod[1][0].shape[0], mod[2][0].shape[1]
-        if (m, n) in seen:
-            continue
-        seen.add((m, n))
+    rows = []
+    for mod, tail, m, n in first_of_each_shape(modules, tails):
         R = sum(b.shape[1] for b in mod[1])
         default_k = linalg.sketch_sizes(rank, m, n)[0]
         row = {"module": mod[0], "shape": f"{m}x{n}", "R": R, "errors": {}}

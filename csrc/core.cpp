@@ -62,9 +62,7 @@ double svd_flops(double m, double n) {  // sgesdd, thin vectors
 RoutePlan plan_route(int d_out, int d_in, int64_t total_rank, const SvdOptions& opt) {
   const double m = d_out, n = d_in, R = static_cast<double>(total_rank), r = opt.rank;
   const bool adaptive = opt.method == Method::Auto;
-  const int p_over = adaptive ? auto_oversample(opt.rank, std::max(0, opt.oversample))
-                              : std::max(0, opt.oversample);
-  const double l = std::min<double>({static_cast<double>(opt.rank + p_over), m, n});
+  const double l = block_width(opt.rank, opt.oversample, d_out, d_in, adaptive);
   // auto iterates adaptively: price it at the typical count, not the minimum
   const double q = std::max(0, opt.power_iters) + (adaptive ? kAutoPlanExtraIters : 0);
   RoutePlan p;

@@ -143,9 +143,7 @@ int randomized(const Op& op, float scale, const SvdOptions& opt, SvdOutput& out,
   const int m = op.rows(), n = op.cols(), rank = opt.rank;
   zero_output(out, m, n, rank);
   const bool adaptive = normF2 >= 0.0 || normF2 == kEstimateNorm;
-  const int p_over = adaptive ? auto_oversample(rank, std::max(0, opt.oversample))
-                              : std::max(0, opt.oversample);
-  const int l = std::min({rank + p_over, m, n});
+  const int l = block_width(rank, opt.oversample, m, n, adaptive);
   if (l <= 0) return 0;
   // The passes are large GEMMs and use every BLAS thread; the O(d l^2) steps between them
   // (CholQR, Gram eigenvalues, the final gesdd) are many small BLAS/LAPACK calls whose
@@ -295,7 +293,7 @@ double frobenius2(const float* W, size_t count) {
 int randomized_factored(const Factored& F, const SvdOptions& opt, SvdOutput& out,
                         bool adaptive) {
   if (!adaptive) return randomized(FactoredOp{F}, 1.0f, opt, out, -1.0);
-  const int l = std::min({opt.rank + auto_oversample(opt.rank, std::max(0, opt.oversample)), F.m, F.n});
+  const int l = block_width(opt.rank, opt.oversample, F.m, F.n, true);
   return randomized(FactoredOp{F}, 1.0f, opt, out,
                     factored_norm_exact(F.R, l) ? frobenius2(F) : kEstimateNorm);
 }

@@ -66,6 +66,12 @@ constexpr int kAutoOversampleDiv = 5;
 inline int auto_oversample(int rank, int oversample) {
   return std::max(oversample, (rank + kAutoOversampleDiv - 1) / kAutoOversampleDiv);
 }
+// Width l of the randomized routes' block for a (m x n) operator: rank + oversample (auto:
+// auto_oversample), at most min(m, n).
+inline int block_width(int rank, int oversample, int m, int n, bool adaptive) {
+  const int p = adaptive ? auto_oversample(rank, std::max(0, oversample)) : std::max(0, oversample);
+  return std::min({rank + p, m, n});
+}
 // auto's stopping rule needs ||M||_F^2. On the factored operator the exact value,
 // <Bc^T Bc, At^T At>, costs R^2 (d_out + d_in), one pass of width l costs 2 l R (d_out + d_in):
 // above R = 2 l it is estimated from the first pass instead (routes.cpp).
