@@ -4,7 +4,7 @@
     python benchmarks/attack.py --quick              # 2 seeds, 2 kinds (smoke test)
 
 Cells: 0 attackers (seeds 0..S-1, for the seed-to-seed spread), then 1 attacker and 20% of the
-clients attacking with each adversarial fault kind (``server.simulation.faults.ADVERSARIAL``:
+clients attacking with each adversarial fault kind (``server.runtimes.faults.ADVERSARIAL``:
 scaled, sign_flip, noise, inflate), with defences off and on. "on" is robust aggregation:
 Gram-distance trimming (``--trim-fraction``), adaptive clipping at a multiple of the round's
 median norm (``--clip-adaptive``) and a cap on any client's weight share (``--max-weight-share``).
@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.simulation.faults import ADVERSARIAL  # noqa: E402
-from server.simulation.runtime import SimulationConfig, run_simulation  # noqa: E402
+from server.runtimes.faults import ADVERSARIAL  # noqa: E402
+from server.runtimes.simulate import SimulationConfig, run_simulation  # noqa: E402
 
 DEFENCES = {"off": {}, "on": {"trim_fraction": 0.2, "clip_adaptive": 2.0, "max_weight_share": 0.25}}
 

@@ -8,7 +8,7 @@ against the reference, truncation error relative to the Eckart-Young optimum
 (||dW - U S Vt||_F / ||dW - optimum||_F, worst module), peak RSS growth, and GFLOP/s
 (route FLOP count / time) against this machine's sgemm peak measured in the same run.
 
-Floor: per route, the FLOPs it needs (server.linalg.plan; float32 and float64 parts) and
+Floor: per route, the FLOPs it needs (server.core.linalg.plan; float32 and float64 parts) and
 the time those FLOPs would take at the GEMM rates measured in the same run:
 floor_s = flops_f32 / sgemm_rate + flops_f64 / dgemm_rate (the exact route's Grams and
 R x R steps run in float64, whose GEMM rate is about half of float32's); `x floor` is
@@ -83,7 +83,7 @@ from _measure import PeakRSS, machine, sgemm_peak, timed  # noqa: E402
 
 # ----------------------------------------------------------------------------- methods
 def run_ours(modules, rank, method, threads):
-    from server import linalg
+    from server.core import linalg
     return linalg.lowrank_svd_batched([(B, A) for _, B, A, _ in modules],
                                       [w for *_, w in modules], rank, method=method,
                                       threads=threads)
@@ -105,7 +105,7 @@ def run_reference(modules, rank, keep=None):
     optimum costs no second full SVD (it inflates the reference's RSS by the dW's kept)."""
     import torch
 
-    from server.reference import reference_delta
+    from server.core.oracles import reference_delta
     out = []
     for _, Bs, As, ws in modules:
         dW = reference_delta(Bs, As, ws)
@@ -121,7 +121,7 @@ def optimum_tails(modules, rank):
     """(dW, ||dW - optimum||_F) per module from a full SVD (untimed)."""
     import torch
 
-    from server.reference import reference_delta
+    from server.core.oracles import reference_delta
     out = []
     for _, Bs, As, ws in modules:
         dW = reference_delta(Bs, As, ws)
@@ -174,7 +174,7 @@ def error_ratio(tails, svds):
 
 def flops(modules, rank, route):
     """(total FLOPs, of which float64) of a route over the modules, from the cost model."""
-    from server import linalg
+    from server.core import linalg
     total = f64 = 0.0
     for _, Bs, As, _ in modules:
         m, n, R = Bs[0].shape[0], As[0].shape[1], sum(b.shape[1] for b in Bs)
@@ -197,12 +197,12 @@ def flops(modules, rank, route):
 
 
 def sketch_flops(m, n, R, rank):
-    """One-pass sketch (server.linalg.StreamingSketch at the default sizes): per client
+    """One-pass sketch (server.core.linalg.StreamingSketch at the default sizes): per client
     A [Omega | Xi^T] and [Psi; Phi] B (2 r (n + m)(k + s)), then B (A Omega), (Psi B) A,
     (Phi B)(A Xi^T) (2 r (m k + k n + s^2)); finalize: two Householder QRs (4 d k^2),
     Phi Q and Xi P (2 s k (m + n)), QRs of s x k (4 s k^2 each), Q1^T Z Q2 (2 k s^2 + 2 k^2 s),
     SVD of k x k (22 k^3), U and V (2 (m + n) k rank)."""
-    from server import linalg
+    from server.core import linalg
     k, s = linalg.sketch_sizes(rank, m, n)
     upd = 2 * R * ((m + n) * (k + s) + m * k + k * n + s * s)
     fin = 4 * (m + n) * k * k + 2 * s * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
@@ -230,7 +230,7 @@ def _t(fn):
 
 # ----------------------------------------------------------------------------- sections
 def bench_batched(threads, repeats, warmup):
-    from server import linalg
+    from server.core import linalg
     rng = np.random.default_rng(1)
     layers, weights = [], []
     for _ in range(96):
@@ -262,7 +262,7 @@ def bench_batched(threads, repeats, warmup):
 def stream_child(n_clients, threads):
     """Child process: stream n_clients (dense route, one layer of llama-1.3b modules, ranks
     200) through the Aggregator, generating each client on the fly; print peak RSS."""
-    from server.aggregation import Aggregator
+    from server.core.aggregation import Aggregator
     wl = json.loads(WORKLOADS.read_text())
     shapes = module_shapes(wl["models"]["llama-1.3b"])
     agg = Aggregator(200, method="dense", threads=threads)
@@ -340,7 +340,7 @@ def bench_sketch_sizes(modules, tails, rank, threads, sizes, target=1.05):
     """err/opt of method="sketch" against the sketch size k (core s = 2k + 1) on one module
     of each shape: the default k = 2 rank + 1 and the smallest k of `sizes` reaching
     `target`."""
-    from server import linalg
+    from server.core import linalg
     rows = []
     for mod, tail, m, n in first_of_each_shape(modules, tails):
         R = sum(b.shape[1] for b in mod[1])
@@ -454,7 +454,7 @@ def main(argv=None):
             record(mixres, method, times[method], rss[method], error_ratio(tails, outs[method]),
                    flops(modules, args.rank, method), rates)
             if method == "auto":
-                from server import linalg
+                from server.core import linalg
                 mixres[method]["routes"] = sorted({linalg.plan(b[0].shape[0], a[0].shape[1], sum(x.shape[1] for x in b), args.rank).method for _, b, a, _ in modules})
         ref = mixres.get("reference", {}).get("median_s")
         for method, r in mixres.items():

@@ -84,7 +84,7 @@ def timed(torch, fn, repeats, warmup):
 
 
 def ours(torch, members, seq, n_examples, max_rank, alpha, tf32):
-    from server.cuda_aggregation import CudaAggregator
+    from server.core.cuda_aggregation import CudaAggregator
     agg = CudaAggregator(max_rank, method="auto", tf32=tf32)
     for key, n in zip(seq, n_examples):
         agg.add(members[key][0], num_examples=int(n), alpha=alpha)
@@ -206,7 +206,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     import torch
 
-    from server import cuda
+    from server.core import cuda
     ok, why = cuda.available()
     if not ok:
         print(f"bench_gpu: CUDA backend unavailable: {why}", file=sys.stderr)

@@ -65,7 +65,7 @@ def spread(values: list[float]) -> str:
 
 
 def run_embedded(args) -> dict:
-    from server.simulation.runtime import SimulationConfig, run_simulation
+    from server.runtimes.simulate import SimulationConfig, run_simulation
 
     cfg = SimulationConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
                            clients_per_round=args.per_round, num_heldout=args.heldout, seed=args.seed,

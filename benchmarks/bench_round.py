@@ -76,8 +76,8 @@ def module_factors(wl, shapes, ctype, client, layer, i, target, seed):
 
 
 def projected(wl, model, types, max_rank, sketch_size=None, core_size=None):
-    """Bytes of state per route for one round of `types` clients (server.linalg)."""
-    from server import linalg
+    """Bytes of state per route for one round of `types` clients (server.core.linalg)."""
+    from server.core import linalg
     shapes = module_shapes(wl["models"][model])
     layers = wl["models"][model]["layers"]
     tot = {"factors": 0, "dense": 0, "auto": 0, "sketch": 0}
@@ -115,8 +115,8 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT.parent / "results" / "bench_round"))
     args = ap.parse_args(argv)
 
-    from server import linalg
-    from server.aggregation import Aggregator
+    from server.core import linalg
+    from server.core.aggregation import Aggregator
     wl = json.loads(WORKLOADS.read_text())
     model = wl["models"][args.model]
     layers = args.layers or model["layers"]

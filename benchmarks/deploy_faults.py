@@ -55,7 +55,7 @@ def _node_config(i: int) -> str:
 
 def _global_delta(out: Path) -> dict[str, np.ndarray]:
     from server.federation.checkpoint import load_checkpoint
-    from server.strategies import make_strategy
+    from server.federation.strategies import make_strategy
 
     ck = load_checkpoint(out)
     if ck is None:

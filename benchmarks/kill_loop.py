@@ -56,7 +56,7 @@ def _die() -> None:
 def child(point: str, kill_round: int, starts_log: str, cli_args: list[str]) -> int:
     """Install the kill hook for ``point`` at ``kill_round``, then run the real CLI."""
     from server.federation import checkpoint, rounds
-    from server.strategies import base
+    from server.federation.strategies import base
 
     state = {"round": 0}
     run_round = rounds.RoundEngine.run_round

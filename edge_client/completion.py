@@ -7,7 +7,7 @@ extra ``A`` slots (with ``B`` zero there, because the singular values are zero).
 learns like a fresh LoRA slot (``B`` gets gradient through ``A``). If both the ``A`` row and
 the ``B`` column of a slot are zero, the slot gets exactly zero gradient and can never learn.
 
-One rule, used by the server (``server._global_adapter.GlobalAdapter.client_factors``) and by
+One rule, used by the server (``server.core.adapter.GlobalAdapter.client_factors``) and by
 the client loader (``edge_client.trainer._load_factors``): every slot without a direction gets
 a unit-norm ``A`` row orthogonal to the rows that do carry one (and to each other), ``B`` zero.
 The rows are deterministic (a fixed-seed Gaussian draw, projected and orthonormalised).

@@ -17,7 +17,7 @@ What a node trains on is a *local task* chosen by the run config key ``client-ta
   ``node-<node id>``), ``rank`` and ``rank-pattern`` (e.g. ``"gate_proj=16,up_proj=16"``);
   without ``rank`` the rank comes from ``resources.probe`` + ``rank_policy.choose_rank`` over
   the run config's ``allowed-ranks``.
-* ``simulated``: a simulated device of the embedded runtime (``server.flower.simulated``),
+* ``simulated``: a simulated device of the embedded runtime (``server.runtimes.flower.simulated``),
   selected by ``partition-id`` / ``num-partitions``; it runs exactly the simulation's local
   training so a Flower run reproduces ``flexlora simulate``. It is loaded by name only when
   asked for, so a device install of the edge client never imports the server.
@@ -44,7 +44,7 @@ __all__ = ["FAULT_ENV", "CLIENT_TASK_DEFAULT", "garbage_bytes", "TASKS", "EdgeTa
 FAULT_ENV = "FLEXLORA_TEST_FAULTS"
 NODE_FAULTS = ("garbage",)
 
-TASKS = {"edge": "edge_client.flower_app:EdgeTask", "simulated": "server.flower.simulated:SimulatedTask"}
+TASKS = {"edge": "edge_client.flower_app:EdgeTask", "simulated": "server.runtimes.flower.simulated:SimulatedTask"}
 CLIENT_TASK_DEFAULT = "simulated"     # the run config's ``client-task`` when absent (ServerApp too)
 
 

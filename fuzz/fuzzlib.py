@@ -87,7 +87,7 @@ class _Server:
     """A FlexLoRA server with one assignment, built once (the native core loads lazily)."""
 
     def __init__(self) -> None:
-        from server.strategies import RankSpec, StrategyConfig, make_strategy
+        from server.federation.strategies import RankSpec, StrategyConfig, make_strategy
 
         self.strategy = make_strategy("flexlora", StrategyConfig(), max_rank=8)
         self.spec = RankSpec(rank=8)

@@ -2,7 +2,7 @@
 """Make the tiny LLaMA-architecture base model shipped in ``server/assets/tiny-llama``.
 
 How it was made (``python scripts/make_base_model.py``, seed 0, 2 CPU cores):
-1. A generic corpus is derived from the synthetic suite's vocabulary (``server.simulation.tasks``):
+1. A generic corpus is derived from the synthetic suite's vocabulary (``server.workloads.tasks``):
    plain sentences about the words, countries/capitals, word polarities and numbers, plus
    instruction-format examples of two *generic* tasks that are not suite families (copy the
    input; name the last word). The base model thus knows the words, the facts and the prompt
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edge_client.data import format_prompt  # noqa: E402
-from server.simulation.tasks import CAPITALS, POLARITY, WORDS  # noqa: E402
+from server.workloads.tasks import CAPITALS, POLARITY, WORDS  # noqa: E402
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

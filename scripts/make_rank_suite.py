@@ -1,4 +1,4 @@
-"""Write the rank suite (server.simulation.rank_suite) as client JSONL for ``flexlora experiment --data``.
+"""Write the rank suite (server.workloads.rank_suite) as client JSONL for ``flexlora experiment --data``.
 
     python scripts/make_rank_suite.py -o results/experiments/rank_suite.jsonl --seed 0
 """
@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:
-    from server.simulation.rank_suite import RankSuiteConfig, rank_suite_records
-    from server.simulation.suite import write_jsonl
+    from server.workloads.rank_suite import RankSuiteConfig, rank_suite_records
+    from server.workloads.suite import write_jsonl
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-o", "--output", required=True)

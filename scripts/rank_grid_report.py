@@ -36,7 +36,7 @@ def ci(values):
 
 
 def main(argv=None) -> int:
-    from server.experiments.config import ARMS, DISTRIBUTIONS
+    from server.runtimes.experiments.config import ARMS, DISTRIBUTIONS
 
     out = Path((argv or sys.argv[1:] or ["results/experiments/rank"])[0])
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]

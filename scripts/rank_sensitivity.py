@@ -41,8 +41,8 @@ def main(argv=None) -> int:
 
     from edge_client.trainer import LocalTrainer, TrainConfig
     from edge_client.wire import RankSpec
-    from server.simulation.model import TARGET_MODULES, load_base
-    from server.simulation.rank_suite import build_rank_suite
+    from server.workloads.model import TARGET_MODULES, load_base
+    from server.workloads.rank_suite import build_rank_suite
 
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "

@@ -1,19 +1,27 @@
 """FlexLoRA server: aggregation of heterogeneous-rank LoRA updates.
 
-``server.linalg`` (native truncated SVD of weighted sums of low-rank products) is
-re-exported here; the streaming :class:`~server.aggregation.Aggregator` and the reference
+``server.core.linalg`` (native truncated SVD of weighted sums of low-rank products) is
+re-exported here; the streaming :class:`~server.core.aggregation.Aggregator` and the reference
 implementation load on first use.
 """
 from __future__ import annotations
 
 import importlib
 
-from .linalg import dense_svd, get_num_threads, lowrank_svd, lowrank_svd_batched, plan, set_num_threads, weighted_sum
+from server.core.linalg import (
+    dense_svd,
+    get_num_threads,
+    lowrank_svd,
+    lowrank_svd_batched,
+    plan,
+    set_num_threads,
+    weighted_sum,
+)
 
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan",
            "set_num_threads", "get_num_threads", "Aggregator", "GlobalAdapter"]
 
-_LAZY = {"Aggregator": "aggregation", "GlobalAdapter": "aggregation"}
+_LAZY = {"Aggregator": "core.aggregation", "GlobalAdapter": "core.adapter"}
 
 
 def __getattr__(name: str):

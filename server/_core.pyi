@@ -1,4 +1,4 @@
-"""Stub of the private native extension; use server.linalg instead."""
+"""Stub of the private native extension; use server.core.linalg instead."""
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +20,7 @@ def hardware_threads() -> int: ...
 def blas_config() -> str: ...
 kAutoEnergyTol: float
 kAutoMaxPowerIters: int
-# Streaming sketch (server.linalg.StreamingSketch). dims = (d_out, d_in, k, s);
+# Streaming sketch (server.core.linalg.StreamingSketch). dims = (d_out, d_in, k, s);
 # tests = (Omega (d_in, k), Psi (k, d_out), Phi (s, d_out), Xi (s, d_in));
 # state = (Y (d_out, k), W (k, d_in), Z (s, s)), updated in place.
 def sketch_tests(d_out: int, d_in: int, k: int, s: int, seed: int) -> tuple[F32, F32, F32, F32]: ...

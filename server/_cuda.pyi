@@ -1,4 +1,4 @@
-# Stub for the private CUDA extension (built only with FLEXLORA_CUDA=ON); use server.cuda.
+# Stub for the private CUDA extension (built only with FLEXLORA_CUDA=ON); use server.core.cuda.
 # Pointers and streams are Python ints (torch: tensor.data_ptr(), stream.cuda_stream).
 
 def device_count() -> int: ...

@@ -94,7 +94,7 @@ def defence_settings(args: argparse.Namespace) -> dict:
 
 
 def _add_simulate(p: argparse.ArgumentParser) -> None:
-    from server.simulation.runtime import SimulationConfig
+    from server.runtimes.simulate import SimulationConfig
     d = SimulationConfig()
     p.add_argument("--strategy", choices=["flexlora", "hetlora", "flora", "fedit", "raflora"], default=d.strategy)
     p.add_argument("--rounds", type=number(int, lo=1, hi=100_000), default=d.rounds)
@@ -132,7 +132,7 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from server.simulation.runtime import SimulationConfig, results_summary, run_simulation
+    from server.runtimes.simulate import SimulationConfig, results_summary, run_simulation
 
     faults = {}
     for item in args.fault:
@@ -162,12 +162,12 @@ def _run_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_experiment(p: argparse.ArgumentParser) -> None:
-    from server.experiments import cli as experiments_cli
+    from server.runtimes.experiments import cli as experiments_cli
     experiments_cli.add_arguments(p)
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from server.experiments import cli as experiments_cli
+    from server.runtimes.experiments import cli as experiments_cli
     return experiments_cli.run(args)
 
 
@@ -197,7 +197,7 @@ def _run_aggregate(args: argparse.Namespace) -> int:
 
     from edge_client.peft_io import read_update_path, write_peft_adapter
     from edge_client.wire import encode_global
-    from server.offline import aggregate_updates
+    from server.core.offline import aggregate_updates
 
     updates = [read_update_path(p) for p in args.updates]
     if args.base_model:

@@ -22,7 +22,7 @@ def _csv_list(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from .presets import PRESETS
+    from server.bench.presets import PRESETS
 
     p = parser
     p.add_argument("--preset", choices=PRESETS, default="quick", help="case set and repeat policy (default: quick)")
@@ -61,13 +61,13 @@ def _configure_threads(threads: int | None) -> None:
     import importlib
 
     # threadpoolctl limits only libraries already loaded: load every BLAS/OpenMP user first.
-    for mod in ("scipy.linalg", "scipy.sparse.linalg", "sklearn.utils.extmath", "server.linalg"):
+    for mod in ("scipy.linalg", "scipy.sparse.linalg", "sklearn.utils.extmath", "server.core.linalg"):
         try:
             importlib.import_module(mod)
         except Exception:  # noqa: BLE001 - an absent library is skipped later with its reason
             pass
     try:
-        import server.linalg as linalg
+        import server.core.linalg as linalg
 
         linalg.set_num_threads(threads)
     except Exception:  # noqa: BLE001
@@ -87,7 +87,7 @@ def _configure_threads(threads: int | None) -> None:
 
 
 def _list_backends() -> int:
-    from .backends import load_all
+    from server.bench.backends import load_all
 
     for b in load_all():
         ok, reason = b.available()
@@ -104,13 +104,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import report
-    from .backends import BenchSettings
-    from .cases import load_workloads
-    from .machine import format_machine, machine_info
-    from .measure import prepare_allocator
-    from .presets import build_cases, get_preset, parse_shape
-    from .runner import BenchConfig, run_bench
+    from server.bench import report
+    from server.bench.backends import BenchSettings
+    from server.bench.cases import load_workloads
+    from server.bench.machine import format_machine, machine_info
+    from server.bench.measure import prepare_allocator
+    from server.bench.presets import build_cases, get_preset, parse_shape
+    from server.bench.runner import BenchConfig, run_bench
 
     if args.list_backends:
         return _list_backends()
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
             Path(path).write_text(text(), encoding="utf-8")
             print(f"wrote {path}")
     if args.plot:
-        from .plots import write_plots
+        from server.bench.plots import write_plots
 
         for p in write_plots(result, args.plot):
             print(f"wrote {p}")

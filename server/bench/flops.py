@@ -17,7 +17,7 @@ comparable across backends that run the same algorithm, not a hardware counter. 
   ``m x l`` block after the sketch and each power step and of an ``n x l`` block inside each,
   the SVD of the ``l x n`` projection and ``U = Q U_b``.
   An application costs ``2 m n l`` on a dense M and ``2 l R (d_out + d_in)`` through factors.
-* Exact factored route (docs/interfaces.md, ``server.linalg``). With R <= min(d_out, d_in)
+* Exact factored route (docs/interfaces.md, ``server.core.linalg``). With R <= min(d_out, d_in)
   (well-conditioned factors) the Gram form: float64 Grams of ``[B_1..B_K]`` and
   ``[w_k A_k]^T`` (``(d_out + d_in) R^2``), two Cholesky (``2/3 R^3``), ``K = Rb Ga Rb^T``
   (``2 R^3``), the tridiagonal reduction of K (``4/3 R^3``), k eigenvectors back-transformed

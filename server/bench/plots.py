@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import by_case
-from .runner import FORMATION
+from server.bench.report import by_case
+from server.bench.runner import FORMATION
 
 
 def _plt():

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cases import CaseSpec, client_ranks_for_mix, module_shapes
+from server.bench.cases import CaseSpec, client_ranks_for_mix, module_shapes
 
 PRESETS = ("quick", "paper", "gpu")
 

@@ -7,7 +7,7 @@ import io
 import json
 from collections import OrderedDict
 
-from .runner import FORMATION
+from server.bench.runner import FORMATION
 
 COLUMNS = ("backend", "time s", "IQR", "GFLOP/s", "err/opt", "σ rel err", "peak MiB", "notes")
 CSV_FIELDS = ("case", "backend", "family", "device", "status", "d_out", "d_in", "rank", "time_s", "kernel_s",

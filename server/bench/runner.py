@@ -10,11 +10,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from . import accuracy
-from . import flops as F
-from .backends import Backend, BenchSettings, load_all, select
-from .cases import CaseSpec, form_dense, save_case
-from .measure import MEMORY_MODES, PeakMemory, time_call
+from server.bench import accuracy
+from server.bench import flops as F
+from server.bench.backends import Backend, BenchSettings, load_all, select
+from server.bench.cases import CaseSpec, form_dense, save_case
+from server.bench.measure import MEMORY_MODES, PeakMemory, time_call
 
 FORMATION = "(form dW: numpy GEMM)"
 

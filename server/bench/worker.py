@@ -13,9 +13,9 @@ import sys
 
 def main() -> int:
     job = json.loads(sys.stdin.read())
-    from .backends import BenchSettings, load_all, select
-    from .cases import load_case
-    from .measure import PeakMemory, prepare_allocator
+    from server.bench.backends import BenchSettings, load_all, select
+    from server.bench.cases import load_case
+    from server.bench.measure import PeakMemory, prepare_allocator
 
     prepare_allocator()
     settings = BenchSettings(**job["settings"])

@@ -8,8 +8,8 @@ checkpoints live here once.
 """
 from __future__ import annotations
 
-from .checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointLocked, load_checkpoint, save_checkpoint
-from .rounds import (
+from server.federation.checkpoint import CHECKPOINT_NAME, Checkpoint, CheckpointLocked, load_checkpoint, save_checkpoint
+from server.federation.rounds import (
                      ClientTransport,
                      Order,
                      Reply,

@@ -29,9 +29,15 @@ from typing import Protocol
 import numpy as np
 
 from edge_client.wire import ClientUpdate, GlobalFactors, RankSpec, encode_global
-
-from ..strategies import RoundFailed, Strategy
-from .checkpoint import DEFAULT_KEEP, check_writable, has_checkpoint, load_checkpoint, lock_directory, save_checkpoint
+from server.federation.checkpoint import (
+    DEFAULT_KEEP,
+    check_writable,
+    has_checkpoint,
+    load_checkpoint,
+    lock_directory,
+    save_checkpoint,
+)
+from server.federation.strategies import RoundFailed, Strategy
 
 __all__ = ["client_seed", "sample_clients", "check_reply_identity", "reject_reason", "Order", "Reply",
            "RoundPlan", "ClientTransport", "ResumeError", "RoundEngine"]

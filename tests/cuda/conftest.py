@@ -10,7 +10,7 @@ import pytest
 def _require_cuda(request):
     if request.node.get_closest_marker("cuda") is None:
         return
-    from server import cuda
+    from server.core import cuda
     ok, why = cuda.available()
     if not ok:
         pytest.skip(f"CUDA backend unavailable: {why}")

@@ -25,8 +25,8 @@ def client(rng, rank, pinned=False):
 @pytest.mark.parametrize("method", ["auto", "exact", "dense"])
 @pytest.mark.parametrize("pinned", [False, True])
 def test_cuda_aggregator_matches_cpu(torch_cuda, method, pinned):
-    from server.aggregation import Aggregator
-    from server.cuda_aggregation import CudaAggregator
+    from server.core.aggregation import Aggregator
+    from server.core.cuda_aggregation import CudaAggregator
     rng = np.random.default_rng(0)
     clients = [(client(rng, r), n) for r, n in [(4, 10), (8, 30), (16, 5), (30, 20), (8, 7)]]
     cpu = Aggregator(8, method=method if method != "dense" else "exact")
@@ -57,7 +57,7 @@ def test_cuda_aggregator_matches_cpu(torch_cuda, method, pinned):
 
 
 def test_cuda_aggregator_rejects_nan_client_without_changing_state(torch_cuda):
-    from server.cuda_aggregation import CudaAggregator
+    from server.core.cuda_aggregation import CudaAggregator
     rng = np.random.default_rng(1)
     gpu = CudaAggregator(4, method="dense")
     gpu.add(client(rng, 4), num_examples=5, alpha=8.0)
@@ -73,5 +73,5 @@ def test_cuda_aggregator_rejects_nan_client_without_changing_state(torch_cuda):
 
 
 def test_device_auto_picks_gpu_here():
-    from server import cuda
+    from server.core import cuda
     assert cuda.resolve_device("auto") == "cuda"

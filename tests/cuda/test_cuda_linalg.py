@@ -55,7 +55,7 @@ def to_np(t):
 @pytest.mark.parametrize("method", ["exact", "randomized", "dense", "auto"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_lowrank_svd_matches_cpu_and_optimum(torch_cuda, method, case):
-    from server import cuda, linalg
+    from server.core import cuda, linalg
     d_out, d_in, ranks = CASES[case]
     Bs, As, w = make_case(d_out, d_in, ranks, seed=case, duplicate=(case == 3))
     rank = 6
@@ -78,7 +78,7 @@ def test_lowrank_svd_matches_cpu_and_optimum(torch_cuda, method, case):
 
 
 def test_rank_above_operator_rank_pads_with_zeros(torch_cuda):
-    from server import cuda
+    from server.core import cuda
     Bs, As, w = make_case(20, 30, [2, 3], seed=5)
     U, S, Vt = cuda.lowrank_svd([torch_cuda.from_numpy(b).cuda() for b in Bs],
                                 [torch_cuda.from_numpy(a).cuda() for a in As], w, 8,
@@ -88,7 +88,7 @@ def test_rank_above_operator_rank_pads_with_zeros(torch_cuda):
 
 
 def test_batched_equals_single_calls_and_accepts_cuda_array_interface(torch_cuda):
-    from server import cuda
+    from server.core import cuda
 
     class Wrapped:  # any __cuda_array_interface__ producer (CuPy, Numba) looks like this
         def __init__(self, t):
@@ -109,7 +109,7 @@ def test_batched_equals_single_calls_and_accepts_cuda_array_interface(torch_cuda
 
 @pytest.mark.parametrize("tf32", [False, True])
 def test_weighted_sum_matches_reference(torch_cuda, tf32):
-    from server import cuda
+    from server.core import cuda
     Bs, As, w = make_case(33, 47, [3, 7, 11], seed=2)
     M = dense64(Bs, As, w)
     out = cuda.weighted_sum([torch_cuda.from_numpy(b).cuda() for b in Bs],
@@ -125,7 +125,7 @@ def test_weighted_sum_matches_reference(torch_cuda, tf32):
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])
 def test_dense_svd_matches_cpu(torch_cuda, method):
-    from server import cuda, linalg
+    from server.core import cuda, linalg
     Bs, As, w = make_case(60, 45, [20], seed=3)
     M = (dense64(Bs, As, w)).astype(np.float32)
     U, S, Vt = cuda.dense_svd(torch_cuda.from_numpy(M).cuda(), 7, method=method)
@@ -137,7 +137,7 @@ def test_dense_svd_matches_cpu(torch_cuda, method):
 
 
 def test_bad_input_raises_value_error_naming_the_argument(torch_cuda):
-    from server import cuda
+    from server.core import cuda
     B = torch_cuda.ones(8, 2, device="cuda")
     A = torch_cuda.ones(3, 5, device="cuda")
     with pytest.raises(ValueError, match=r"Bs\[0\] has 2 columns but As\[0\] has 3 rows"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server import cuda
+from server.core import cuda
 
 
 def test_available_never_raises_and_explains():

@@ -7,7 +7,7 @@ from edge_client.data import tokenize_record
 from edge_client.testing import synthetic_records
 from edge_client.trainer import LocalTrainer, TrainConfig
 from edge_client.wire import GlobalFactors, RankSpec
-from server._global_adapter import GlobalAdapter
+from server.core.adapter import GlobalAdapter
 
 
 def test_every_slot_has_gradient_after_loading_low_rank_factors(tiny_model, tokenizer):

@@ -88,8 +88,8 @@ def test_aggregate_cli_writes_rank_and_wire(tmp_path):
 
 
 def test_streaming_aggregator_honours_alpha_pattern():
-    from server.aggregation import Aggregator
-    from server.strategies.flexlora import flexlora_delta
+    from server.core.aggregation import Aggregator
+    from server.federation.strategies.flexlora import flexlora_delta
 
     rng = np.random.default_rng(3)
     u = ClientUpdate(client_id="c", factors=_factors(rng, MODS, 2), num_examples=3, rank=2, alpha=16.0,

@@ -12,7 +12,7 @@ from edge_client.targets import resolve_targets, resolve_targets_for_config
 from edge_client.testing import ARCHITECTURES, save_tiny_model, synthetic_records
 from edge_client.trainer import LocalTrainer, TrainConfig, load_model, merge_deltas
 from edge_client.wire import GlobalFactors, RankSpec
-from server.simulation.model import linear_shapes
+from server.workloads.model import linear_shapes
 
 EXPECTED = {"llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
             "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
@@ -114,7 +114,7 @@ def test_ffn_rank_pattern_reaches_the_ffn_only(zoo, arch):
     model's FFN projections and nowhere else, whatever the architecture calls them."""
     from edge_client.targets import ffn_pattern_keys
     from edge_client.wire import rank_for_module
-    from server.simulation.devices import assign_devices
+    from server.workloads.devices import assign_devices
 
     model, _ = load_model(zoo[arch])
     keys = ffn_pattern_keys(model, "auto")

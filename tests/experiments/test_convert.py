@@ -6,14 +6,14 @@ import json
 
 import pytest
 
-from server.experiments.cli import main
-from server.experiments.convert import (
+from server.runtimes.experiments.cli import main
+from server.workloads.convert import (
     convert_dolly,
     convert_natural_instructions,
     natural_instructions_records,
     suite_by_category,
 )
-from server.simulation.suite import read_jsonl
+from server.workloads.suite import read_jsonl
 
 
 def _ni_task(path, definition, instances):

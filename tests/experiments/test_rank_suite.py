@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from server.experiments.config import ARMS, CellSettings
-from server.simulation.rank_suite import build_rank_suite, make_codes, rank_suite_records
-from server.simulation.runtime import SimulationConfig
-from server.simulation.tasks import WORDS
+from server.runtimes.experiments.config import ARMS, CellSettings
+from server.runtimes.simulate import SimulationConfig
+from server.workloads.rank_suite import build_rank_suite, make_codes, rank_suite_records
+from server.workloads.tasks import WORDS
 
 
 def test_codes_are_derangements_and_deterministic():
@@ -50,7 +50,7 @@ def test_new_options_are_validated():
 
 
 def test_flower_run_config_carries_split_and_carry():
-    from server.flower.config import simulation_config
+    from server.runtimes.flower.config import simulation_config
     cfg = simulation_config({"split": "balanced", "carry": True}, num_clients=3)
     assert cfg.split == "balanced" and cfg.carry
     assert simulation_config({}, num_clients=3).split == "reference"

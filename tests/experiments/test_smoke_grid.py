@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.experiments.cli import main
-from server.experiments.config import ARMS
+from server.runtimes.experiments.cli import main
+from server.runtimes.experiments.config import ARMS
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_module_entry_point_help():
     import subprocess
     import sys
     root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-m", "server.experiments", "run", "--help"], cwd=root,
+    res = subprocess.run([sys.executable, "-m", "server.runtimes.experiments", "run", "--help"], cwd=root,
                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0 and "--distributions" in res.stdout
 
@@ -104,9 +104,9 @@ def test_heldout_loss_matches_the_models_own_loss(grid):
     import torch
 
     from edge_client.data import tokenize_record
-    from server.simulation.evaluate import heldout_loss
-    from server.simulation.model import load_base
-    from server.simulation.tasks import make_example
+    from server.workloads.evaluate import heldout_loss
+    from server.workloads.model import load_base
+    from server.workloads.tasks import make_example
 
     model, tok = load_base()
     rng = random.Random(0)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from server.experiments.cell import allot_types, type_spec
-from server.experiments.config import ARMS, CellSettings, ExperimentConfig, load_config_file
-from server.experiments.spectrum import collapse_warning, module_spectrum, retained_energy
+from server.runtimes.experiments.cell import allot_types, type_spec
+from server.runtimes.experiments.config import ARMS, CellSettings, ExperimentConfig, load_config_file
+from server.runtimes.experiments.spectrum import collapse_warning, module_spectrum, retained_energy
 
 
 def _with_singular_values(s, d_out=12, d_in=9, seed=0):

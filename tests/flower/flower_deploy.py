@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from server.flower.loopback import free_port, stop_process_groups, toml_value, wait_listening
+from server.runtimes.flower.loopback import free_port, stop_process_groups, toml_value, wait_listening
 
 REPO = Path(__file__).resolve().parents[2]
 CONNECTION = "flexlora-loopback"

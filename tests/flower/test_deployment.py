@@ -39,7 +39,7 @@ def flower_run(tmp_path_factory):
 
 def _global_delta(directory, strategy_name: str) -> dict[str, np.ndarray]:
     from server.federation.checkpoint import load_checkpoint
-    from server.strategies import make_strategy
+    from server.federation.strategies import make_strategy
 
     ck = load_checkpoint(directory)
     assert ck is not None, f"no checkpoint in {directory}"
@@ -65,8 +65,8 @@ def test_two_rounds_through_superlink_and_two_supernodes(flower_run):
 def test_same_final_adapter_as_embedded_runtime(flower_run, tmp_path):
     import torch
 
-    from server.flower.config import simulation_config
-    from server.simulation.runtime import run_simulation
+    from server.runtimes.flower.config import simulation_config
+    from server.runtimes.simulate import run_simulation
 
     assert flower_run["doc"]["status"] == "ok", flower_run["doc"].get("error")
     # the embedded run gets the SimulationConfig of the run config the ServerApp actually ran with

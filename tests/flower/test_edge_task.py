@@ -9,8 +9,8 @@ import pytest
 
 from edge_client.flower_app import EdgeTask
 from edge_client.wire import TrainOrder, decode_global, encode_global, encode_update
-from server.simulation.model import ASSET_MODEL, linear_shapes, load_base
-from server.strategies import RankSpec, StrategyConfig, make_strategy
+from server.federation.strategies import RankSpec, StrategyConfig, make_strategy
+from server.workloads.model import ASSET_MODEL, linear_shapes, load_base
 
 pytestmark = pytest.mark.slow
 

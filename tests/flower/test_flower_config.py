@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from server.flower.config import simulation_config, simulation_defaults
-from server.simulation.runtime import SimulationConfig
+from server.runtimes.flower.config import simulation_config, simulation_defaults
+from server.runtimes.simulate import SimulationConfig
 
 pytestmark = pytest.mark.flower
 
@@ -39,7 +39,7 @@ def test_pyproject_flower_config_matches_simulation_defaults():
     import tomllib
     from pathlib import Path
 
-    from server.flower.config import simulation_defaults
+    from server.runtimes.flower.config import simulation_defaults
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]

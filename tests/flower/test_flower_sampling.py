@@ -11,10 +11,10 @@ from test_flower_strategy import FP, FakeGrid, FakeNode, make_update, task_ident
 from edge_client.flower_app import FAULT_ENV, _faulty, garbage_bytes
 from edge_client.wire import TRAIN_KEY, TrainOrder, encode_update
 from server.federation import client_seed, sample_clients
-from server.flower.config import clients_per_round, decode_limits, simulation_config
-from server.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
-from server.simulation.runtime import SimulationConfig, run_simulation
-from server.strategies import StrategyConfig, make_strategy
+from server.federation.strategies import StrategyConfig, make_strategy
+from server.runtimes.flower.config import clients_per_round, decode_limits, simulation_config
+from server.runtimes.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
+from server.runtimes.simulate import SimulationConfig, run_simulation
 
 NAMES = [f"client-{i:03d}" for i in range(10)]
 

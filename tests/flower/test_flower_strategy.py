@@ -20,8 +20,8 @@ from edge_client.wire import (
     parse_rank_pattern,
 )
 from server.federation import client_seed
-from server.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
-from server.strategies import RoundFailed, StrategyConfig, make_strategy
+from server.federation.strategies import RoundFailed, StrategyConfig, make_strategy
+from server.runtimes.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
 
 FP = "ab" * 16
 MODULES = [f"base_model.model.model.layers.0.self_attn.{m}" for m in ("q_proj", "v_proj")]

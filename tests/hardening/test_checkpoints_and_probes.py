@@ -14,7 +14,7 @@ from edge_client.wire import NodeProbe, RankSpec, decode_update, rank_for_module
 from server.federation import CheckpointLocked, RoundEngine
 from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, lock_directory, save_checkpoint
 from server.federation.rounds import ResumeError
-from server.strategies import StrategyConfig, make_strategy
+from server.federation.strategies import StrategyConfig, make_strategy
 
 
 def _save(d, rnd, keep=3):
@@ -129,8 +129,8 @@ class _Grid:
 
 def test_a_node_cannot_push_out_another_or_stop_the_run(monkeypatch):
     pytest.importorskip("flwr")
-    from server.flower import strategy as mod
-    from server.flower.strategy import probe_nodes
+    from server.runtimes.flower import strategy as mod
+    from server.runtimes.flower.strategy import probe_nodes
     monkeypatch.setattr(mod, "Message", lambda *a, **k: None)   # no Flower run context here
     grid = _Grid([_Msg(1, {**GOOD, "client-id": "a"}), _Msg(2, {**GOOD, "client-id": "a"}),
                   _Msg(3, boom=True), _Msg(4, {**GOOD, "client-id": "b", "rank": 64}),
@@ -151,7 +151,7 @@ def test_rank_pattern_matching_is_linear_and_bounded():
 
 
 def test_adversarial_faults_pass_the_decoder_and_the_hook_runs():
-    from server.simulation.faults import ADVERSARIAL, INFLATED_EXAMPLES, check_fault, faulty_reply
+    from server.runtimes.faults import ADVERSARIAL, INFLATED_EXAMPLES, check_fault, faulty_reply
     u = honest("c0", 0)
     for kind in ADVERSARIAL:
         got = decode_update(faulty_reply(u, kind))
@@ -170,7 +170,7 @@ def test_adversarial_faults_pass_the_decoder_and_the_hook_runs():
 
 def test_flower_run_config_exposes_the_defences_and_limits():
     pytest.importorskip("flwr")
-    from server.flower.config import simulation_config
+    from server.runtimes.flower.config import simulation_config
     off = simulation_config({}, num_clients=3)
     assert (off.clip_norm, off.clip_adaptive, off.max_weight_share, off.trim_fraction, off.max_norm_growth,
             off.keep_checkpoints) == (None, None, None, 0.0, None, 3)

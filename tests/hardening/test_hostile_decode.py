@@ -59,7 +59,7 @@ def test_empty_dimensions_are_rejected():
 
 
 def test_huge_finite_entries_get_a_clear_error_before_the_native_core():
-    from server.aggregation import Aggregator
+    from server.core.aggregation import Aggregator
     agg = Aggregator(4)
     b = np.full((8, 4), 1e30, np.float32)
     a = np.full((4, 6), 1e30, np.float32)

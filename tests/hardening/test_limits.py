@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 import fuzzlib  # noqa: E402
 
 from edge_client.wire import DecodeLimits, decode_update  # noqa: E402
-from server.aggregation import Aggregator  # noqa: E402
-from server.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy  # noqa: E402
+from server.core.aggregation import Aggregator  # noqa: E402
+from server.federation.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy  # noqa: E402
 
 GOOD = fuzzlib.update_bytes()
 MODULE = fuzzlib.MODULE

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "fuzz"))
 import fuzzlib  # noqa: E402
 
 from edge_client.wire import ClientUpdate, encode_update  # noqa: E402
-from server.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy  # noqa: E402
+from server.federation.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy  # noqa: E402
 
 SHAPES = {"base_model.model.model.layers.0.self_attn.q_proj": (12, 12),
           "base_model.model.model.layers.0.mlp.up_proj": (20, 12)}

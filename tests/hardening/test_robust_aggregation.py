@@ -7,8 +7,8 @@ import pytest
 from test_reply_handling import BASE, honest  # noqa: E402  (tests/hardening on sys.path)
 
 from server.federation import Reply, RoundEngine
-from server.strategies import STRATEGIES, RankSpec, RobustConfig, StrategyConfig, make_strategy
-from server.strategies.robust import (
+from server.federation.strategies import STRATEGIES, RankSpec, RobustConfig, StrategyConfig, make_strategy
+from server.federation.strategies.robust import (
     cap_shares,
     clip_multipliers,
     effective_norms,
@@ -93,7 +93,7 @@ def test_robust_off_is_bit_identical_to_streaming():
 
 
 def test_aggregator_add_is_atomic_when_a_fold_fails(monkeypatch):
-    from server import aggregation
+    from server.core import aggregation
     agg = aggregation.Aggregator(4, method="auto", dense_threshold=6)
     ups = [honest(f"c{i}", i) for i in range(3)]
     agg.add_update(ups[0])
@@ -168,7 +168,7 @@ def test_a_round_whose_norm_explodes_is_not_committed_and_the_run_goes_on(tmp_pa
 
 
 def test_client_exception_becomes_a_rejected_reply():
-    from server.simulation.clients import InProcessClients
+    from server.runtimes.clients import InProcessClients
 
     class Boom:
         base = None

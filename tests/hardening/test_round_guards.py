@@ -9,9 +9,9 @@ import pytest
 from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/hardening on sys.path)
 
 from edge_client.wire import DecodeLimits, encode_update
-from server.simulation import runtime as rt
-from server.simulation.runtime import SimulationConfig, run_simulation
-from server.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy
+from server.federation.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy
+from server.runtimes.simulate import SimulationConfig, run_simulation
+from server.runtimes import simulate as rt
 
 SMALL = dict(rounds=1, num_clients=3, num_heldout=1, local_steps=1, batch_size=2, rank_distribution="uniform",
              threads=1, progress=False, eval_max_new_tokens=2)
@@ -72,7 +72,7 @@ def test_flexlora_budget_counts_the_aggregator_state_bytes():
 
 
 def _patch_reply(monkeypatch, cid: str, change):
-    from server.simulation.clients import InProcessClients
+    from server.runtimes.clients import InProcessClients
 
     real = InProcessClients._train
 
@@ -115,7 +115,7 @@ def test_runtime_rejects_a_reply_from_another_round(monkeypatch):
 
 
 def test_an_unexpected_error_in_one_reply_rejects_that_reply_not_the_run(monkeypatch, caplog):
-    from server.strategies.base import Strategy
+    from server.federation.strategies.base import Strategy
 
     real = Strategy.decode_reply
 

@@ -7,10 +7,10 @@ import pytest
 from rt_helpers import MODULES, SVD32, make_update
 
 from edge_client.completion import complete_rows, dead_slots
-from server.strategies import FlexLoRA, RaFLoRA, RankSpec, StrategyConfig, build_strategy
-from server.strategies.base import split_factors
-from server.strategies.flexlora import carry_delta, flexlora_delta
-from server.strategies.raflora import raflora_delta
+from server.federation.strategies import FlexLoRA, RaFLoRA, RankSpec, StrategyConfig, build_strategy
+from server.federation.strategies.base import split_factors
+from server.federation.strategies.flexlora import carry_delta, flexlora_delta
+from server.federation.strategies.raflora import raflora_delta
 
 
 def _clients(updates, module):
@@ -111,7 +111,7 @@ def test_carry_keeps_the_energy_beyond_the_smallest_rank():
     """Spectrum diagnostic: clients that send back exactly what they received (Delta = 0).
     Plain FlexLoRA shrinks direction i by w_i each round (energy at the smallest rank -> 1);
     carry keeps G fixed."""
-    from server.experiments.spectrum import retained_energy
+    from server.runtimes.experiments.spectrum import retained_energy
     st_plain = FlexLoRA(StrategyConfig(alpha=16.0), max_rank=12, method="exact")
     st_carry = FlexLoRA(StrategyConfig(alpha=16.0), max_rank=12, method="exact", carry=True)
     specs = {"a": RankSpec(rank=1), "b": RankSpec(rank=4)}

@@ -15,8 +15,8 @@ import pytest
 
 from server.cli import main
 from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.simulation.devices import DEVICE_MIX, assign_devices
-from server.simulation.runtime import SimulationConfig, SimulationError, run_simulation
+from server.runtimes.simulate import SimulationConfig, SimulationError, run_simulation
+from server.workloads.devices import DEVICE_MIX, assign_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(num_clients=4, num_heldout=1, local_steps=2, batch_size=4, rank_distribution="uniform",

@@ -5,12 +5,21 @@ import pytest
 from rt_helpers import F32, FINGERPRINT, MODULES, SVD32, make_update
 
 from edge_client.wire import decode_global, encode_global, encode_update
-from server.strategies import FedIT, FlexLoRA, FLoRA, HetLoRA, RankSpec, RoundFailed, StrategyConfig, make_strategy
-from server.strategies.base import split_factors
-from server.strategies.fedit import fedavg_factors
-from server.strategies.flexlora import flexlora_delta, truncate_delta
-from server.strategies.flora import stack_factors
-from server.strategies.hetlora import hetlora_aggregate, truncate_factors
+from server.federation.strategies import (
+    FedIT,
+    FlexLoRA,
+    FLoRA,
+    HetLoRA,
+    RankSpec,
+    RoundFailed,
+    StrategyConfig,
+    make_strategy,
+)
+from server.federation.strategies.base import split_factors
+from server.federation.strategies.fedit import fedavg_factors
+from server.federation.strategies.flexlora import flexlora_delta, truncate_delta
+from server.federation.strategies.flora import stack_factors
+from server.federation.strategies.hetlora import hetlora_aggregate, truncate_factors
 
 
 def _clients(updates, module, with_n=True):
@@ -185,7 +194,7 @@ def test_decode_reply_checks_shapes_against_the_base_model():
 def test_flora_stack_resent_after_an_uncommitted_round_is_merged_once(updates):
     """A FLoRA stack names the round that produced it; after a round that fails (not committed)
     the same stack goes out again and a client that merged it must not merge it twice."""
-    from server.strategies.flora import merge_once
+    from server.federation.strategies.flora import merge_once
 
     st = make_strategy("flora", StrategyConfig(min_clients=2))
     st.aggregate(updates[:2], round=1)

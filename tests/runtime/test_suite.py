@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
-from server.simulation.evaluate import score
-from server.simulation.suite import SuiteConfig, build_suite, load_suite_from_jsonl, read_jsonl, write_jsonl
-from server.simulation.tasks import FAMILIES, make_example
+from server.workloads.evaluate import score
+from server.workloads.suite import SuiteConfig, build_suite, load_suite_from_jsonl, read_jsonl, write_jsonl
+from server.workloads.tasks import FAMILIES, make_example
 
 
 def test_suite_is_deterministic_and_non_iid():

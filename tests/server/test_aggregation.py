@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from server.aggregation import Aggregator, GlobalAdapter
-from server.reference import reference_aggregate, reference_client_factors
+from server.core.aggregation import Aggregator, GlobalAdapter
+from server.core.oracles import reference_aggregate, reference_client_factors
 
 MODULES = {"model.layers.0.self_attn.q_proj": (24, 20), "model.layers.0.mlp.down_proj": (18, 30)}
 
@@ -184,8 +184,8 @@ def test_constructor_and_finalize_errors():
 
 def test_cpu_and_cuda_aggregators_share_one_base():
     # issue 11: one base with backend hooks; CudaAggregator only adds device handling
-    from server.aggregation import AggregatorBase
-    from server.cuda_aggregation import CudaAggregator
+    from server.core.aggregation import AggregatorBase
+    from server.core.cuda_aggregation import CudaAggregator
     assert issubclass(Aggregator, AggregatorBase) and issubclass(CudaAggregator, AggregatorBase)
     for name in ("add_update", "_add_module", "_threshold", "state_bytes", "modules", "_svd_tasks"):
         assert name not in vars(CudaAggregator), name

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from _server_testutil import check_svd, dense, make_problem
 
-from server import linalg
+from server.core import linalg
 
 
 def _flat_problem(seed):
@@ -78,7 +78,7 @@ def test_ill_conditioned_blocks_fall_back_and_stay_orthonormal():
 
 
 def test_aggregator_auto_iterates_adaptively_on_folded_dense():
-    from server.aggregation import Aggregator
+    from server.core.aggregation import Aggregator
     Bs, As, w = _flat_problem(0)
     agg = Aggregator(30, dense_threshold=1)  # fold into a dense accumulator at once
     for k, (b, a) in enumerate(zip(Bs, As)):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from _server_testutil import make_problem
 
-from server import linalg
+from server.core import linalg
 
 
 @pytest.fixture

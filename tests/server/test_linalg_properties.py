@@ -6,7 +6,7 @@ from _server_testutil import check_svd, dense
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import linalg
+from server.core import linalg
 
 
 @st.composite

@@ -1,11 +1,11 @@
-"""Every route of server.linalg against the NumPy SVD optimum."""
+"""Every route of server.core.linalg against the NumPy SVD optimum."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from _server_testutil import check_svd, dense, make_problem
 
-from server import linalg
+from server.core import linalg
 
 METHODS = ["exact", "randomized", "dense", "auto"]
 SHAPES = [(48, 40), (40, 56), (33, 33)]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from _server_testutil import check_svd, dense, make_problem
 
-from server import linalg
-from server.aggregation import Aggregator
-from server.reference import reference_aggregate
+from server.core import linalg
+from server.core.aggregation import Aggregator
+from server.core.oracles import reference_aggregate
 
 
 def test_sketch_exact_when_it_covers_the_operator():

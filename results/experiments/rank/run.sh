@@ -3,7 +3,7 @@
 # its report, and the central rank-sensitivity curve. Run from the repository root.
 set -e
 for k in 0 1; do
-  OMP_NUM_THREADS=1 python -m server.experiments run --config results/experiments/rank_grid.json \
+  OMP_NUM_THREADS=1 python -m server.runtimes.experiments run --config results/experiments/rank_grid.json \
       --out results/experiments/rank --shard $k/2 --no-report --no-progress &
 done
 wait

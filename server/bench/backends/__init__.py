@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import Backend, BenchSettings, all_backends, register, select
+from server.bench.backends.base import Backend, BenchSettings, all_backends, register, select
 
 __all__ = ["Backend", "BenchSettings", "all_backends", "register", "select", "load_all"]
 

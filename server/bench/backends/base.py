@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import flops as F
+from server.bench import flops as F
 
 
 @dataclass(kw_only=True, frozen=True)

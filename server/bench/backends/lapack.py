@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import flops as F
-from .base import Backend, dense_exact_flops, register
+from server.bench import flops as F
+from server.bench.backends.base import Backend, dense_exact_flops, register
 
 
 def _truncate(U, S, Vt, k):

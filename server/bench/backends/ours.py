@@ -1,4 +1,4 @@
-"""Our native core through ``server.linalg``: the exact, randomized, dense and auto routes.
+"""Our native core through ``server.core.linalg``: the exact, randomized, dense and auto routes.
 
 On a factored case the routes take the LoRA factors (``lowrank_svd``); ``dense`` forms dW
 itself inside the timed call, so its time includes the formation. On a dense case ``exact``
@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import importlib
 
-from .. import flops as F
-from .base import Backend, register
+from server.bench import flops as F
+from server.bench.backends.base import Backend, register
 
 METHODS = ("exact", "randomized", "dense", "auto")
 
 
 def _linalg():
-    return importlib.import_module("server.linalg")
+    return importlib.import_module("server.core.linalg")
 
 
 def planned_route(case) -> str | None:
-    """The route ``auto`` takes for this case, from ``server.linalg.plan`` (None if unknown)."""
+    """The route ``auto`` takes for this case, from ``server.core.linalg.plan`` (None if unknown)."""
     try:
         p = _linalg().plan(case.spec.d_out, case.spec.d_in, list(case.spec.client_ranks), case.spec.rank)
     except Exception:  # noqa: BLE001 - reporting aid only
@@ -41,20 +41,20 @@ class Ours(Backend):
         self.name = f"ours:{method}"
         self.inputs = "both" if method in ("exact", "randomized") else "factored"
         self.algorithm = {
-            "exact": "server.linalg: factored QR + small SVD (dense case: dense_svd exact)",
-            "randomized": "server.linalg: randomized range finder on the factored operator (dense case: dense_svd randomized)",
-            "dense": "server.linalg: one fused GEMM forms dW, then its SVD (formation inside the timing)",
-            "auto": "server.linalg: the route plan() picks from its cost model",
+            "exact": "server.core.linalg: factored QR + small SVD (dense case: dense_svd exact)",
+            "randomized": "server.core.linalg: randomized range finder on the factored operator (dense case: dense_svd randomized)",
+            "dense": "server.core.linalg: one fused GEMM forms dW, then its SVD (formation inside the timing)",
+            "auto": "server.core.linalg: the route plan() picks from its cost model",
         }[method]
 
     def available(self):
         try:
             linalg = _linalg()
         except Exception as exc:  # noqa: BLE001 - any import failure means "not built"
-            return False, f"server.linalg not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            return False, f"server.core.linalg not importable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
         missing = [n for n in ("lowrank_svd", "dense_svd") if not hasattr(linalg, n)]
         if missing:
-            return False, f"server.linalg lacks {', '.join(missing)}"
+            return False, f"server.core.linalg lacks {', '.join(missing)}"
         return True, ""
 
     def prepare(self, case, settings):

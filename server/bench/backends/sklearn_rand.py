@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend, dense_randomized_flops, register
+from server.bench.backends.base import Backend, dense_randomized_flops, register
 
 
 class SklearnRandomized(Backend):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Backend, dense_exact_flops, dense_randomized_flops, register
+from server.bench.backends.base import Backend, dense_exact_flops, dense_randomized_flops, register
 
 
 class _Torch(Backend):

@@ -1,0 +1,129 @@
+"""Input checks shared by server.core.linalg and server.core.aggregation.
+
+Every failure is a ``ValueError`` naming the argument (and index) and the bad value; arrays
+are converted to C-contiguous float32 once here so the native core never sees anything else.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, Sequence
+
+import numpy as np
+
+METHODS = ("auto", "exact", "randomized", "dense", "sketch")
+GPU_METHODS = ("auto", "exact", "randomized", "dense")  # the CUDA backend has no sketch route
+# Largest magnitude of a factor entry and of a bound on |dW| entries that the float32 core
+# accepts: its Grams and norms square these (1e18^2 = 1e36 < float32 max 3.4e38), so
+# anything larger would overflow to Inf inside BLAS/LAPACK and surface as an opaque LAPACK
+# error (info = -6) instead of a message naming the argument.
+MAGNITUDE_LIMIT = 1e18
+
+
+def as_matrix(x: Any, name: str) -> np.ndarray:
+    """``x`` as a finite, C-contiguous float32 matrix (floating dtypes are converted)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    arr = np.asarray(x)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{name} must be a floating-point array, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"{name} contains NaN or Inf (first at index {bad}: {arr[bad]})")
+    return arr
+
+
+def as_rank(rank: Any, name: str = "rank") -> int:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= 1, got {rank!r}")
+    if rank < 1:
+        raise ValueError(f"{name} must be >= 1, got {rank}")
+    return int(rank)
+
+
+def as_count(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return int(value)
+
+
+def as_method(method: Any, allowed: Sequence[str] = METHODS, name: str = "method") -> str:
+    if method not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {method!r}")
+    return str(method)
+
+
+def as_weights(weights: Any, count: int, name: str = "weights") -> list[float]:
+    w = np.asarray(weights, dtype=np.float64) if not isinstance(weights, np.ndarray) else weights
+    if w.dtype.kind not in "fiu" or w.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got {weights!r:.80}")
+    if len(w) != count:
+        raise ValueError(f"{name} has {len(w)} entries, expected {count} (one per client)")
+    w = w.astype(np.float64)
+    for k, v in enumerate(w):
+        if not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name}[{k}] must be finite and >= 0, got {v}")
+        if v > np.finfo(np.float32).max:
+            raise ValueError(f"{name}[{k}] = {v} overflows float32")
+    return [float(v) for v in w]
+
+
+def as_factors(Bs: Any, As: Any, weights: Any, prefix: str = "") -> tuple[list, list, list]:
+    """Validated (Bs, As, weights): shapes agree, every entry float32, finite."""
+    if isinstance(Bs, np.ndarray) or isinstance(As, np.ndarray):
+        raise ValueError(f"{prefix}Bs and {prefix}As must be sequences of matrices, one per client")
+    Bs, As = list(Bs), list(As)
+    if not Bs:
+        raise ValueError(f"{prefix}Bs is empty: at least one client is needed")
+    if len(As) != len(Bs):
+        raise ValueError(f"{prefix}Bs has {len(Bs)} entries but {prefix}As has {len(As)}")
+    w = as_weights(weights, len(Bs), f"{prefix}weights")
+    Bm = [as_matrix(b, f"{prefix}Bs[{k}]") for k, b in enumerate(Bs)]
+    Am = [as_matrix(a, f"{prefix}As[{k}]") for k, a in enumerate(As)]
+    check_factor_shapes(Bm, Am, prefix)
+    check_magnitudes(Bm, Am, w, prefix)
+    return Bm, Am, w
+
+
+def check_magnitudes(Bm: Sequence[np.ndarray], Am: Sequence[np.ndarray], w: Sequence[float],
+                     prefix: str = "") -> None:
+    """Finite-but-huge input is refused up front (see MAGNITUDE_LIMIT)."""
+    bound = 0.0
+    for k, (b, a) in enumerate(zip(Bm, Am)):
+        mb, ma = float(np.abs(b).max()), float(np.abs(a).max())
+        for name, v in ((f"{prefix}Bs[{k}]", mb), (f"{prefix}As[{k}]", ma)):
+            if v > MAGNITUDE_LIMIT:
+                raise ValueError(f"{name} has an entry of magnitude {v:.3g}, above {MAGNITUDE_LIMIT:g}: "
+                                 "its square would overflow float32; rescale the factors")
+        bound += w[k] * mb * ma * b.shape[1]
+    if bound > MAGNITUDE_LIMIT:
+        raise ValueError(f"{prefix}weights x Bs x As could reach |dW| = {bound:.3g}, above "
+                         f"{MAGNITUDE_LIMIT:g}: its square would overflow float32; rescale the weights or factors")
+
+
+def check_factor_shapes(Bm: Sequence[Any], Am: Sequence[Any], prefix: str = "") -> None:
+    """Every client's B has d_out rows, every A d_in columns, and each client's ranks agree
+    (any arrays with ``.shape``: numpy here, torch CUDA tensors in ``server.core.cuda``)."""
+    d_out, d_in = Bm[0].shape[0], Am[0].shape[1]
+    for k, (b, a) in enumerate(zip(Bm, Am)):
+        if b.shape[0] != d_out:
+            raise ValueError(f"{prefix}Bs[{k}] has {b.shape[0]} rows, expected {d_out} (d_out)")
+        if a.shape[1] != d_in:
+            raise ValueError(f"{prefix}As[{k}] has {a.shape[1]} columns, expected {d_in} (d_in)")
+        if b.shape[1] != a.shape[0]:
+            raise ValueError(f"{prefix}Bs[{k}] has {b.shape[1]} columns but {prefix}As[{k}] has "
+                             f"{a.shape[0]} rows (the client's rank must agree)")
+
+
+def as_threads(threads: Any) -> int:
+    """``None`` -> 0 (the core's default: set_num_threads or the core count)."""
+    if threads is None:
+        return 0
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
+    return int(threads)

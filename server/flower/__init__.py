@@ -1,8 +1,0 @@
-"""FlexLoRA on Flower's Deployment Engine: a ServerApp whose Flower ``Strategy`` wraps our
-strategies, and the simulated-device task for SuperNodes (the ClientApp itself is
-``edge_client.flower_app``). See ``docs/deployment.md``.
-
-Submodules import Flower and the simulation on first use: ``server.flower.server_app`` (the
-ServerApp ``app``), ``server.flower.strategy`` (``FlexLoRAFlowerStrategy``, ``probe_nodes``),
-``server.flower.simulated`` (``SimulatedTask``), ``server.flower.config`` (run configuration).
-"""

@@ -1,0 +1,165 @@
+"""The Flower run configuration (``[tool.flwr.app.config]``, ``flwr run --run-config``) and how
+it maps onto the embedded runtime's ``SimulationConfig``, so that both runtimes take their
+defaults and validation from one place.
+
+Keys (Flower style, hyphenated): ``strategy``, ``num-server-rounds``, ``seed``, ``num-heldout``,
+``rank-distribution`` ("" = device mix + rank policy), ``fedit-rank``, ``model`` ("" = the
+shipped tiny model), ``data`` ("" = the bundled suite), ``local-steps``, ``batch-size``, ``lr``,
+``alpha``, ``max-length``, ``min-clients``, ``min-nodes`` (nodes to wait for), ``node-wait-s``,
+``round-timeout-s``, ``evaluate``, ``eval-max-new-tokens``, ``output-dir``, ``resume``,
+``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default).
+
+Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed``):
+``clients-per-round`` (0 = every node every round) or ``fraction-train`` (0 = unused; else
+``max(1, int(fraction * nodes))``); not both. Reply limits (0 = the safe default):
+``max-update-bytes``, ``max-header-bytes``, ``max-delta-norm`` (``DecodeLimits``) and
+``max-round-bytes`` (the per-round aggregator memory budget; 0 = none), ``max-num-examples``.
+Defences (docs/security.md; 0 = off): ``clip-norm``, ``clip-adaptive``, ``max-weight-share``,
+``trim-fraction``, ``max-norm-growth``; ``keep-checkpoints`` round checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from edge_client.wire import DecodeLimits
+from server.runtimes.simulate import SimulationConfig
+
+__all__ = ["FlowerRunConfig", "simulation_config", "simulation_defaults", "clients_per_round", "decode_limits"]
+
+
+def _get(cfg: Mapping, key: str, default, kind):
+    value = cfg.get(key, default)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"run config {key!r} must be true or false, got {value!r}")
+        return value
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"run config {key!r} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"run config {key!r} must be a number, got {value!r}")
+        return float(value)
+    if kind is str and not isinstance(value, str):
+        raise ValueError(f"run config {key!r} must be a string, got {value!r}")
+    return value
+
+
+@dataclass(kw_only=True)
+class FlowerRunConfig:
+    """Server-side settings of a Flower run that the embedded runtime does not have."""
+    num_rounds: int = 3
+    min_nodes: int = 2
+    node_wait_s: float = 120.0
+    round_timeout_s: float = 600.0
+    evaluate: bool = True
+    output_dir: str = "runs/flower"
+    resume: bool = False
+    client_task: str = "simulated"
+
+    def __post_init__(self) -> None:
+        for name in ("num_rounds", "min_nodes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("node_wait_s", "round_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.client_task not in ("simulated", "edge"):
+            raise ValueError(f"client_task must be 'simulated' or 'edge', got {self.client_task!r}")
+        if not self.output_dir:
+            raise ValueError("output_dir must be a non-empty path")
+
+    @classmethod
+    def from_run_config(cls, cfg: Mapping) -> "FlowerRunConfig":
+        return cls(num_rounds=_get(cfg, "num-server-rounds", 3, int), min_nodes=_get(cfg, "min-nodes", 2, int),
+                   node_wait_s=_get(cfg, "node-wait-s", 120.0, float),
+                   round_timeout_s=_get(cfg, "round-timeout-s", 600.0, float),
+                   evaluate=_get(cfg, "evaluate", True, bool), output_dir=_get(cfg, "output-dir", "runs/flower", str),
+                   resume=_get(cfg, "resume", False, bool), client_task=_get(cfg, "client-task", "simulated", str))
+
+
+def clients_per_round(cfg: Mapping, *, num_clients: int) -> int | None:
+    """Clients sampled per round from ``clients-per-round`` / ``fraction-train`` (None: all)."""
+    k = _get(cfg, "clients-per-round", 0, int)
+    fraction = _get(cfg, "fraction-train", 0.0, float)
+    if k < 0:
+        raise ValueError(f"run config 'clients-per-round' must be >= 0 (0 = all), got {k}")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"run config 'fraction-train' must be in [0, 1] (0 = unused), got {fraction}")
+    if k and fraction:
+        raise ValueError("run config: set 'clients-per-round' or 'fraction-train', not both")
+    if fraction:
+        k = max(1, int(fraction * num_clients))
+    if k > num_clients:
+        raise ValueError(f"run config 'clients-per-round'={k} is above the {num_clients} clients (nodes) "
+                         f"of the federation")
+    return k or None
+
+
+def decode_limits(cfg: Mapping) -> DecodeLimits | None:
+    """``DecodeLimits`` from ``max-update-bytes`` / ``max-header-bytes`` / ``max-delta-norm`` (None: defaults)."""
+    given = {"max_bytes": _get(cfg, "max-update-bytes", 0, int),
+             "max_header_bytes": _get(cfg, "max-header-bytes", 0, int),
+             "max_delta_norm": _get(cfg, "max-delta-norm", 0.0, float),
+             "max_num_examples": _get(cfg, "max-num-examples", 0, int)}
+    for key, value in given.items():
+        if value < 0:
+            raise ValueError(f"run config limit {key} must be >= 0 (0 = default), got {value}")
+    given = {k: v for k, v in given.items() if v}
+    return DecodeLimits(**given) if given else None
+
+
+_SIM_KEYS = {  # run config key -> SimulationConfig field (the embedded runtime's defaults apply)
+    "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
+    "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
+    "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
+    "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints",
+    "split": "split", "carry": "carry"}
+_OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
+             "max-norm-growth": "max_norm_growth"}   # 0.0 = None (off) there
+
+
+def simulation_defaults() -> dict:
+    """The run config defaults that map onto ``SimulationConfig`` fields: the embedded runtime's
+    own defaults, so a key left out of a Flower run config means what ``flexlora simulate``
+    means by it (``[tool.flwr.app.config]`` in pyproject.toml must agree; a test checks)."""
+    fields = {f.name: f for f in dataclasses.fields(SimulationConfig)}
+    out = {key: fields[name].default for key, name in _SIM_KEYS.items()}
+    out.update({"rank-distribution": "", "model": "", "data": ""})   # "" = None there
+    out.update({key: 0.0 if fields[name].default is None else float(fields[name].default)
+                for key, name in _OFF_KEYS.items()})
+    out["target-modules"] = ",".join(out["target-modules"])
+    return out
+
+
+def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
+    """The ``SimulationConfig`` the embedded runtime would run with for these settings."""
+    d = simulation_defaults()
+
+    def get(key: str, kind):
+        return _get(cfg, key, d[key], kind)
+
+    def opt_str(key: str) -> str | None:
+        return get(key, str) or None
+
+    threads = _get(cfg, "threads", 0, int)
+    round_bytes = _get(cfg, "max-round-bytes", 0, int)
+    if round_bytes < 0:
+        raise ValueError(f"run config 'max-round-bytes' must be >= 0 (0 = no budget), got {round_bytes}")
+    return SimulationConfig(
+        strategy=get("strategy", str), rounds=_get(cfg, "num-server-rounds", FlowerRunConfig.num_rounds, int),
+        num_clients=num_clients, clients_per_round=clients_per_round(cfg, num_clients=num_clients),
+        limits=decode_limits(cfg), max_round_bytes=round_bytes or None,
+        num_heldout=get("num-heldout", int), seed=get("seed", int),
+        rank_distribution=opt_str("rank-distribution"), fedit_rank=get("fedit-rank", str),
+        model=opt_str("model"), data=opt_str("data"), local_steps=get("local-steps", int),
+        batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
+        max_length=get("max-length", int), min_clients=get("min-clients", int),
+        target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()) or ("auto",),
+        eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
+        split=get("split", str), carry=get("carry", bool),
+        trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
+        **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})
