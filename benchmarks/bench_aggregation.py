@@ -1,5 +1,5 @@
 """Benchmark FlexLoRA aggregation: ours (auto/exact/randomized/dense) vs the reference and
-torch dense + svd_lowrank, on a workload from benchmarks/workloads.json.
+torch dense + svd_lowrank, on a workload from server/assets/workloads.json.
 
     python benchmarks/bench_aggregation.py --scale cpu_small
 

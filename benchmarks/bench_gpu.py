@@ -3,7 +3,7 @@ on the same GPU in torch (per-client ``B @ A`` summed into dW, ``torch.linalg.sv
 
     python benchmarks/bench_gpu.py --scale paper_round --scale gpu_round --json out.json
 
-Workloads come from benchmarks/workloads.json (model shapes, rank mix, clients per round).
+Workloads come from server/assets/workloads.json (model shapes, rank mix, clients per round).
 Clients stream from pinned host memory: a pool of ``--pool`` distinct clients per client type
 is generated once and the round cycles through it (80 distinct 7B clients would not fit in
 host memory); each client's factors are copied to the device while the previous client's

@@ -15,7 +15,7 @@ The matrix is ``Q1 diag(s) Q2^T`` with ``Q1, Q2`` from the QR of seeded Gaussian
 
 Factored LoRA sums follow DESIGN.md: client ``k`` holds ``B_k`` (d_out x r_k), ``A_k``
 (r_k x d_in), weight ``p_k s_k`` with ``p_k = n_k / sum(n)`` and ``s_k = alpha / r_k``. Client
-ranks come from a rank mix in ``benchmarks/workloads.json``. To give the sum the decaying,
+ranks come from a rank mix in ``server/assets/workloads.json``. To give the sum the decaying,
 correlated spectrum of trained adapters (rather than the flat one of pure noise), every
 client's factors are half a shared Gaussian basis and half their own, with column scales
 ``1 / (1 + j)``.
@@ -27,7 +27,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -178,24 +177,6 @@ def _lora_factors(rng, d_out: int, d_in: int, ranks, alpha: float):
     return Bs, As, np.asarray(weights, dtype=np.float64)
 
 
-# ---- workloads.json ---------------------------------------------------------------------
-
-def find_workloads(path: str | os.PathLike | None = None) -> Path:
-    """``--workloads`` if given, else $FLEXLORA_WORKLOADS, else the copy shipped in server/assets."""
-    candidates = [path, os.environ.get("FLEXLORA_WORKLOADS")]
-    candidates.append(Path(__file__).resolve().parents[1] / "assets" / "workloads.json")
-    candidates.append(Path.cwd() / "benchmarks" / "workloads.json")
-    for c in candidates:
-        if c and Path(c).is_file():
-            return Path(c)
-    raise ValueError(
-        "workloads: benchmarks/workloads.json not found; pass --workloads PATH or set FLEXLORA_WORKLOADS"
-    )
-
-
-def load_workloads(path: str | os.PathLike | None = None) -> dict:
-    with open(find_workloads(path), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def module_shapes(workloads: dict, model: str) -> dict[str, tuple[int, int, str]]:

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--include-formation", action="store_true",
                    help="add the time of forming dW (one GEMM) to dense backends on factored cases")
     p.add_argument("--tolerance", type=float, default=1.01, help="err/opt counted as accurate (default 1.01)")
-    p.add_argument("--workloads", help="path to workloads.json (default: the repository's benchmarks/ copy)")
+    p.add_argument("--workloads", help="path to a workloads.json (default: $FLEXLORA_WORKLOADS if set, else the "
+                   "copy shipped in the package, server/assets/workloads.json)")
     p.add_argument("--json", help="write the full results as JSON")
     p.add_argument("--csv", help="write one row per (case, backend) as CSV")
     p.add_argument("--markdown", help="write the table as markdown")
@@ -106,11 +107,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from server.bench import report
     from server.bench.backends import BenchSettings
-    from server.bench.cases import load_workloads
     from server.bench.machine import format_machine, machine_info
     from server.bench.measure import prepare_allocator
     from server.bench.presets import build_cases, get_preset, parse_shape
     from server.bench.runner import BenchConfig, run_bench
+    from server.workloads.catalog import load_workloads
 
     if args.list_backends:
         return _list_backends()

@@ -15,7 +15,7 @@ workstation-32gb   0.10   24 GiB       16
 Each client draws a class (deterministically from the seed), gets a
 ``DeviceProfile.simulated`` with that budget, and the real edge rank policy
 (``edge_client.rank_policy.choose_rank``) picks among the paper's client types (r8, r30,
-r30_200, r200 from ``benchmarks/workloads.json``) for the *planning model* — the LLaMA-1.3B
+r30_200, r200 from ``server/assets/workloads.json``) for the *planning model* — the LLaMA-1.3B
 shape of the paper (workloads ``llama-1.3b``, fp16 weights, batch 1, sequence 256). With the
 policy's estimates the class budgets where each type starts to fit are 5.05 / 5.39 / 6.92 / 8.04 GiB
 (r8 / r30 / r30_200 / r200: the estimate, its 10% margin and a 256 MiB system reserve), so the five
@@ -34,19 +34,15 @@ demo ranks with ``DEMO_RANKS`` (order-preserving: r8 -> 2, r30 -> 4, r200 -> 16;
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from server.federation.strategies.base import RankSpec
+from edge_client.wire import RankSpec
+from server.workloads.catalog import load_workloads
 
-__all__ = ["DeviceClass", "DEVICE_MIX", "DEMO_RANKS", "WORKLOADS", "ClientDevice", "assign_devices",
-           "load_workloads", "planning_config"]
+__all__ = ["DeviceClass", "DEVICE_MIX", "DEMO_RANKS", "ClientDevice", "assign_devices", "planning_config"]
 
-# Shipped with the package (benchmarks/workloads.json links to it), so installed copies find it.
-WORKLOADS = Path(__file__).resolve().parents[1] / "assets" / "workloads.json"
 _GIB = 2**30
 
 
@@ -80,11 +76,6 @@ class ClientDevice:
     def to_json(self) -> dict:
         return {"client_id": self.client_id, "device": self.device, "client_type": self.client_type,
                 "rank": self.spec.label(), "reasons": self.reasons}
-
-
-def load_workloads(path: str | Path = WORKLOADS) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def planning_config(workloads: Mapping, name: str = "llama-1.3b"):

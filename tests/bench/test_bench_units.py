@@ -8,9 +8,10 @@ import pytest
 from server.bench import accuracy
 from server.bench import flops as F
 from server.bench.backends import BenchSettings, load_all, select
-from server.bench.cases import CaseSpec, client_ranks_for_mix, load_case, load_workloads, save_case
+from server.bench.cases import CaseSpec, client_ranks_for_mix, load_case, save_case
 from server.bench.measure import PeakMemory, time_call
 from server.bench.presets import build_cases, get_preset, parse_shape
+from server.workloads.catalog import load_workloads
 
 WL = load_workloads()
 

@@ -6,7 +6,7 @@ one process reuses one base model for many cells, and each round's entry gains w
 needs: held-out Rouge-L per task family, the held-out loss, and the spectrum of the global
 update (the engine already records wire bytes per client and round).
 
-Client ranks come from ``benchmarks/workloads.json`` client types in the proportions of the
+Client ranks come from ``server/assets/workloads.json`` client types in the proportions of the
 rank distribution, allotted by largest remainder (not drawn), so a 16-client federation has
 the distribution's mix rather than a noisy sample of it.
 """
@@ -27,8 +27,9 @@ from server.federation.strategies import RankSpec, RobustConfig, StrategyConfig,
 from server.runtimes.clients import InProcessClients
 from server.runtimes.experiments.config import ARMS, Cell, CellSettings
 from server.runtimes.experiments.spectrum import collapse_warning, module_spectrum, spectrum_summary
+from server.workloads.catalog import load_workloads
 from server.workloads.convert import suite_by_category
-from server.workloads.devices import DEMO_RANKS, load_workloads
+from server.workloads.devices import DEMO_RANKS
 from server.workloads.evaluate import Evaluator
 from server.workloads.model import TARGET_MODULES, fingerprint, linear_shapes, load_base
 from server.workloads.suite import Suite, SuiteConfig, build_suite

@@ -262,7 +262,7 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
 def paper_scale_traffic(model: str = "llama-1.3b", clients_per_round: int | None = None) -> list[str]:
     """Markdown lines: float32 factor bytes per client type at the paper's scale (workloads.json),
     and the FLoRA stack every client downloads for each rank distribution's expected mix."""
-    from server.workloads.devices import load_workloads
+    from server.workloads.catalog import load_workloads
 
     wl = load_workloads()
     m = wl["models"][model]
