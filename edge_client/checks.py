@@ -39,7 +39,7 @@ def check_spec(shapes: Mapping[str, tuple[int, int]], spec, targets: Sequence[st
     ``wire_dtype``); with ``strict_pattern`` every ``rank_pattern`` key must match one of the
     targeted modules (``shapes``: peft module path -> (d_out, d_in))."""
     from .wire import DecodeLimits
-    from .wire.naming import _pattern_matches
+    from .wire.naming import pattern_matches
 
     limits = limits or DecodeLimits()
     if wire_dtype not in _WIRE_BYTES:
@@ -61,6 +61,6 @@ def check_spec(shapes: Mapping[str, tuple[int, int]], spec, targets: Sequence[st
         raise ValueError(f"the update would be {total:,} bytes of {wire_dtype} factors, above the wire's cap of "
                          f"{limits.max_bytes:,} bytes: lower the rank or send float16/bfloat16")
     if strict_pattern:
-        unused = [k for k in spec.rank_pattern if not any(_pattern_matches(k, m) for m in shapes)]
+        unused = [k for k in spec.rank_pattern if not any(pattern_matches(k, m) for m in shapes)]
         if unused:
             raise ValueError(f"rank_pattern keys {unused} match no target module (targets: {list(targets)})")

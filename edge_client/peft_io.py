@@ -140,7 +140,7 @@ def write_peft_adapter(out_dir, factors: Mapping[str, np.ndarray], *, alpha: flo
     from peft import LoraConfig
     from safetensors.numpy import save_file
 
-    from .wire.naming import _pattern_matches
+    from .wire.naming import pattern_matches
 
     modules = module_names(factors)
     ranks = {m: int(np.asarray(factors[m + ".lora_A.weight"]).shape[0]) for m in modules}
@@ -149,7 +149,7 @@ def write_peft_adapter(out_dir, factors: Mapping[str, np.ndarray], *, alpha: flo
     alphas = {}
     for m in modules:
         for key, value in (alpha_pattern or {}).items():
-            if _pattern_matches(key, m):
+            if pattern_matches(key, m):
                 if float(value) != float(alpha):
                     alphas[_exact_key(m)] = float(value)
                 break

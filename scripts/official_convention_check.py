@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> int:
     from edge_client.wire import ClientUpdate
+    from server.core.oracles import flexlora_delta
     from server.federation.strategies import FlexLoRA, RankSpec, StrategyConfig
     from server.federation.strategies.base import split_factors
-    from server.federation.strategies.flexlora import flexlora_delta
 
     rng = np.random.default_rng(0)
     modules = {"m.q_proj": (64, 64), "m.up_proj": (128, 64)}

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .naming import PATTERN_KEY_RE, _pattern_matches, factor_keys, module_names, rank_for_module, scaling, short_name
+from .naming import PATTERN_KEY_RE, factor_keys, module_names, pattern_matches, rank_for_module, scaling, short_name
 
-__all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors", "product_norm"]
+__all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors", "product_norm", "check_rank_pattern"]
 
 _MODULE_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _MAX_STR = 256
-# matching costs modules x keys x key length (linear per pair, see naming._pattern_matches)
+# matching costs modules x keys x key length (linear per pair, see naming.pattern_matches)
 MAX_PATTERN_KEYS = 64
 
 
@@ -121,11 +121,11 @@ def _pattern_items(name: str, value) -> list:
         if not PATTERN_KEY_RE.fullmatch(key):
             raise ValueError(f"{name} key {key!r} is not an allowed regular expression: only letters, "
                              "digits, '_', '.' and '\\.' are accepted (no quantifiers, groups or alternation)")
-        _pattern_matches(key, "probe")  # raises on an invalid regex
+        pattern_matches(key, "probe")  # raises on an invalid regex
     return list(value.items())
 
 
-def _check_rank_pattern(value, max_rank: int) -> dict[str, int]:
+def check_rank_pattern(value, max_rank: int) -> dict[str, int]:
     return {key: _check_int(f"rank_pattern[{key!r}]", rank, minimum=1, maximum=max_rank)
             for key, rank in _pattern_items("rank_pattern", value)}
 
@@ -245,7 +245,7 @@ class _RankedFactors:
     def module_alpha(self, module: str) -> float:
         """``alpha``, or the first ``alpha_pattern`` key matching ``module`` (peft's semantics)."""
         for key, value in (getattr(self, "alpha_pattern", None) or {}).items():
-            if _pattern_matches(key, module):
+            if pattern_matches(key, module):
                 return float(value)
         return float(self.alpha)
 
@@ -304,7 +304,7 @@ class ClientUpdate(_RankedFactors):
         self.num_examples = _check_int("num_examples", self.num_examples, minimum=1,
                                        maximum=limits.max_num_examples)
         self.rank = _check_int("rank", self.rank, minimum=1, maximum=limits.max_rank)
-        self.rank_pattern = _check_rank_pattern(self.rank_pattern, limits.max_rank)
+        self.rank_pattern = check_rank_pattern(self.rank_pattern, limits.max_rank)
         self.alpha = _check_float("alpha", self.alpha, positive=True)
         if not isinstance(self.rslora, (bool, np.bool_)):
             raise ValueError(f"rslora must be a bool, got {self.rslora!r}")
@@ -358,7 +358,7 @@ class GlobalFactors(_RankedFactors):
     def _validate(self, limits: DecodeLimits) -> None:
         self.alpha_pattern = _check_alpha_pattern(getattr(self, "alpha_pattern", None) or {})
         self.rank = _check_int("rank", self.rank, minimum=1, maximum=limits.max_rank)
-        self.rank_pattern = _check_rank_pattern(self.rank_pattern, limits.max_rank)
+        self.rank_pattern = check_rank_pattern(self.rank_pattern, limits.max_rank)
         self.alpha = _check_float("alpha", self.alpha, positive=True)
         for name in ("rslora", "merge_into_base"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 __all__ = ["LORA_A_SUFFIX", "LORA_B_SUFFIX", "factor_keys", "module_names", "short_name",
            "group_factor_halves", "split_factors", "join_factors", "rank_for_module", "scaling",
-           "PATTERN_KEY_RE"]
+           "PATTERN_KEY_RE", "pattern_matches"]
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
@@ -61,19 +61,30 @@ def module_names(factors: Mapping[str, Any]) -> list[str]:
     return sorted(group_factor_halves(factors))
 
 
-def split_factors(factors: Mapping[str, Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """peft-named dict -> ``{module: (B, A)}`` as float32 arrays, in sorted module order."""
-    if not factors:
+def split_factors(factors: Mapping[str, Any], who: str = "factors",
+                  convert: Callable[[Any, str], Any] | None = None,
+                  required: bool = False) -> dict[str, tuple[Any, Any]]:
+    """peft-named dict -> ``{module: (B, A)}`` in sorted module order: the one splitter of
+    factor dicts. Both halves must be present and their ranks agree (``B.shape[1] ==
+    A.shape[0]``). ``convert(x, name)`` turns each half into the array the caller keeps (and
+    checks it, naming ``name``); the default is a float32 numpy array. An empty mapping gives
+    ``{}``, or an error with ``required``."""
+    if not factors and not required:
         return {}
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    halves = group_factor_halves(factors)
+    conv = convert or (lambda x, _name: np.asarray(x, np.float32))
+    out: dict[str, tuple[Any, Any]] = {}
+    halves = group_factor_halves(factors, who)
     for module in sorted(halves):
         h = halves[module]
         a_key, b_key = factor_keys(module)
         for part, key in (("A", a_key), ("B", b_key)):
             if part not in h:
-                raise ValueError(f"factors have no {key!r} for module {module!r}")
-        out[module] = (np.asarray(h["B"], np.float32), np.asarray(h["A"], np.float32))
+                raise ValueError(f"{who}: {key!r} is missing")
+        B, A = conv(h["B"], f"{who} {b_key}"), conv(h["A"], f"{who} {a_key}")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(f"{who}: module {module!r} has lora_B with {B.shape[1]} columns but "
+                             f"lora_A with {A.shape[0]} rows (ranks must agree)")
+        out[module] = (B, A)
     return out
 
 
@@ -104,7 +115,7 @@ def _literal_tokens(key: str) -> list[str | None] | None:
     return tokens
 
 
-def _pattern_matches(key: str, module: str) -> bool:
+def pattern_matches(key: str, module: str) -> bool:
     # the keys peers may send (PATTERN_KEY_RE) match a fixed-width suffix: linear, no regex
     tokens = _literal_tokens(key)
     if tokens is not None:
@@ -122,7 +133,7 @@ def _pattern_matches(key: str, module: str) -> bool:
 def rank_for_module(module: str, rank: int, rank_pattern: Mapping[str, int] | None) -> int:
     """Rank of ``module`` under peft's ``rank_pattern`` semantics (first matching key wins)."""
     for key, value in (rank_pattern or {}).items():
-        if _pattern_matches(key, module):
+        if pattern_matches(key, module):
             return int(value)
     return int(rank)
 

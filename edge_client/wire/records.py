@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .codec import decode_global, json_loads_strict
-from .messages import DecodeLimits, GlobalFactors, RankSpec, _check_rank_pattern
+from .messages import DecodeLimits, GlobalFactors, RankSpec, check_rank_pattern
 
 __all__ = ["QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "NodeProbe", "TrainOrder",
            "parse_rank_pattern"]
@@ -87,7 +87,7 @@ class NodeProbe:
         _positive_int("num-examples", self.num_examples)
         if self.num_examples > _LIMITS.max_num_examples:
             raise ValueError(f"num-examples {self.num_examples} is above the limit {_LIMITS.max_num_examples}")
-        self.rank_pattern = _check_rank_pattern(parse_rank_pattern(self.rank_pattern), _LIMITS.max_rank)
+        self.rank_pattern = check_rank_pattern(parse_rank_pattern(self.rank_pattern), _LIMITS.max_rank)
         if not isinstance(self.device, str) or len(self.device) > 256 or not self.device.isprintable():
             raise ValueError(f"device must be a printable string of at most 256 characters, got {self.device!r:.80}")
         if (not isinstance(self.reasons, list) or len(self.reasons) > 32

@@ -1,4 +1,5 @@
-"""The aggregated global adapter: per-module truncated SVD and redistribution to clients."""
+"""The aggregated global adapter: per-module truncated SVD and its redistribution to each
+client at the client's own rank and scaling (the ``SPLITS``)."""
 from __future__ import annotations
 
 import json
@@ -6,38 +7,21 @@ import math
 import numbers
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from edge_client.completion import complete_rows
-from edge_client.wire import LORA_A_SUFFIX, LORA_B_SUFFIX, group_factor_halves, rank_for_module, scaling
-from server.core.validate import as_matrix, as_rank
+from edge_client.wire import LORA_A_SUFFIX, LORA_B_SUFFIX, rank_for_module, scaling
+from server.core.validate import as_rank
 
-__all__ = ["GlobalAdapter", "SPLITS", "split_factor_dict", "group_factor_halves", "LORA_A_SUFFIX", "LORA_B_SUFFIX"]
+__all__ = ["GlobalAdapter", "SPLITS"]
 
-SPLITS = ("reference", "balanced")   # the first is the default: the official code's split
+# Ways to split the rank-r truncation U_r S_r V_r^T into (B, A); the first is the default, the
+# official code's (all of S on B). Every config, CLI and strategy takes its choices from here.
+SPLITS = ("reference", "balanced")
 _METADATA_KEY = "flexlora"
 _SCHEMA = 1
-
-
-def split_factor_dict(factors: Mapping[str, Any], who: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """peft-named ``{<module>.lora_A.weight, <module>.lora_B.weight}`` -> ``{module: (B, A)}``,
-    validated (both present, float, finite, ranks agree)."""
-    halves = group_factor_halves(factors, who)
-    pairs = {}
-    for module in sorted(halves):
-        h = halves[module]
-        for part, suffix in (("A", LORA_A_SUFFIX), ("B", LORA_B_SUFFIX)):
-            if part not in h:
-                raise ValueError(f"{who}: {module + suffix!r} is missing")
-        B = as_matrix(h["B"], f"{who} {module}{LORA_B_SUFFIX}")
-        A = as_matrix(h["A"], f"{who} {module}{LORA_A_SUFFIX}")
-        if B.shape[1] != A.shape[0]:
-            raise ValueError(f"{who}: module {module!r} has lora_B with {B.shape[1]} columns but "
-                             f"lora_A with {A.shape[0]} rows (ranks must agree)")
-        pairs[module] = (B, A)
-    return pairs
 
 
 @dataclass

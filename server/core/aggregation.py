@@ -36,17 +36,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edge_client.wire import scaling
-from server import _core
+from edge_client.wire import rank_for_module, scaling, split_factors
 from server.core import linalg
-from server.core.adapter import GlobalAdapter, split_factor_dict
-from server.core.validate import METHODS, as_count, as_method, as_rank, as_threads
+from server.core.adapter import GlobalAdapter
+from server.core.validate import METHODS, as_count, as_matrix, as_method, as_rank, as_threads
 
-__all__ = ["Aggregator", "AggregatorBase", "GlobalAdapter"]
+__all__ = ["Aggregator", "AggregatorBase", "ModuleState", "GlobalAdapter", "check_client_args",
+           "check_client_modules", "check_finite_contribution"]
 
 
 @dataclass
-class _Module:
+class ModuleState:
     """One module's streaming state; arrays are numpy (CPU) or torch CUDA tensors."""
     d_out: int
     d_in: int
@@ -93,7 +93,7 @@ class AggregatorBase:
         as_threads(threads)
         self.dense_threshold = None if dense_threshold is None else \
             as_count(dense_threshold, "dense_threshold")
-        self._modules: dict[str, _Module] = {}
+        self._modules: dict[str, ModuleState] = {}
         self.num_clients = 0
         self.total_weight = 0.0
         self.client_ids: list[str] = []
@@ -105,10 +105,10 @@ class AggregatorBase:
     def _zeros(self, d_out: int, d_in: int) -> Any:
         raise NotImplementedError
 
-    def _fold(self, st: _Module) -> None:
+    def _fold(self, st: ModuleState) -> None:
         raise NotImplementedError
 
-    def _accumulate(self, st: _Module, B: Any, A: Any, w: float) -> Any:
+    def _accumulate(self, st: ModuleState, B: Any, A: Any, w: float) -> Any:
         raise NotImplementedError
 
     def add_update(self, update: Any) -> None:
@@ -118,15 +118,15 @@ class AggregatorBase:
                  rank=update.rank, rank_pattern=update.rank_pattern or None,
                  rslora=update.rslora, client_id=update.client_id)
 
-    def _threshold(self, st: _Module) -> int:
+    def _threshold(self, st: ModuleState) -> int:
         if self.dense_threshold is not None:
             return self.dense_threshold
         return (st.d_out * st.d_in) // (st.d_out + st.d_in)
 
-    def _module_state(self, module: str, d_out: int, d_in: int) -> _Module:
+    def _module_state(self, module: str, d_out: int, d_in: int) -> ModuleState:
         st = self._modules.get(module)
         if st is None:
-            st = self._modules[module] = _Module(d_out=d_out, d_in=d_in)
+            st = self._modules[module] = ModuleState(d_out=d_out, d_in=d_in)
         return st
 
     def _add_module(self, module: str, B: Any, A: Any, w: float, raw_weight: float) -> Any:
@@ -207,11 +207,11 @@ class Aggregator(AggregatorBase):
     def _zeros(self, d_out: int, d_in: int) -> np.ndarray:
         return np.zeros((d_out, d_in), dtype=np.float32)
 
-    def _fold(self, st: _Module) -> None:
+    def _fold(self, st: ModuleState) -> None:
         linalg.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, threads=self.threads)
 
-    def _accumulate(self, st: _Module, B: np.ndarray, A: np.ndarray, w: float) -> None:
-        _core.weighted_sum([B], [A], [w], st.dense, as_threads(self.threads))
+    def _accumulate(self, st: ModuleState, B: np.ndarray, A: np.ndarray, w: float) -> None:
+        linalg.weighted_sum([B], [A], [w], out=st.dense, threads=self.threads, validated=True)
         return None
 
     # ------------------------------------------------------------------ adding clients
@@ -223,7 +223,7 @@ class Aggregator(AggregatorBase):
         changes, so a rejected client leaves the aggregator as it was."""
         who = f"client {client_id!r}" if client_id is not None else f"client #{self.num_clients}"
         w = check_client_args(who, num_examples=num_examples, alpha=alpha, weight=weight)
-        pairs = split_factor_dict(factors, who)
+        pairs = split_factors(factors, who, convert=as_matrix, required=True)
         check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
                              rank_pattern=rank_pattern)
         sketch_new = self._sketch_new_modules(pairs)
@@ -271,12 +271,12 @@ class Aggregator(AggregatorBase):
         d_out, d_in = B.shape[0], A.shape[1]
         total_rank = (0 if st is None else st.total_rank) + B.shape[1]
         if self.method in ("dense", "auto") and (
-                self.method == "dense" or total_rank > self._threshold(_Module(d_out=d_out, d_in=d_in))):
+                self.method == "dense" or total_rank > self._threshold(ModuleState(d_out=d_out, d_in=d_in))):
             fold = self._zeros(d_out, d_in)
             if st is not None and st.Bs:
                 linalg.weighted_sum(st.Bs, st.As, st.ws, out=fold, threads=self.threads)
-            _core.weighted_sum([np.ascontiguousarray(B, np.float32)], [np.ascontiguousarray(A, np.float32)],
-                               [ws], fold, as_threads(self.threads))
+            linalg.weighted_sum([np.ascontiguousarray(B, np.float32)], [np.ascontiguousarray(A, np.float32)],
+                                [ws], out=fold, threads=self.threads, validated=True)
             if not np.isfinite(fold).all():
                 raise ValueError(f"module {module!r}: the dense aggregate is not finite in float32")
             return module, B, A, ws, None, fold
@@ -344,10 +344,10 @@ class Aggregator(AggregatorBase):
         if others:
             tasks = self._svd_tasks(others)
             method = "auto" if self.method == "sketch" else self.method
-            out = _core.svd_batched(tasks, [self.max_rank] * len(tasks), method,
-                                    self.oversample, self.power_iters, self.seed,
-                                    False, as_threads(self.threads))
-            results.update({n: tuple(o) for n, o in zip(others, out)})
+            out = linalg.svd_prepared(tasks, [self.max_rank] * len(tasks), method=method,
+                                      oversample=self.oversample, power_iters=self.power_iters,
+                                      seed=self.seed, threads=self.threads)
+            results.update(zip(others, out))
         modules = {n: results[n][:3] for n in names}
         routes = {n: results[n][3] for n in names}
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=routes)
@@ -385,7 +385,6 @@ def check_client_modules(who: str, pairs: Mapping[str, tuple[Any, Any]], modules
     """Each module's rank against ``rank``/``rank_pattern`` (when given) and its shape against
     what earlier clients sent (``modules[name].d_out/.d_in``)."""
     if rank is not None or rank_pattern:
-        from edge_client.wire import rank_for_module
         default = max_rank if rank is None else as_rank(rank, "rank")
         for module, (B, _A) in pairs.items():
             expected = rank_for_module(module, default, rank_pattern)

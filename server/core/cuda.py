@@ -22,7 +22,16 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from server.core.validate import GPU_METHODS, as_count, as_method, as_rank, as_weights, check_factor_shapes
+from server.core.validate import (
+    GPU_METHODS,
+    as_count,
+    as_method,
+    as_rank,
+    as_weights,
+    check_factor_shapes,
+    per_layer_ranks,
+    per_layer_weights,
+)
 
 __all__ = ["available", "resolve_device", "is_device_input", "device_info", "lowrank_svd",
            "lowrank_svd_batched", "dense_svd", "weighted_sum", "as_device_matrix", "options",
@@ -260,14 +269,13 @@ def lowrank_svd_batched(layers: Sequence[tuple[Sequence[Any], Sequence[Any]]],
                         streams: int = 4, check_finite: bool = True):
     """:func:`server.core.linalg.lowrank_svd_batched` on the GPU: modules spread over
     ``streams`` CUDA streams in one native call."""
-    from server.core.linalg import _per_layer_ranks, _per_layer_weights
     layers = list(layers)
     if not layers:
         raise ValueError("layers is empty: at least one module is needed")
-    ranks = _per_layer_ranks(rank, len(layers))
+    ranks = per_layer_ranks(rank, len(layers))
     opts = _options(method, oversample, power_iters, seed, streams, tf32)
     _require()
-    per_layer = _per_layer_weights(weights, len(layers))
+    per_layer = per_layer_weights(weights, len(layers))
     tasks, named, device = [], [], None
     for i, layer in enumerate(layers):
         if not isinstance(layer, (tuple, list)) or len(layer) != 2:

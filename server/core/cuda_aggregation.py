@@ -21,15 +21,15 @@ like the CPU aggregator; :meth:`CudaAggregator.finalize_device` returns the per-
 from __future__ import annotations
 
 import collections
-import math
 import numbers
 from typing import Any, Mapping
 
 import numpy as np
 
+from edge_client.wire import scaling, split_factors
 from server.core import cuda
-from server.core.adapter import LORA_A_SUFFIX, LORA_B_SUFFIX, GlobalAdapter, group_factor_halves
-from server.core.aggregation import AggregatorBase, _Module, check_client_args, check_client_modules
+from server.core.adapter import GlobalAdapter
+from server.core.aggregation import AggregatorBase, ModuleState, check_client_args, check_client_modules
 from server.core.validate import GPU_METHODS
 
 __all__ = ["CudaAggregator"]
@@ -75,7 +75,7 @@ class CudaAggregator(AggregatorBase):
         import torch
         who = f"client {client_id!r}" if client_id is not None else f"client #{self.num_clients}"
         w = check_client_args(who, num_examples=num_examples, alpha=alpha, weight=weight)
-        pairs = _split(factors, who)
+        pairs = split_factors(factors, who, convert=_factor_in_place, required=True)
         check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
                              rank_pattern=rank_pattern)
         # Bound the window: wait for the compute of the client `prefetch` places back.
@@ -99,9 +99,7 @@ class CudaAggregator(AggregatorBase):
             for module, (B, A) in dev.items():
                 B.record_stream(self._compute)
                 A.record_stream(self._compute)
-                r = B.shape[1]
-                s = alpha / (math.sqrt(r) if rslora else r)
-                item = self._add_module(module, B, A, float(w) * s, float(w))
+                item = self._add_module(module, B, A, float(w) * scaling(alpha, B.shape[1], rslora), float(w))
                 if item is not None:
                     accumulate.append(item)
             cuda.accumulate(accumulate, self.tf32, self.device)
@@ -126,10 +124,10 @@ class CudaAggregator(AggregatorBase):
         import torch
         return torch.zeros((d_out, d_in), dtype=torch.float32, device=self.device)
 
-    def _fold(self, st: _Module) -> None:
+    def _fold(self, st: ModuleState) -> None:
         cuda.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, tf32=self.tf32, check_finite=False)
 
-    def _accumulate(self, st: _Module, B, A, w: float):
+    def _accumulate(self, st: ModuleState, B, A, w: float):
         # deferred: every dense module of one client runs in one batched native call
         return (st.d_out, st.d_in, B.data_ptr(), A.data_ptr(), B.shape[1], w, st.dense.data_ptr())
 
@@ -153,27 +151,14 @@ class CudaAggregator(AggregatorBase):
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=dict(self.routes))
 
 
-def _split(factors: Mapping[str, Any], who: str) -> dict[str, tuple[Any, Any]]:
-    """peft-named mapping -> {module: (B, A)}, shapes checked, arrays left where they are."""
-    halves = group_factor_halves(factors, who)
-    pairs = {}
-    for module in sorted(halves):
-        h = halves[module]
-        if "A" not in h or "B" not in h:
-            missing = LORA_A_SUFFIX if "A" not in h else LORA_B_SUFFIX
-            raise ValueError(f"{who}: module {module!r} has no {missing!r}")
-        B, A = h["B"], h["A"]
-        for name, x in (("lora_B", B), ("lora_A", A)):
-            shape = tuple(getattr(x, "shape", ()))
-            floating = _is_float(getattr(x, "dtype", None))
-            if len(shape) != 2 or min(shape) < 1 or not floating:
-                raise ValueError(f"{who}: {module}.{name} must be a non-empty 2-D float array, "
-                                 f"got shape {shape} dtype {getattr(x, 'dtype', None)}")
-        if B.shape[1] != A.shape[0]:
-            raise ValueError(f"{who}: module {module!r}: lora_B has {B.shape[1]} columns but "
-                             f"lora_A has {A.shape[0]} rows (the rank must agree)")
-        pairs[module] = (B, A)
-    return pairs
+def _factor_in_place(x: Any, name: str) -> Any:
+    """A factor as given (numpy array or torch tensor, left on its device), checked to be a
+    non-empty 2-D float array; ``split_factors``'s converter for this backend."""
+    shape = tuple(getattr(x, "shape", ()))
+    if len(shape) != 2 or min(shape) < 1 or not _is_float(getattr(x, "dtype", None)):
+        raise ValueError(f"{name} must be a non-empty 2-D float array, got shape {shape} "
+                         f"dtype {getattr(x, 'dtype', None)}")
+    return x
 
 
 def _is_float(dtype: Any) -> bool:

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -67,7 +67,17 @@ if "GOMP_SPINCOUNT" not in os.environ:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from server import _core  # noqa: E402
-from server.core.validate import METHODS, as_count, as_factors, as_matrix, as_method, as_rank, as_threads  # noqa: E402
+from server.core.validate import (  # noqa: E402
+    METHODS,
+    as_count,
+    as_factors,
+    as_matrix,
+    as_method,
+    as_rank,
+    as_threads,
+    per_layer_ranks,
+    per_layer_weights,
+)
 
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan", "Plan",
            "set_num_threads", "get_num_threads", "METHODS", "EXACT_PREFERENCE",
@@ -105,6 +115,16 @@ def _run(tasks: list, ranks: list[int], opts: dict, dense_exact: bool = False,
     return [tuple(r) if with_route else tuple(r[:3]) for r in out]
 
 
+def svd_prepared(tasks: Sequence[tuple], ranks: Sequence[int], *, method: str = "auto", oversample: int = 10,
+                 power_iters: int = 2, seed: int = 0, threads: int | None = None) -> list[tuple]:
+    """Truncated SVDs of already validated tasks in one parallel native call, with the route
+    each took: ``[(U, S, Vt, route)]``. A task is ``(Bs, As, weights)`` (the weighted sum of
+    factor products) or ``(M, scale)`` (a dense matrix times ``scale``), arrays float32,
+    C-contiguous and finite (the streaming aggregator checks every client as it arrives)."""
+    opts = _options(ranks[0] if ranks else 1, method, oversample, power_iters, seed, threads)
+    return _run(list(tasks), [as_rank(r, f"ranks[{i}]") for i, r in enumerate(ranks)], opts, with_route=True)
+
+
 def lowrank_svd(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float],
                 rank: int, *, method: str = "auto", oversample: int = 10, power_iters: int = 2,
                 seed: int = 0, threads: int | None = None, sketch_size: int | None = None,
@@ -136,9 +156,9 @@ def lowrank_svd_batched(layers: Sequence[tuple[Sequence[np.ndarray], Sequence[np
     layers = list(layers)
     if not layers:
         raise ValueError("layers is empty: at least one module is needed")
-    ranks = _per_layer_ranks(rank, len(layers))
+    ranks = per_layer_ranks(rank, len(layers))
     opts = _options(ranks[0], method, oversample, power_iters, seed, threads)
-    per_layer = _per_layer_weights(weights, len(layers))
+    per_layer = per_layer_weights(weights, len(layers))
     tasks = []
     for i, layer in enumerate(layers):
         if not isinstance(layer, (tuple, list)) or len(layer) != 2:
@@ -160,9 +180,14 @@ def dense_svd(M: np.ndarray, rank: int, *, method: str = "randomized", oversampl
 
 
 def weighted_sum(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float],
-                 *, out: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+                 *, out: np.ndarray | None = None, threads: int | None = None,
+                 validated: bool = False) -> np.ndarray:
     """``sum_k weights[k] Bs[k] @ As[k]`` (d_out x d_in) by one GEMM over the concatenated
-    factors. With ``out`` (float32, C-contiguous) the sum is added to it in place."""
+    factors. With ``out`` (float32, C-contiguous) the sum is added to it in place.
+    ``validated``: the caller already checked factors, weights and ``out`` (the streaming
+    aggregator, per client), so the checks are not repeated on the hot path."""
+    if validated:
+        return _core.weighted_sum(list(Bs), list(As), [float(x) for x in weights], out, as_threads(threads))
     Bm, Am, w = as_factors(Bs, As, weights)
     if out is not None:
         if not isinstance(out, np.ndarray) or out.dtype != np.float32 or \
@@ -210,23 +235,6 @@ def plan(d_out: int, d_in: int, ranks: Sequence[int] | int, rank: int, *, oversa
                    as_count(power_iters, "power_iters"), False, as_method(method))
     return Plan(method=d["method"], reason=d["reason"], total_rank=total,
                 cost=dict(d["cost"]), flops=dict(d["flops"]), flops_f64=dict(d["flops_f64"]))
-
-
-def _per_layer_ranks(rank: Any, n: int) -> list[int]:
-    if isinstance(rank, (list, tuple, np.ndarray)):
-        if len(rank) != n:
-            raise ValueError(f"rank has {len(rank)} entries, expected {n} (one per layer)")
-        return [as_rank(r, f"rank[{i}]") for i, r in enumerate(rank)]
-    return [as_rank(rank)] * n
-
-
-def _per_layer_weights(weights: Any, n: int) -> list:
-    items = list(weights) if not isinstance(weights, np.ndarray) else weights
-    if len(items) and isinstance(items[0], (list, tuple, np.ndarray)) and np.ndim(items[0]) == 1:
-        if len(items) != n:
-            raise ValueError(f"weights has {len(items)} per-layer entries, expected {n}")
-        return list(items)
-    return [weights] * n
 
 
 # ---------------------------------------------------------------------------- sketch route
@@ -342,7 +350,7 @@ def sketch_finalize_batched(sketches: Sequence[StreamingSketch],
     sketches = list(sketches)
     if ranks is None:
         ranks = [sk.rank for sk in sketches]
-    ranks = _per_layer_ranks(ranks, len(sketches))
+    ranks = per_layer_ranks(ranks, len(sketches))
     scales = [1.0] * len(sketches) if scales is None else [float(x) for x in scales]
     tasks = [(sk.dims, sk.tests, (sk.Y, sk.W, sk.Z), sc, r)
              for sk, r, sc in zip(sketches, ranks, scales)]

@@ -127,3 +127,22 @@ def as_threads(threads: Any) -> int:
     if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
         raise ValueError(f"threads must be None or an integer >= 1, got {threads!r}")
     return int(threads)
+
+
+def per_layer_ranks(rank: Any, n: int) -> list[int]:
+    """One rank per layer: ``rank`` itself when it is a sequence of ``n``, else ``n`` copies."""
+    if isinstance(rank, (list, tuple, np.ndarray)):
+        if len(rank) != n:
+            raise ValueError(f"rank has {len(rank)} entries, expected {n} (one per layer)")
+        return [as_rank(r, f"rank[{i}]") for i, r in enumerate(rank)]
+    return [as_rank(rank)] * n
+
+
+def per_layer_weights(weights: Any, n: int) -> list:
+    """One weight sequence per layer: ``weights`` when it holds ``n`` sequences, else ``n`` copies."""
+    items = list(weights) if not isinstance(weights, np.ndarray) else weights
+    if len(items) and isinstance(items[0], (list, tuple, np.ndarray)) and np.ndim(items[0]) == 1:
+        if len(items) != n:
+            raise ValueError(f"weights has {len(items)} per-layer entries, expected {n}")
+        return list(items)
+    return [weights] * n

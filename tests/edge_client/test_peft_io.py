@@ -89,7 +89,7 @@ def test_aggregate_cli_writes_rank_and_wire(tmp_path):
 
 def test_streaming_aggregator_honours_alpha_pattern():
     from server.core.aggregation import Aggregator
-    from server.federation.strategies.flexlora import flexlora_delta
+    from server.core.oracles import flexlora_delta
 
     rng = np.random.default_rng(3)
     u = ClientUpdate(client_id="c", factors=_factors(rng, MODS, 2), num_examples=3, rank=2, alpha=16.0,
@@ -101,3 +101,24 @@ def test_streaming_aggregator_honours_alpha_pattern():
         b, a = u.pair(m)
         want = flexlora_delta([(b, a, u.module_scaling(m), 3)])
         np.testing.assert_allclose(adapter.delta(m), want, rtol=1e-4, atol=1e-3)
+
+
+def test_offline_aggregate_is_the_rank_r_truncation_of_the_weighted_sum():
+    """``flexlora aggregate`` runs the streaming aggregator: its adapter's delta per module is the
+    rank-R truncated SVD of sum_k p_k s_k B_k A_k (NumPy oracle), each update at its own
+    scaling (alpha_pattern included), whatever the ranks (here R = 3 between them)."""
+    from server.core.offline import aggregate_updates
+    from server.core.oracles import flexlora_delta, truncate_delta
+
+    rng = np.random.default_rng(7)
+    updates = [ClientUpdate(client_id=f"c{k}", factors=_factors(rng, MODS, r), num_examples=n, rank=r, alpha=16.0,
+                            alpha_pattern={"down_proj": 64.0} if k == 1 else {}, base_model="b",
+                            target_modules=["q_proj", "down_proj"])
+               for k, (r, n) in enumerate(((2, 1), (4, 3), (1, 2)))]
+    g = aggregate_updates(updates, 3, alpha=8.0)
+    assert g.rank == 3 and g.alpha == 8.0
+    for m in MODS:
+        dw = flexlora_delta([(*u.pair(m), u.module_scaling(m), u.num_examples) for u in updates])
+        b, a = truncate_delta(dw, 3, g.module_scaling(m))
+        np.testing.assert_allclose(g.module_delta(m), g.module_scaling(m) * (b.astype(np.float64) @ a),
+                                   rtol=1e-4, atol=1e-4 * np.abs(dw).max())

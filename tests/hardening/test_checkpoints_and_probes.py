@@ -140,9 +140,9 @@ def test_a_node_cannot_push_out_another_or_stop_the_run(monkeypatch):
 
 
 def test_rank_pattern_matching_is_linear_and_bounded():
-    from edge_client.wire.messages import MAX_PATTERN_KEYS, _check_rank_pattern
+    from edge_client.wire.messages import MAX_PATTERN_KEYS, check_rank_pattern
     with pytest.raises(ValueError, match="keys"):
-        _check_rank_pattern({f"k{i}": 4 for i in range(MAX_PATTERN_KEYS + 1)}, 64)
+        check_rank_pattern({f"k{i}": 4 for i in range(MAX_PATTERN_KEYS + 1)}, 64)
     key, module = "a" * 200, "." .join(["a" * 40] * 6)
     t0 = time.perf_counter()
     for _ in range(2000):

@@ -7,10 +7,9 @@ import pytest
 from rt_helpers import MODULES, SVD32, make_update
 
 from edge_client.completion import complete_rows, dead_slots
+from server.core.oracles import carry_delta, flexlora_delta, raflora_delta
 from server.federation.strategies import FlexLoRA, RaFLoRA, RankSpec, StrategyConfig, build_strategy
 from server.federation.strategies.base import split_factors
-from server.federation.strategies.flexlora import carry_delta, flexlora_delta
-from server.federation.strategies.raflora import raflora_delta
 
 
 def _clients(updates, module):

@@ -5,6 +5,7 @@ import pytest
 from rt_helpers import F32, FINGERPRINT, MODULES, SVD32, make_update
 
 from edge_client.wire import decode_global, encode_global, encode_update
+from server.core.oracles import flexlora_delta, truncate_delta
 from server.federation.strategies import (
     FedIT,
     FlexLoRA,
@@ -17,7 +18,6 @@ from server.federation.strategies import (
 )
 from server.federation.strategies.base import split_factors
 from server.federation.strategies.fedit import fedavg_factors
-from server.federation.strategies.flexlora import flexlora_delta, truncate_delta
 from server.federation.strategies.flora import stack_factors
 from server.federation.strategies.hetlora import hetlora_aggregate, truncate_factors
 

@@ -7,8 +7,9 @@ Client k sends ``B_k, A_k`` at its own rank r_k (or rank pattern) with scaling
 ``s_k = alpha_k / r_k``; the server forms ``dW = sum_k p_k s_k B_k A_k`` (``p_k = n_k / sum n``)
 and hands client j the rank-r_j truncated SVD of dW split into ``B_j, A_j`` with
 ``s_j B_j A_j = U_r S_r V_r^T`` (Eckart-Young optimal). The heavy lifting is the streaming
-``server.core.aggregation.Aggregator`` (native core); the functions below are the plain NumPy
-statement of the same math, used as the test oracle.
+``server.core.aggregation.Aggregator`` (native core); the plain NumPy statement of the same
+math, the test oracle, is ``server.core.oracles`` (``flexlora_delta``, ``carry_delta``,
+``truncate_delta``).
 
 **Split** (``split``): ``"reference"`` (the default) is the official code's
 (alibaba/FederatedScope, branch FlexLoRA, ``fed_utils/adaptive_peft.py``): all of ``S`` on B,
@@ -40,63 +41,15 @@ over the clients whose replies were aggregated. Round 1 (no ``G_t``) is plain Fl
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 
-from edge_client.wire import ClientUpdate, GlobalFactors, factor_keys, scaling
+from edge_client.wire import ClientUpdate, GlobalFactors, factor_keys
+from server.core.adapter import SPLITS
 from server.federation.strategies.base import RankSpec, RoundAggregation, Strategy, StrategyConfig, split_factors
 
-__all__ = ["FlexLoRA", "flexlora_delta", "carry_delta", "truncate_delta", "reference_client_factors"]
-
-SPLITS = ("reference", "balanced")
-
-
-def flexlora_delta(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]) -> np.ndarray:
-    """``sum_k p_k s_k B_k A_k`` for ``clients = [(B_k, A_k, s_k, n_k)]``, p_k = n_k / sum n."""
-    if not clients:
-        raise ValueError("clients must be non-empty")
-    total = float(sum(n for *_, n in clients))
-    if total <= 0:
-        raise ValueError(f"total number of examples must be > 0, got {total}")
-    out = None
-    for k, (b, a, s, n) in enumerate(clients):
-        if b.shape[1] != a.shape[0]:
-            raise ValueError(f"clients[{k}]: B is {b.shape}, A is {a.shape}; inner ranks differ")
-        term = (n / total) * s * (b.astype(np.float64) @ a.astype(np.float64))
-        out = term if out is None else out + term
-    return out
-
-
-def carry_delta(previous: np.ndarray, clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]
-                ) -> np.ndarray:
-    """FlexLoRA with carry, dense NumPy oracle: ``sum_k p_k X_k + U diag((1 - w_i) sigma_i) V^T``
-    with ``G_t = previous = U diag(sigma) V^T``, ``w_i = sum_{k: r_k >= i} p_k``, ``r_k`` the
-    inner rank of client k's factors."""
-    total = float(sum(n for *_, n in clients))
-    u, sig, vt = np.linalg.svd(np.asarray(previous, np.float64), full_matrices=False)
-    w = np.zeros_like(sig)
-    for b, _a, _s, n in clients:
-        w[: b.shape[1]] += n / total
-    return flexlora_delta(clients) + (u * ((1.0 - w) * sig)) @ vt
-
-
-def truncate_delta(delta: np.ndarray, rank: int, scale: float, *, split: str = "reference"
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """``(B, A)`` at ``rank`` with ``scale * B @ A`` = the rank-r truncated SVD of ``delta``."""
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    u, s, vt = np.linalg.svd(np.asarray(delta, np.float64), full_matrices=False)
-    r = min(rank, s.size)
-    u, s, vt = u[:, :r], s[:r], vt[:r]
-    if split == "balanced":
-        root = np.sqrt(s / scale)
-        b, a = u * root, root[:, None] * vt
-    elif split == "reference":
-        b, a = u * (s / scale), vt
-    else:
-        raise ValueError(f"split must be 'balanced' or 'reference', got {split!r}")
-    return b.astype(np.float32), a.astype(np.float32)
+__all__ = ["FlexLoRA"]
 
 
 class _FlexRound(RoundAggregation):
@@ -192,20 +145,3 @@ class FlexLoRA(Strategy):
             return
         from server.core.adapter import GlobalAdapter
         self.adapter = GlobalAdapter.from_tensors(tensors, meta["adapter_rank"], meta.get("routes", {}))
-
-
-def reference_client_factors(updates: Sequence[ClientUpdate], spec: RankSpec, *, alpha: float,
-                             rslora: bool = False, split: str = "reference") -> dict[str, np.ndarray]:
-    """NumPy oracle for ``FlexLoRA.configure`` after aggregating ``updates``."""
-    modules = split_factors(updates[0].factors)
-    out = {}
-    for module in modules:
-        clients = []
-        for u in updates:
-            b, a = split_factors(u.factors)[module]
-            clients.append((b, a, u.module_scaling(module), u.num_examples))
-        r = spec.module_rank(module)
-        b, a = truncate_delta(flexlora_delta(clients), r, scaling(alpha, r, rslora), split=split)
-        a_key, b_key = factor_keys(module)
-        out[a_key], out[b_key] = a, b
-    return out

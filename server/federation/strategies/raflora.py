@@ -33,33 +33,13 @@ weight, hence the factor ``T / W_i`` with ``W_i`` the weight of partition i's co
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from edge_client.wire import ClientUpdate, factor_keys
 from server.federation.strategies.base import RoundAggregation, split_factors
 from server.federation.strategies.flexlora import FlexLoRA
 
-__all__ = ["RaFLoRA", "raflora_delta"]
-
-
-def raflora_delta(clients: Sequence[tuple[np.ndarray, np.ndarray, float, float]]) -> np.ndarray:
-    """NumPy oracle: ``sum_i sum_{k: r_k >= i} (p_k / w_i) s_k b_{k,i} a_{k,i}^T`` for
-    ``clients = [(B_k, A_k, s_k, n_k)]``."""
-    if not clients:
-        raise ValueError("clients must be non-empty")
-    total = float(sum(n for *_, n in clients))
-    rmax = max(b.shape[1] for b, *_ in clients)
-    w = np.zeros(rmax)
-    for b, _a, _s, n in clients:
-        w[: b.shape[1]] += n / total
-    out = None
-    for b, a, s, n in clients:
-        r = b.shape[1]
-        term = (n / total) * s * ((b.astype(np.float64) / w[:r]) @ a.astype(np.float64))
-        out = term if out is None else out + term
-    return out
+__all__ = ["RaFLoRA"]
 
 
 class _RaRound(RoundAggregation):
