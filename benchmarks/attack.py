@@ -27,8 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from server.runtimes.config import RunConfig  # noqa: E402
 from server.runtimes.faults import ADVERSARIAL  # noqa: E402
-from server.runtimes.simulate import SimulationConfig, run_simulation  # noqa: E402
+from server.runtimes.simulate import run_simulation  # noqa: E402
 
 DEFENCES = {"off": {}, "on": {"trim_fraction": 0.2, "clip_adaptive": 2.0, "max_weight_share": 0.25}}
 
@@ -36,7 +37,7 @@ DEFENCES = {"off": {}, "on": {"trim_fraction": 0.2, "clip_adaptive": 2.0, "max_w
 def run_cell(*, seed: int, kind: str | None, attackers: int, defence: str, base: dict) -> dict:
     ids = [f"client-{i:03d}" for i in range(base["num_clients"])]
     faults = {cid: kind for cid in ids[:attackers]} if kind else {}
-    cfg = SimulationConfig(seed=seed, faults=faults, progress=False, **base, **DEFENCES[defence])
+    cfg = RunConfig(seed=seed, faults=faults, progress=False, **base, **DEFENCES[defence])
     t0 = time.perf_counter()
     doc = run_simulation(cfg)
     last = doc["rounds"][-1]

@@ -65,9 +65,10 @@ def spread(values: list[float]) -> str:
 
 
 def run_embedded(args) -> dict:
-    from server.runtimes.simulate import SimulationConfig, run_simulation
+    from server.runtimes.config import RunConfig
+    from server.runtimes.simulate import run_simulation
 
-    cfg = SimulationConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
+    cfg = RunConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
                            clients_per_round=args.per_round, num_heldout=args.heldout, seed=args.seed,
                            local_steps=args.local_steps, batch_size=args.batch_size, threads=args.threads,
                            eval_max_new_tokens=args.eval_tokens, progress=False, client_timeout_s=None)

@@ -17,10 +17,13 @@ What a node trains on is a *local task* chosen by the run config key ``client-ta
   ``node-<node id>``), ``rank`` and ``rank-pattern`` (e.g. ``"gate_proj=16,up_proj=16"``);
   without ``rank`` the rank comes from ``resources.probe`` + ``rank_policy.choose_rank`` over
   the run config's ``allowed-ranks``.
-* ``simulated``: a simulated device of the embedded runtime (``server.runtimes.flower.simulated``),
-  selected by ``partition-id`` / ``num-partitions``; it runs exactly the simulation's local
-  training so a Flower run reproduces ``flexlora simulate``. It is loaded by name only when
-  asked for, so a device install of the edge client never imports the server.
+* any task another package registers under the ``flexlora.client_tasks`` entry-point group
+  (a class taking ``(node_config, run_config, node_id)`` with ``describe()`` and ``train(order,
+  state)``), or :func:`register_task` in-process. The server registers ``simulated``, a
+  simulated device of its embedded runtime selected by ``partition-id`` / ``num-partitions``
+  that runs exactly the simulation's local training, so a Flower run reproduces ``flexlora
+  simulate``. A task is loaded only when asked for: this package names no server module, and a
+  device install of the edge client never imports the server.
 
 Fault injection, for tests only: ``--node-config fault=garbage`` makes the node reply to every
 train message with corrupt update bytes (its real update's length, random content after the
@@ -30,22 +33,42 @@ environment has ``FLEXLORA_TEST_FAULTS=1``; otherwise such a node fails its trai
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .wire import METRICS_KEY, PROBE_KEY, TRAIN_KEY, UPDATE_KEY, ClientUpdate, NodeProbe, TrainOrder, encode_update
 
-__all__ = ["FAULT_ENV", "CLIENT_TASK_DEFAULT", "garbage_bytes", "TASKS", "EdgeTask", "app"]
+__all__ = ["FAULT_ENV", "CLIENT_TASK_DEFAULT", "TASK_ENTRY_POINTS", "garbage_bytes", "register_task", "task_factory",
+           "EdgeTask", "app"]
 
 FAULT_ENV = "FLEXLORA_TEST_FAULTS"
 NODE_FAULTS = ("garbage",)
 
-TASKS = {"edge": "edge_client.flower_app:EdgeTask", "simulated": "server.runtimes.flower.simulated:SimulatedTask"}
+TASK_ENTRY_POINTS = "flexlora.client_tasks"   # entry-point group of the tasks other packages provide
 CLIENT_TASK_DEFAULT = "simulated"     # the run config's ``client-task`` when absent (ServerApp too)
+_TASKS: dict[str, Callable] = {}      # name -> task class: built-in, registered or loaded from an entry point
+
+
+def register_task(name: str, factory: Callable) -> None:
+    """Make ``client-task=<name>`` run ``factory(node_config, run_config, node_id)``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"task name must be a non-empty string, got {name!r}")
+    _TASKS[name] = factory
+
+
+def task_factory(name: str) -> Callable:
+    """The task class for ``client-task=<name>``: registered, else the entry point of that name."""
+    if name not in _TASKS:
+        found = [ep for ep in entry_points(group=TASK_ENTRY_POINTS) if ep.name == name]
+        if not found:
+            known = sorted(set(_TASKS) | {ep.name for ep in entry_points(group=TASK_ENTRY_POINTS)})
+            raise ValueError(f"run config client-task={name!r} is not one of {known}")
+        _TASKS[name] = found[0].load()
+    return _TASKS[name]
 
 
 class EdgeTask:
@@ -101,6 +124,9 @@ class EdgeTask:
                              client_id=self.client_id)
 
 
+register_task("edge", EdgeTask)
+
+
 def garbage_bytes(data: bytes, seed: int) -> bytes:
     """``data``'s first 8 bytes (the safetensors header length) followed by random bytes."""
     import numpy as np
@@ -122,12 +148,9 @@ _TASK_CACHE: dict[tuple, object] = {}
 
 def _task(context: Context):
     name = str(context.run_config.get("client-task", CLIENT_TASK_DEFAULT))
-    if name not in TASKS:
-        raise ValueError(f"run config client-task={name!r} is not one of {sorted(TASKS)}")
+    cls = task_factory(name)
     key = (context.run_id, context.node_id, name)
     if key not in _TASK_CACHE:
-        module, attr = TASKS[name].split(":")
-        cls = getattr(importlib.import_module(module), attr)
         _TASK_CACHE.clear()  # one run at a time per process
         _TASK_CACHE[key] = cls(dict(context.node_config), dict(context.run_config), context.node_id)
     return _TASK_CACHE[key]

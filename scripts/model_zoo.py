@@ -76,9 +76,10 @@ def run_arch(arch: str, tmp: Path) -> dict[str, tuple[bool, str]]:
         return rc == 0, f"max abs logit diff {out['max_abs_logit_diff']:.1e}" if rc in (0, 1) else out
 
     def simulate():
-        from server.runtimes.simulate import SimulationConfig, run_simulation
+        from server.runtimes.config import RunConfig
+        from server.runtimes.simulate import run_simulation
 
-        doc = run_simulation(SimulationConfig(model=path, rounds=1, num_clients=2, num_heldout=1, local_steps=2,
+        doc = run_simulation(RunConfig(model=path, rounds=1, num_clients=2, num_heldout=1, local_steps=2,
                                               batch_size=4, eval_max_new_tokens=4, progress=False, threads=1))
         rounds = doc.get("rounds") or []
         from transformers import AutoModelForCausalLM

@@ -83,31 +83,34 @@ def add_defence_arguments(p: argparse.ArgumentParser, d) -> None:
 
 
 def defence_settings(args: argparse.Namespace) -> dict:
-    """SimulationConfig / CellSettings fields from :func:`add_defence_arguments`."""
-    from edge_client.wire import DecodeLimits
-    lim = {k: v for k, v in (("max_num_examples", args.max_num_examples), ("max_delta_norm", args.max_delta_norm),
-                             ("max_bytes", args.max_reply_bytes)) if v is not None}
+    """``RunConfig`` fields from :func:`add_defence_arguments`."""
     return {"clip_norm": args.clip_norm, "clip_adaptive": args.clip_adaptive,
             "max_weight_share": args.max_weight_share, "trim_fraction": args.trim_fraction,
             "max_norm_growth": args.max_norm_growth, "max_round_bytes": args.max_round_bytes,
-            "limits": DecodeLimits(**lim) if lim else None}
+            "max_num_examples": args.max_num_examples, "max_delta_norm": args.max_delta_norm,
+            "max_reply_bytes": args.max_reply_bytes}
 
 
 def _add_simulate(p: argparse.ArgumentParser) -> None:
-    from server.runtimes.simulate import SimulationConfig
-    d = SimulationConfig()
-    p.add_argument("--strategy", choices=["flexlora", "hetlora", "flora", "fedit", "raflora"], default=d.strategy)
+    from server.core.adapter import SPLITS
+    from server.federation.strategies import STRATEGIES
+    from server.runtimes.config import RunConfig
+    from server.workloads.catalog import load_workloads
+    d = RunConfig()
+    p.add_argument("--strategy", choices=list(STRATEGIES), default=d.strategy)
     p.add_argument("--rounds", type=number(int, lo=1, hi=100_000), default=d.rounds)
     p.add_argument("--clients", type=number(int, lo=1, hi=1_000_000), default=d.num_clients, help="training clients (default %(default)s)")
     p.add_argument("--clients-per-round", type=number(int, lo=1, hi=1_000_000), default=None, help="sample this many each round (default: all)")
     p.add_argument("--heldout-clients", type=number(int, lo=1, hi=100_000), default=d.num_heldout)
     p.add_argument("--seed", type=number(int, lo=0, hi=2**31 - 1), default=d.seed)
-    p.add_argument("--rank-distribution", choices=["uniform", "heavy_tail_light", "heavy_tail_strong", "normal"],
+    p.add_argument("--rank-distribution", choices=list(load_workloads()["rank_distributions"]),
                    default=None, help="draw client types from workloads.json (server/assets) instead of the device mix")
     p.add_argument("--fedit-rank", choices=["min", "max"], default=d.fedit_rank)
-    p.add_argument("--split", choices=["reference", "balanced"], default=d.split,
+    p.add_argument("--split", choices=list(SPLITS), default=d.split,
                    help="FlexLoRA/raFLoRA factor split: the official all-S-on-B 'reference' (default) or sqrt(S) on both")
     p.add_argument("--carry", action="store_true", help="FlexLoRA with carry: keep the global directions a client did not receive")
+    p.add_argument("--device", default=d.device,
+                   help="where FlexLoRA/raFLoRA aggregate: cpu (default) or cuda[:N] (needs a FLEXLORA_CUDA=ON build and a GPU)")
     p.add_argument("--model", default=None, help="HF model id or local path (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
     p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
@@ -132,7 +135,8 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from server.runtimes.simulate import SimulationConfig, results_summary, run_simulation
+    from server.runtimes.config import RunConfig
+    from server.runtimes.simulate import results_summary, run_simulation
 
     faults = {}
     for item in args.fault:
@@ -142,16 +146,16 @@ def _run_simulate(args: argparse.Namespace) -> int:
         faults[cid] = kind
     if args.clients > _max_clients():
         raise ValueError(f"--clients {args.clients} exceeds what the available memory holds (about {_max_clients()})")
-    cfg = SimulationConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
-                           clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
-                           seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
-                           model=args.model, data=args.data, local_steps=args.local_steps,
-                           batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
-                           client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
-                           resume=args.resume, faults=faults, threads=args.threads,
-                           progress=not args.no_progress, overwrite=args.overwrite,
-                           keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
-                           **defence_settings(args))
+    cfg = RunConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
+                    clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
+                    seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
+                    model=args.model, data=args.data, local_steps=args.local_steps,
+                    batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
+                    client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
+                    resume=args.resume, faults=faults, threads=args.threads,
+                    progress=not args.no_progress, overwrite=args.overwrite,
+                    keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
+                    device=args.device, **defence_settings(args))
     doc = run_simulation(cfg)
     if args.json:
         json.dump(doc, sys.stdout, indent=1, sort_keys=True)

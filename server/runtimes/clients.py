@@ -1,5 +1,6 @@
-"""Simulated clients in this process: the round engine's transport for ``flexlora simulate`` and
-the experiment cells.
+"""Simulated clients: the round engine's in-process transport (``flexlora simulate``, the
+experiment cells) and the FLoRA merge-once state every simulated client keeps (also the Flower
+simulated SuperNodes', :mod:`server.runtimes.flower.simulated`).
 
 Every client trains through the edge client's one trainer (``edge_client.trainer.LocalTrainer``)
 on one shared base model (that is what makes 20 clients a round fit in seconds on a CPU), from
@@ -29,10 +30,51 @@ from server.federation.strategies.flora import merge_once
 from server.runtimes.faults import faulty_reply
 from server.workloads.model import apply_delta
 
-__all__ = ["InProcessClients"]
+__all__ = ["InProcessClients", "MergedStacks", "fresh_or_global"]
 
 _DELTA_PREFIX = "client_delta."
 _MERGED_ROUND = "client_merged_round"
+
+
+class MergedStacks:
+    """FLoRA's ``merge_into_base`` stacks a client has merged into its base weights: the summed
+    delta per module and the round of the last stack merged. Each stack is merged once, however
+    often it is received (a stack re-sent after a round that was not committed was merged
+    already); the state round-trips through tensors (checkpoints, Flower node state)."""
+
+    def __init__(self) -> None:
+        self.delta: dict[str, np.ndarray] = {}
+        self.round = -1
+
+    def absorb(self, message) -> bool:
+        """Merge ``message`` (a ``GlobalFactors`` or None) if it is a stack not merged yet."""
+        if not merge_once(message, self.round):
+            return False
+        for module in message.modules():
+            self.delta[module] = self.delta.get(module, 0) + message.module_delta(module)
+        self.round = int(message.round)
+        return True
+
+    def apply(self, model, base_state: Mapping) -> None:
+        """Reset ``model`` to ``base_state`` plus every stack merged so far."""
+        apply_delta(model, base_state, self.delta)
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        out = {_DELTA_PREFIX + k: v for k, v in self.delta.items()}
+        if self.delta:
+            out[_MERGED_ROUND] = np.array([self.round], np.int64)
+        return out
+
+    def load_state(self, tensors: Mapping[str, np.ndarray]) -> None:
+        self.delta = {k[len(_DELTA_PREFIX):]: np.asarray(v, np.float32)
+                      for k, v in tensors.items() if k.startswith(_DELTA_PREFIX)}
+        self.round = int(np.asarray(tensors[_MERGED_ROUND]).reshape(-1)[0]) if _MERGED_ROUND in tensors else -1
+
+
+def fresh_or_global(message):
+    """What a client's trainer loads: the server's factors, or nothing (a fresh adapter) when
+    there are none or when they are a FLoRA stack (merged into the base instead)."""
+    return None if message is None or message.merge_into_base else message
 
 
 class InProcessClients:
@@ -47,8 +89,7 @@ class InProcessClients:
         self.timeout_s = timeout_s
         self.faults = dict(faults or {})
         self.progress = progress          # callable(iterable, round) -> iterable (a progress bar)
-        self.client_delta: dict[str, np.ndarray] = {}   # FLoRA: what every client merged into its base
-        self.merged_round = -1                           # FLoRA: the round of the last stack merged
+        self.stacks = MergedStacks()      # FLoRA: what every client merged into the shared base
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="client")
 
     def close(self) -> None:
@@ -63,24 +104,17 @@ class InProcessClients:
 
     # --- state that travels in the checkpoint -----------------------------------------
     def state_tensors(self) -> dict[str, np.ndarray]:
-        out = {_DELTA_PREFIX + k: v for k, v in self.client_delta.items()}
-        if self.client_delta:
-            out[_MERGED_ROUND] = np.array([self.merged_round], np.int64)
-        return out
+        return self.stacks.state_tensors()
 
     def load_state(self, tensors: Mapping[str, np.ndarray]) -> None:
-        self.client_delta = {k[len(_DELTA_PREFIX):]: np.asarray(v, np.float32)
-                             for k, v in tensors.items() if k.startswith(_DELTA_PREFIX)}
-        self.merged_round = int(np.asarray(tensors[_MERGED_ROUND]).reshape(-1)[0]) if _MERGED_ROUND in tensors else -1
+        self.stacks.load_state(tensors)
 
     # --- one round ---------------------------------------------------------------------
     def exchange(self, plan: RoundPlan) -> list[Reply]:
-        stack = next((o.message for o in plan.orders if o.message is not None and o.message.merge_into_base), None)
-        if merge_once(stack, self.merged_round):
-            for module in stack.modules():
-                self.client_delta[module] = self.client_delta.get(module, 0) + stack.module_delta(module)
-            self.merged_round = int(stack.round)
-        apply_delta(self.trainer.base, self.base_state, self.client_delta)
+        # every client of a round receives the same stack: merge it once into the shared base
+        self.stacks.absorb(next((o.message for o in plan.orders if o.message is not None
+                                 and o.message.merge_into_base), None))
+        self.stacks.apply(self.trainer.base, self.base_state)
         orders = plan.orders if self.progress is None else self.progress(plan.orders, plan.round)
         return [self._ask(order) for order in orders]
 
@@ -103,8 +137,7 @@ class InProcessClients:
             cancel.wait()        # never answers; released when the server gives up
             return None
         init = decode_global(order.wire) if order.wire is not None else None
-        # the shared base already holds FLoRA's merged stack (see exchange)
-        self.trainer.load_global(None if init is not None and init.merge_into_base else init)
+        self.trainer.load_global(fresh_or_global(init))   # the shared base holds FLoRA's stacks (see exchange)
         update = self.trainer.train(self.examples[order.client_id], round=order.round, seed=order.seed,
                                     spec=order.spec, client_id=order.client_id)
         return faulty_reply(update, fault) if fault else encode_update(update)

@@ -11,122 +11,25 @@ completed round intact on disk.
 
 from __future__ import annotations
 
-import copy
 import logging
 import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
-from edge_client.targets import AUTO, ffn_pattern_keys
-from edge_client.trainer import LocalTrainer, TrainConfig
-from edge_client.wire import DecodeLimits
-from server.federation import ResumeError, RoundEngine
-from server.federation.strategies import RobustConfig, RoundFailed, StrategyConfig, build_strategy
-from server.runtimes.clients import InProcessClients
-from server.runtimes.faults import check_fault
-from server.workloads.devices import DEMO_RANKS, LLAMA_FFN_KEYS, assign_devices
-from server.workloads.evaluate import Evaluator
-from server.workloads.model import fingerprint, linear_shapes, load_base
-from server.workloads.suite import Suite, SuiteConfig, build_suite, load_suite_from_jsonl
+from server.federation import ResumeError
+from server.federation.strategies import RoundFailed
+from server.runtimes.build import build_federation, load_shared_base
+from server.runtimes.config import RunConfig
 
-__all__ = ["SimulationConfig", "SimulationError", "run_simulation", "results_summary", "build_suite_for",
-           "train_config_for", "strategy_for"]
+__all__ = ["SimulationError", "run_simulation", "results_summary"]
 
 log = logging.getLogger("flexlora.simulate")
 
 
 class SimulationError(RuntimeError):
     """A run could not go on (e.g. a round below min_clients); the message says why."""
-
-
-@dataclass(kw_only=True)
-class SimulationConfig:
-    strategy: str = "flexlora"
-    rounds: int = 5
-    num_clients: int = 20
-    clients_per_round: int | None = None      # None: every client every round
-    num_heldout: int = 4
-    seed: int = 0
-    rank_distribution: str | None = None      # workloads.json name; None: device mix + rank policy
-    fedit_rank: str = "min"                   # FedIT's homogeneous rank: "min" or "max" of the federation
-    model: str | None = None                  # None: the shipped tiny model
-    data: str | None = None                   # JSONL; None: the bundled synthetic suite
-    local_steps: int = 30
-    batch_size: int = 8
-    lr: float = 5e-3
-    alpha: float = 16.0
-    max_length: int = 64
-    target_modules: tuple[str, ...] = AUTO   # short names of the layers that get LoRA; ("auto",): discovered
-    min_clients: int = 1
-    client_timeout_s: float | None = 60.0
-    eval_max_new_tokens: int = 16
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    faults: dict[str, str] = field(default_factory=dict)   # client id -> fault (tests, demos)
-    threads: int | None = None
-    progress: bool = True
-    limits: DecodeLimits | None = None        # reply decoder bounds (None: DecodeLimits() defaults)
-    max_round_bytes: int | None = None        # per-round aggregator memory budget (None: none)
-    # defences (docs/security.md); all off by default
-    clip_norm: float | None = None            # clip each client's effective update to this norm
-    clip_adaptive: float | None = None        # ... or to this multiple of the round's median norm
-    max_weight_share: float | None = None     # cap on any client's share of the aggregation weight
-    trim_fraction: float = 0.0                # drop this fraction of clients farthest from the rest
-    max_norm_growth: float | None = None      # a round whose global norm grows more is not committed
-    keep_checkpoints: int = 3                 # round checkpoints kept in checkpoint_dir
-    overwrite: bool = False                   # start over an existing checkpoint (else refuse)
-    split: str = "reference"                  # FlexLoRA/raFLoRA factor split: official "reference" or "balanced"
-    carry: bool = False                       # FlexLoRA with carry (strategy "flexlora" only)
-
-    def __post_init__(self) -> None:
-        for name in ("rounds", "num_clients", "local_steps", "batch_size", "min_clients", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.target_modules, str) or not self.target_modules or not all(
-                isinstance(t, str) and t.isidentifier() for t in self.target_modules):
-            raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
-        self.target_modules = tuple(self.target_modules)
-        if self.clients_per_round is not None and not 1 <= self.clients_per_round <= self.num_clients:
-            raise ValueError(f"clients_per_round must be in [1, num_clients={self.num_clients}], "
-                             f"got {self.clients_per_round}")
-        if self.fedit_rank not in ("min", "max"):
-            raise ValueError(f"fedit_rank must be 'min' or 'max', got {self.fedit_rank!r}")
-        if self.client_timeout_s is not None and not self.client_timeout_s > 0:
-            raise ValueError(f"client_timeout_s must be > 0, got {self.client_timeout_s!r}")
-        if self.resume and not self.checkpoint_dir:
-            raise ValueError("resume needs checkpoint_dir")
-        for cid, fault in self.faults.items():
-            check_fault(cid, fault)
-        if self.split not in ("reference", "balanced"):
-            raise ValueError(f"split must be 'reference' or 'balanced', got {self.split!r}")
-        if self.carry and self.strategy != "flexlora":
-            raise ValueError(f"carry is an option of strategy 'flexlora', not {self.strategy!r}")
-        # StrategyConfig / RobustConfig / RoundEngine validate them; fail here, before a model is loaded
-        StrategyConfig(limits=self.limits, max_round_bytes=self.max_round_bytes, robust=self.robust())
-        if self.max_norm_growth is not None and not (isinstance(self.max_norm_growth, (int, float))
-                                                     and 1 < self.max_norm_growth < float("inf")):
-            raise ValueError(f"max_norm_growth must be a finite number > 1, got {self.max_norm_growth!r}")
-        if isinstance(self.keep_checkpoints, bool) or not isinstance(self.keep_checkpoints, int) \
-                or not 1 <= self.keep_checkpoints <= 1000:
-            raise ValueError(f"keep_checkpoints must be an int in [1, 1000], got {self.keep_checkpoints!r}")
-        if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other")
-
-    def robust(self) -> RobustConfig:
-        return RobustConfig(clip_norm=self.clip_norm, clip_adaptive=self.clip_adaptive,
-                            max_weight_share=self.max_weight_share, trim_fraction=self.trim_fraction)
-
-    def identity(self) -> dict:
-        """Fields a resumed run must share with the checkpoint it resumes."""
-        keep = ("strategy", "num_clients", "clients_per_round", "num_heldout", "seed", "rank_distribution",
-                "fedit_rank", "model", "data", "local_steps", "batch_size", "lr", "alpha", "max_length",
-                "target_modules", "split", "carry")
-        out = {k: getattr(self, k) for k in keep}
-        out["target_modules"] = list(self.target_modules)
-        return out
 
 
 def _peak_rss_bytes() -> int:
@@ -167,7 +70,7 @@ def _vm_hwm_bytes() -> int | None:
     return None
 
 
-def _progress(cfg: SimulationConfig):
+def _progress(cfg: RunConfig):
     if not cfg.progress:
         return None
     from tqdm import tqdm
@@ -176,72 +79,19 @@ def _progress(cfg: SimulationConfig):
                                     leave=False)
 
 
-def build_suite_for(cfg: SimulationConfig) -> Suite:
-    """The suite (training and held-out clients) a run with ``cfg`` uses."""
-    if cfg.data:
-        return load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
-                                     seed=cfg.seed)
-    return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout, seed=cfg.seed))
-
-
-def _capped_ranks(shapes) -> dict[int, int]:
-    """Client types' ranks capped at the smallest targeted module's size (tiny test models)."""
-    cap = min(min(s) for s in shapes.values())
-    return {r: min(r, cap) for r in (8, 30, 200)}
-
-
-def train_config_for(cfg: SimulationConfig) -> TrainConfig:
-    return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
-                       max_length=cfg.max_length, target_modules=tuple(cfg.target_modules))
-
-
-def strategy_for(cfg: SimulationConfig, specs, *, base_model: str, module_shapes) -> object:
-    scfg = StrategyConfig(alpha=cfg.alpha, min_clients=cfg.min_clients, base_model=base_model,
-                          module_shapes=module_shapes, seed=cfg.seed, limits=cfg.limits,
-                          max_round_bytes=cfg.max_round_bytes, robust=cfg.robust())
-    return build_strategy(cfg.strategy, scfg, specs=specs, fedit_rank=cfg.fedit_rank, split=cfg.split,
-                          carry=cfg.carry)
-
-
-def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> dict:
+def run_simulation(cfg: RunConfig, *, stop_after: int | None = None) -> dict:
     """Run (or resume) the federation; returns the results document (also what --json prints).
 
     ``stop_after`` ends the run after that many rounds of this invocation (tests).
     """
-    import torch
-
     t0 = time.perf_counter()
     # The shipped tiny model trains fastest on one thread (tiny matmuls); the native
     # aggregation core keeps its own thread setting.
-    threads = cfg.threads or (1 if cfg.model is None else None)
-    if threads:
-        torch.set_num_threads(threads)
-    model, tokenizer = load_base(cfg.model)
-    base_model = fingerprint(model)
-    base_state = copy.deepcopy(model.state_dict())
-    suite = build_suite_for(cfg)
-    clients = {c.client_id: c for c in suite.train}
-    unknown = sorted(set(cfg.faults) - set(clients))
-    if unknown:
-        raise ValueError(f"--fault names unknown clients {unknown[:5]}; the clients are "
-                         f"{sorted(clients)[0]} .. {sorted(clients)[-1]}")
-    devices = {d.client_id: d for d in assign_devices(
-        list(clients), seed=cfg.seed, rank_distribution=cfg.rank_distribution,
-        rank_map=DEMO_RANKS if cfg.model is None else _capped_ranks(linear_shapes(model, cfg.target_modules)),
-        ffn_keys=LLAMA_FFN_KEYS if cfg.model is None else ffn_pattern_keys(model, cfg.target_modules))}
-    specs = {cid: d.spec for cid, d in devices.items()}
-    strategy = strategy_for(cfg, specs.values(), base_model=base_model,
-                            module_shapes=linear_shapes(model, cfg.target_modules))
-    evaluator = Evaluator(copy.deepcopy(model), tokenizer, base_state, suite.heldout_examples(),
-                          max_new_tokens=cfg.eval_max_new_tokens)
-    trainer = LocalTrainer(model, tokenizer, config=train_config_for(cfg), base_model_id=base_model)
-    with InProcessClients(trainer, {cid: c.examples for cid, c in clients.items()}, base_state=base_state,
-                          timeout_s=cfg.client_timeout_s, faults=cfg.faults, progress=_progress(cfg)) as transport:
-        engine = RoundEngine(strategy, specs, seed=cfg.seed, clients_per_round=cfg.clients_per_round,
-                             evaluate=lambda s: evaluator(s.global_delta()), checkpoint_dir=cfg.checkpoint_dir,
-                             identity=cfg.identity(), base_model=base_model, runtime_state=transport,
-                             runtime="embedded", logger=log, max_norm_growth=cfg.max_norm_growth,
-                             overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints)
+    base = load_shared_base(cfg.model, threads=cfg.threads or (1 if cfg.model is None else None))
+    fed = build_federation(cfg, base=base)
+    with fed.in_process_clients(progress=_progress(cfg)) as transport:
+        engine = fed.engine(runtime="embedded", checkpoint_dir=cfg.checkpoint_dir, runtime_state=transport,
+                            logger=log, overwrite=cfg.overwrite)
         try:
             resumed = bool(cfg.resume and engine.restore())
             engine.start()
@@ -260,10 +110,11 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
             raise SimulationError(str(exc)) from None
         finally:
             engine.close()
+    suite = fed.workload.suite
     return {
-        "strategy": cfg.strategy, "config": asdict(cfg), "base_model": base_model,
+        "strategy": cfg.strategy, "config": asdict(cfg), "base_model": base.fingerprint,
         "base": engine.base, "rounds": engine.history, "rounds_completed": engine.round, "resumed": resumed,
-        "devices": [d.to_json() for d in devices.values()],
+        "devices": [d.to_json() for d in fed.workload.devices.values()],
         "heldout_examples": len(suite.heldout_examples()),
         "heldout_families": [c.families for c in suite.heldout],
         # ru_maxrss is reset with VmHWM on Linux, hence the max with the setup's peak

@@ -34,6 +34,7 @@ demo ranks with ``DEMO_RANKS`` (order-preserving: r8 -> 2, r30 -> 4, r200 -> 16;
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,8 @@ from dataclasses import dataclass
 from edge_client.wire import RankSpec
 from server.workloads.catalog import load_workloads
 
-__all__ = ["DeviceClass", "DEVICE_MIX", "DEMO_RANKS", "ClientDevice", "assign_devices", "planning_config"]
+__all__ = ["DeviceClass", "DEVICE_MIX", "DEMO_RANKS", "LLAMA_FFN_KEYS", "ClientDevice", "assign_devices", "allot_types",
+           "type_spec", "capped_ranks", "planning_config"]
 
 _GIB = 2**30
 
@@ -93,13 +95,44 @@ def planning_config(workloads: Mapping, name: str = "llama-1.3b"):
 LLAMA_FFN_KEYS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _spec_for_type(types: Mapping, client_type: str, rank_map: Mapping[int, int] | None,
-                   ffn_keys: Sequence[str] = LLAMA_FFN_KEYS) -> RankSpec:
+def type_spec(client_type: str, *, rank_map: Mapping[int, int] | None = None,
+              ffn_keys: Sequence[str] = LLAMA_FFN_KEYS, workloads: Mapping | None = None) -> RankSpec:
+    """The RankSpec of a workloads.json client type: its attention rank, and its FFN rank on
+    ``ffn_keys`` through rank_pattern; ``rank_map`` rescales ranks (``DEMO_RANKS`` for the
+    shipped tiny model, :func:`capped_ranks` for a real one)."""
+    types = (workloads or load_workloads())["client_types"]
+    if client_type not in types:
+        raise ValueError(f"client_type={client_type!r} is not one of {sorted(types)}")
     attn, ffn = int(types[client_type]["attn"]), int(types[client_type]["ffn"])
     if rank_map is not None:
         attn, ffn = rank_map.get(attn, attn), rank_map.get(ffn, ffn)
     pattern = {m: ffn for m in ffn_keys} if ffn != attn else {}
     return RankSpec(rank=attn, rank_pattern=pattern)
+
+
+def capped_ranks(shapes: Mapping[str, tuple[int, int]]) -> dict[int, int]:
+    """The client types' ranks capped at the smallest targeted module's size (small real models)."""
+    cap = min(min(s) for s in shapes.values())
+    return {r: min(r, cap) for r in (8, 30, 200)}
+
+
+def allot_types(shares: Mapping[str, float], n: int, seed: int) -> list[str]:
+    """``n`` client types in the proportions ``shares`` (largest remainder), shuffled by seed:
+    a 16-client federation gets the distribution's mix rather than a noisy sample of it."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    total = float(sum(shares.values()))
+    if total <= 0 or any(v < 0 for v in shares.values()):
+        raise ValueError(f"shares must be >= 0 with a positive sum, got {dict(shares)}")
+    names = sorted(shares)
+    exact = {k: shares[k] / total * n for k in names}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    by_remainder = sorted(names, key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in by_remainder[: n - sum(counts.values())]:
+        counts[k] += 1
+    out = [k for k in names for _ in range(counts[k])]
+    random.Random(f"types-{seed}").shuffle(out)
+    return out
 
 
 def _draw(rng: random.Random, shares: Sequence[tuple[str, float]]) -> str:
@@ -114,9 +147,12 @@ def _draw(rng: random.Random, shares: Sequence[tuple[str, float]]) -> str:
 def assign_devices(client_ids: Sequence[str], *, seed: int, rank_distribution: str | None = None,
                    rank_map: Mapping[int, int] | None = DEMO_RANKS, workloads: Mapping | None = None,
                    mix: Sequence[DeviceClass] = DEVICE_MIX,
-                   ffn_keys: Sequence[str] = LLAMA_FFN_KEYS) -> list[ClientDevice]:
-    """Device class (or client type) and rank for every client, deterministic from ``seed``.
-    ``ffn_keys``: the rank_pattern keys that put a client type's FFN rank on the model's FFN."""
+                   ffn_keys: Sequence[str] = LLAMA_FFN_KEYS, allot: bool = False) -> list[ClientDevice]:
+    """Device class (or client type) and rank for every client, deterministic from ``seed``:
+    the device mix and the edge rank policy, or with ``rank_distribution`` client types drawn
+    with its probabilities (``allot``: in its proportions, :func:`allot_types`, over the
+    clients in the order given). ``ffn_keys``: the rank_pattern keys that put a client type's
+    FFN rank on the model's FFN."""
     wl = workloads or load_workloads()
     types = wl["client_types"]
     rng = random.Random(f"devices-{seed}")
@@ -126,12 +162,19 @@ def assign_devices(client_ids: Sequence[str], *, seed: int, rank_distribution: s
         if rank_distribution not in dists:
             raise ValueError(f"rank_distribution={rank_distribution!r} is not one of {sorted(dists)}")
         shares = sorted(dists[rank_distribution].items())
-        for cid in client_ids:
-            t = _draw(rng, shares)
+        if allot:
+            drawn = allot_types(dict(shares), len(client_ids), seed)
+            how = f"allotted in the proportions of rank_distribution {rank_distribution}"
+        else:
+            drawn = [_draw(rng, shares) for _ in client_ids]
+            how = f"drawn from rank_distribution {rank_distribution}"
+        for cid, t in zip(client_ids, drawn):
             out.append(ClientDevice(client_id=cid, device=f"type:{t}", client_type=t,
-                                    spec=_spec_for_type(types, t, rank_map, ffn_keys),
-                                    reasons=[f"drawn from rank_distribution {rank_distribution}"]))
+                                    spec=type_spec(t, rank_map=rank_map, ffn_keys=ffn_keys, workloads=wl),
+                                    reasons=[how]))
         return out
+    if allot:
+        raise ValueError("allot needs a rank_distribution")
 
     from edge_client.rank_policy import choose_rank, paper_candidates
     from edge_client.resources import DeviceProfile
@@ -148,5 +191,5 @@ def assign_devices(client_ids: Sequence[str], *, seed: int, rank_distribution: s
         name = _draw(rng, shares)
         label, reasons = by_class[name]
         out.append(ClientDevice(client_id=cid, device=name, client_type=label,
-                                spec=_spec_for_type(types, label, rank_map, ffn_keys), reasons=reasons))
+                                spec=type_spec(label, rank_map=rank_map, ffn_keys=ffn_keys, workloads=wl), reasons=reasons))
     return out

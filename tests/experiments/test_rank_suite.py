@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.runtimes.experiments.config import ARMS, CellSettings
-from server.runtimes.simulate import SimulationConfig
+from server.runtimes.config import RunConfig
+from server.runtimes.experiments.config import ARMS, experiment_settings
 from server.workloads.rank_suite import build_rank_suite, make_codes, rank_suite_records
 from server.workloads.tasks import WORDS
 
@@ -37,22 +37,22 @@ def test_heldout_clients_hold_codes_that_are_trained():
 
 
 def test_new_options_are_validated():
-    assert SimulationConfig().split == "reference" and not SimulationConfig().carry
+    assert RunConfig().split == "reference" and not RunConfig().carry
     with pytest.raises(ValueError, match="split"):
-        SimulationConfig(split="sqrt")
+        RunConfig(split="sqrt")
     with pytest.raises(ValueError, match="carry"):
-        SimulationConfig(strategy="hetlora", carry=True)
-    assert SimulationConfig(strategy="raflora").strategy == "raflora"
-    assert CellSettings().split == "reference"
+        RunConfig(strategy="hetlora", carry=True)
+    assert RunConfig(strategy="raflora").strategy == "raflora"
+    assert experiment_settings().split == "reference"
     with pytest.raises(ValueError, match="suite"):
-        CellSettings(suite="other")
+        experiment_settings(suite="other")
     assert ARMS["flexlora_carry"].carry and ARMS["raflora"].strategy == "raflora"
 
 
 def test_flower_run_config_carries_split_and_carry():
-    from server.runtimes.flower.config import simulation_config
-    cfg = simulation_config({"split": "balanced", "carry": True}, num_clients=3)
+    from server.runtimes.flower.config import to_run_config
+    cfg = to_run_config({"split": "balanced", "carry": True}, num_clients=3)
     assert cfg.split == "balanced" and cfg.carry
-    assert simulation_config({}, num_clients=3).split == "reference"
+    assert to_run_config({}, num_clients=3).split == "reference"
     with pytest.raises(ValueError, match="carry"):
-        simulation_config({"carry": "yes"}, num_clients=3)
+        to_run_config({"carry": "yes"}, num_clients=3)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from server.runtimes.experiments.cell import allot_types, type_spec
-from server.runtimes.experiments.config import ARMS, CellSettings, ExperimentConfig, load_config_file
+from server.runtimes.experiments.config import ARMS, ExperimentConfig, experiment_settings, load_config_file
 from server.runtimes.experiments.spectrum import collapse_warning, module_spectrum, retained_energy
+from server.workloads.devices import DEMO_RANKS, allot_types, type_spec
 
 
 def _with_singular_values(s, d_out=12, d_in=9, seed=0):
@@ -63,11 +63,11 @@ def test_allot_types_follows_the_shares(n):
 
 
 def test_type_spec_maps_workload_types_to_ranks():
-    assert type_spec("r8", demo=True).rank == 2
-    mixed = type_spec("r30_200", demo=False)
+    assert type_spec("r8", rank_map=DEMO_RANKS).rank == 2
+    mixed = type_spec("r30_200")
     assert mixed.module_rank("x.q_proj") == 30 and mixed.module_rank("x.down_proj") == 200
     with pytest.raises(ValueError, match="client_type"):
-        type_spec("r7", demo=True)
+        type_spec("r7", rank_map=DEMO_RANKS)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -85,7 +85,7 @@ def test_experiment_config_rejects_bad_grids(kw, match):
 ])
 def test_cell_settings_validate(kw, match):
     with pytest.raises(ValueError, match=match):
-        CellSettings(**kw)
+        experiment_settings(**kw)
 
 
 def test_config_file_rejects_unknown_keys(tmp_path):

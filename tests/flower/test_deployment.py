@@ -65,15 +65,15 @@ def test_two_rounds_through_superlink_and_two_supernodes(flower_run):
 def test_same_final_adapter_as_embedded_runtime(flower_run, tmp_path):
     import torch
 
-    from server.runtimes.flower.config import simulation_config
+    from server.runtimes.flower.config import to_run_config
     from server.runtimes.simulate import run_simulation
 
     assert flower_run["doc"]["status"] == "ok", flower_run["doc"].get("error")
-    # the embedded run gets the SimulationConfig of the run config the ServerApp actually ran with
+    # the embedded run gets the RunConfig of the run config the ServerApp actually ran with
     # (pyproject's [tool.flwr.app.config] defaults + SETTINGS), not a hand-written copy of it
     run_config = flower_run["doc"]["run_config"]
     assert {k: run_config[k] for k in SETTINGS} == SETTINGS
-    cfg = dataclasses.replace(simulation_config(run_config, num_clients=len(NODES)),
+    cfg = dataclasses.replace(to_run_config(run_config, num_clients=len(NODES)),
                               checkpoint_dir=str(tmp_path / "embedded"), progress=False)
     assert (cfg.strategy, cfg.rounds, cfg.seed, cfg.local_steps, cfg.batch_size, cfg.threads) == \
         ("flexlora", 2, SETTINGS["seed"], 2, 4, 1)

@@ -7,31 +7,31 @@ import dataclasses
 
 import pytest
 
-from server.runtimes.flower.config import simulation_config, simulation_defaults
-from server.runtimes.simulate import SimulationConfig
+from server.runtimes.config import RunConfig
+from server.runtimes.flower.config import run_config_defaults, to_run_config
 
 pytestmark = pytest.mark.flower
 
 
 def test_empty_run_config_maps_to_simulation_defaults():
-    ours = simulation_config({}, num_clients=7)
-    theirs = SimulationConfig(num_clients=7, rounds=ours.rounds, progress=False)
+    ours = to_run_config({}, num_clients=7)
+    theirs = RunConfig(num_clients=7, rounds=ours.rounds, progress=False)
     assert ours.identity() == theirs.identity()
     assert (ours.eval_max_new_tokens, ours.min_clients) == (theirs.eval_max_new_tokens, theirs.min_clients)
 
 
 def test_defaults_follow_simulation_config_fields():
-    fields = {f.name: f.default for f in dataclasses.fields(SimulationConfig)}
-    d = simulation_defaults()
+    fields = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    d = run_config_defaults()
     assert (d["lr"], d["local-steps"], d["batch-size"], d["alpha"]) == \
         (fields["lr"], fields["local_steps"], fields["batch_size"], fields["alpha"])
 
 
 def test_given_keys_override_defaults():
-    cfg = simulation_config({"lr": 0.02, "local-steps": 3, "model": "", "seed": 9}, num_clients=2)
+    cfg = to_run_config({"lr": 0.02, "local-steps": 3, "model": "", "seed": 9}, num_clients=2)
     assert (cfg.lr, cfg.local_steps, cfg.model, cfg.seed) == (0.02, 3, None, 9)
     with pytest.raises(ValueError, match="'lr'"):
-        simulation_config({"lr": "fast"}, num_clients=2)
+        to_run_config({"lr": "fast"}, num_clients=2)
 
 
 def test_pyproject_flower_config_matches_simulation_defaults():
@@ -39,10 +39,10 @@ def test_pyproject_flower_config_matches_simulation_defaults():
     import tomllib
     from pathlib import Path
 
-    from server.runtimes.flower.config import simulation_defaults
+    from server.runtimes.flower.config import run_config_defaults
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
-    defaults = simulation_defaults()
+    defaults = run_config_defaults()
     mismatched = {k: (app_config[k], v) for k, v in defaults.items() if k in app_config and app_config[k] != v}
-    assert not mismatched, f"pyproject [tool.flwr.app.config] vs SimulationConfig defaults: {mismatched}"
+    assert not mismatched, f"pyproject [tool.flwr.app.config] vs RunConfig defaults: {mismatched}"

@@ -12,9 +12,10 @@ from edge_client.flower_app import FAULT_ENV, _faulty, garbage_bytes
 from edge_client.wire import TRAIN_KEY, TrainOrder, encode_update
 from server.federation import client_seed, sample_clients
 from server.federation.strategies import StrategyConfig, make_strategy
-from server.runtimes.flower.config import clients_per_round, decode_limits, simulation_config
+from server.runtimes.config import RunConfig
+from server.runtimes.flower.config import clients_per_round, to_run_config
 from server.runtimes.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
-from server.runtimes.simulate import SimulationConfig, run_simulation
+from server.runtimes.simulate import run_simulation
 
 NAMES = [f"client-{i:03d}" for i in range(10)]
 
@@ -56,7 +57,7 @@ def test_sampling_is_reproducible_and_seed_dependent():
 
 def test_same_sample_as_the_embedded_runtime():
     orders, _, _ = _run(3, seed=4, rounds=2)
-    doc = run_simulation(SimulationConfig(rounds=2, num_clients=10, clients_per_round=3, seed=4, num_heldout=1,
+    doc = run_simulation(RunConfig(rounds=2, num_clients=10, clients_per_round=3, seed=4, num_heldout=1,
                                           local_steps=1, batch_size=2, threads=1, progress=False,
                                           eval_max_new_tokens=2))
     embedded = [sorted(r["ranks"]) for r in doc["rounds"]]
@@ -68,7 +69,7 @@ def test_run_config_keys():
     assert clients_per_round({"clients-per-round": 80}, num_clients=1613) == 80
     assert clients_per_round({"fraction-train": 0.05}, num_clients=1613) == 80
     assert clients_per_round({"fraction-train": 0.001}, num_clients=10) == 1
-    assert simulation_config({"clients-per-round": 5}, num_clients=9).clients_per_round == 5
+    assert to_run_config({"clients-per-round": 5}, num_clients=9).clients_per_round == 5
     with pytest.raises(ValueError, match="not both"):
         clients_per_round({"clients-per-round": 2, "fraction-train": 0.5}, num_clients=10)
     with pytest.raises(ValueError, match="above the 10 clients"):
@@ -77,12 +78,12 @@ def test_run_config_keys():
         clients_per_round({"fraction-train": 1.5}, num_clients=10)
     with pytest.raises(ValueError, match="clients_per_round must be in"):
         FlexLoRAFlowerStrategy(make_strategy("flexlora"), _nodes(2), seed=0, round_timeout_s=1.0, clients_per_round=3)
-    lim = decode_limits({"max-update-bytes": 1000, "max-delta-norm": 5.0})
-    assert lim.max_bytes == 1000 and lim.max_delta_norm == 5.0 and decode_limits({}) is None
-    cfg = simulation_config({"max-round-bytes": 4096, "max-header-bytes": 2048}, num_clients=2)
-    assert cfg.max_round_bytes == 4096 and cfg.limits.max_header_bytes == 2048
+    lim = to_run_config({"max-update-bytes": 1000, "max-delta-norm": 5.0}, num_clients=2).decode_limits()
+    assert lim.max_bytes == 1000 and lim.max_delta_norm == 5.0 and to_run_config({}, num_clients=2).decode_limits() is None
+    cfg = to_run_config({"max-round-bytes": 4096, "max-header-bytes": 2048}, num_clients=2)
+    assert cfg.max_round_bytes == 4096 and cfg.decode_limits().max_header_bytes == 2048
     with pytest.raises(ValueError, match="max-round-bytes"):
-        simulation_config({"max-round-bytes": -1}, num_clients=2)
+        to_run_config({"max-round-bytes": -1}, num_clients=2)
 
 
 def _nodes(n):

@@ -170,13 +170,13 @@ def test_adversarial_faults_pass_the_decoder_and_the_hook_runs():
 
 def test_flower_run_config_exposes_the_defences_and_limits():
     pytest.importorskip("flwr")
-    from server.runtimes.flower.config import simulation_config
-    off = simulation_config({}, num_clients=3)
+    from server.runtimes.flower.config import to_run_config
+    off = to_run_config({}, num_clients=3)
     assert (off.clip_norm, off.clip_adaptive, off.max_weight_share, off.trim_fraction, off.max_norm_growth,
             off.keep_checkpoints) == (None, None, None, 0.0, None, 3)
-    on = simulation_config({"clip-norm": 2.0, "clip-adaptive": 3.0, "max-weight-share": 0.3, "trim-fraction": 0.2,
-                            "max-norm-growth": 5.0, "max-num-examples": 1000, "keep-checkpoints": 5}, num_clients=3)
+    on = to_run_config({"clip-norm": 2.0, "clip-adaptive": 3.0, "max-weight-share": 0.3, "trim-fraction": 0.2,
+                        "max-norm-growth": 5.0, "max-num-examples": 1000, "keep-checkpoints": 5}, num_clients=3)
     assert (on.clip_norm, on.clip_adaptive, on.max_weight_share, on.trim_fraction, on.max_norm_growth,
-            on.keep_checkpoints, on.limits.max_num_examples) == (2.0, 3.0, 0.3, 0.2, 5.0, 5, 1000)
+            on.keep_checkpoints, on.decode_limits().max_num_examples) == (2.0, 3.0, 0.3, 0.2, 5.0, 5, 1000)
     with pytest.raises(ValueError):
-        simulation_config({"trim-fraction": 0.9}, num_clients=3)
+        to_run_config({"trim-fraction": 0.9}, num_clients=3)

@@ -11,7 +11,8 @@ from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/harde
 from edge_client.wire import DecodeLimits, encode_update
 from server.federation.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy
 from server.runtimes import simulate as rt
-from server.runtimes.simulate import SimulationConfig, run_simulation
+from server.runtimes.config import RunConfig
+from server.runtimes.simulate import run_simulation
 
 SMALL = dict(rounds=1, num_clients=3, num_heldout=1, local_steps=1, batch_size=2, rank_distribution="uniform",
              threads=1, progress=False, eval_max_new_tokens=2)
@@ -93,7 +94,7 @@ def test_runtime_rejects_a_reply_that_claims_another_client(monkeypatch, caplog)
 
     _patch_reply(monkeypatch, "client-002", impersonate)
     with caplog.at_level(logging.WARNING, logger="flexlora.simulate"):
-        doc = run_simulation(SimulationConfig(**SMALL))
+        doc = run_simulation(RunConfig(**SMALL))
     r = doc["rounds"][0]
     assert list(r["rejected"]) == ["client-002"]
     assert "says client 'client-000'" in r["rejected"]["client-002"]
@@ -110,7 +111,7 @@ def test_runtime_rejects_a_reply_from_another_round(monkeypatch):
         return encode_update(u)
 
     _patch_reply(monkeypatch, "client-001", stale)
-    doc = run_simulation(SimulationConfig(**SMALL))
+    doc = run_simulation(RunConfig(**SMALL))
     assert "is for round 7, expected 1" in doc["rounds"][0]["rejected"]["client-001"]
 
 
@@ -127,7 +128,7 @@ def test_an_unexpected_error_in_one_reply_rejects_that_reply_not_the_run(monkeyp
 
     monkeypatch.setattr(Strategy, "decode_reply", decode)
     with caplog.at_level(logging.WARNING, logger="flexlora.simulate"):
-        doc = run_simulation(SimulationConfig(**{**SMALL, "rounds": 2}))
+        doc = run_simulation(RunConfig(**{**SMALL, "rounds": 2}))
     assert doc["rounds_completed"] == 2
     for r in doc["rounds"]:
         assert list(r["rejected"]) == ["client-001"]
@@ -139,8 +140,8 @@ def test_an_unexpected_error_in_one_reply_rejects_that_reply_not_the_run(monkeyp
 def test_runtime_plumbs_limits_and_round_budget():
     # every reply is bigger than 64 bytes / 1 byte: all rejected for that reason, the round fails
     with pytest.raises(rt.SimulationError, match="64"):
-        run_simulation(SimulationConfig(**SMALL, limits=DecodeLimits(max_bytes=64)))
+        run_simulation(RunConfig(**SMALL, max_reply_bytes=64))
     with pytest.raises(rt.SimulationError, match="max_round_bytes=1"):
-        run_simulation(SimulationConfig(**SMALL, max_round_bytes=1))
+        run_simulation(RunConfig(**SMALL, max_round_bytes=1))
     with pytest.raises(ValueError, match="max_round_bytes"):
-        SimulationConfig(**SMALL, max_round_bytes=0)
+        RunConfig(**SMALL, max_round_bytes=0)

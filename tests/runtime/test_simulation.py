@@ -15,7 +15,8 @@ import pytest
 
 from server.cli import main
 from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from server.runtimes.simulate import SimulationConfig, SimulationError, run_simulation
+from server.runtimes.config import RunConfig
+from server.runtimes.simulate import SimulationError, run_simulation
 from server.workloads.devices import DEVICE_MIX, assign_devices
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +31,8 @@ def _numbers(doc):
 
 @pytest.mark.parametrize("strategy", ["flexlora", "hetlora", "flora", "fedit"])
 def test_same_seed_same_numbers(strategy):
-    a = run_simulation(SimulationConfig(strategy=strategy, rounds=2, seed=5, **SMALL))
-    b = run_simulation(SimulationConfig(strategy=strategy, rounds=2, seed=5, **SMALL))
+    a = run_simulation(RunConfig(strategy=strategy, rounds=2, seed=5, **SMALL))
+    b = run_simulation(RunConfig(strategy=strategy, rounds=2, seed=5, **SMALL))
     assert a["rounds_completed"] == 2 and _numbers(a) == _numbers(b)
     assert a["base"] == b["base"] and 0.0 <= a["base"]["rougeL"] <= 1.0
     assert all(r["aggregation_s"] >= 0 and r["clients"] == 4 for r in a["rounds"])
@@ -55,7 +56,7 @@ def test_device_mix_gives_heterogeneous_ranks_from_the_rank_policy():
 def test_faulty_replies_are_rejected_with_reasons_and_round_goes_on(caplog):
     faults = {"client-000": "nan", "client-001": "truncated", "client-002": "wrong_base", "client-003": "rank_above",
               "client-004": "bad_shape", "client-005": "straggler"}
-    cfg = SimulationConfig(rounds=1, **{**SMALL, "num_clients": 7}, faults=faults, client_timeout_s=5.0)
+    cfg = RunConfig(rounds=1, **{**SMALL, "num_clients": 7}, faults=faults, client_timeout_s=5.0)
     with caplog.at_level(logging.WARNING, logger="flexlora.simulate"):
         doc = run_simulation(cfg)
     rej = doc["rounds"][0]["rejected"]
@@ -70,10 +71,10 @@ def test_faulty_replies_are_rejected_with_reasons_and_round_goes_on(caplog):
 
 def test_below_min_clients_fails_clearly_and_keeps_last_checkpoint(tmp_path):
     ck = tmp_path / "ck"
-    run_simulation(SimulationConfig(rounds=1, checkpoint_dir=str(ck), **SMALL))
+    run_simulation(RunConfig(rounds=1, checkpoint_dir=str(ck), **SMALL))
     before = (ck / CHECKPOINT_NAME).read_bytes()
     bad = {f"client-00{i}": "nan" for i in range(3)}
-    cfg = SimulationConfig(rounds=2, checkpoint_dir=str(ck), resume=True, min_clients=2, faults=bad, **SMALL)
+    cfg = RunConfig(rounds=2, checkpoint_dir=str(ck), resume=True, min_clients=2, faults=bad, **SMALL)
     with pytest.raises(SimulationError, match="1 valid replies, min_clients=2"):
         run_simulation(cfg)
     assert (ck / CHECKPOINT_NAME).read_bytes() == before
@@ -81,9 +82,9 @@ def test_below_min_clients_fails_clearly_and_keeps_last_checkpoint(tmp_path):
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    run_simulation(SimulationConfig(rounds=1, checkpoint_dir=str(tmp_path), **SMALL))
+    run_simulation(RunConfig(rounds=1, checkpoint_dir=str(tmp_path), **SMALL))
     with pytest.raises(SimulationError, match="other settings"):
-        run_simulation(SimulationConfig(rounds=2, checkpoint_dir=str(tmp_path), resume=True, **{**SMALL, "lr": 0.5}))
+        run_simulation(RunConfig(rounds=2, checkpoint_dir=str(tmp_path), resume=True, **{**SMALL, "lr": 0.5}))
 
 
 def test_cli_json_and_one_line_errors(capsys):

@@ -46,7 +46,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from edge_client.wire import ClientUpdate, GlobalFactors, factor_keys
-from server.core.adapter import SPLITS
+from server.core.adapter import SPLITS, GlobalAdapter
 from server.federation.strategies.base import RankSpec, RoundAggregation, Strategy, StrategyConfig, split_factors
 
 __all__ = ["FlexLoRA"]
@@ -55,8 +55,7 @@ __all__ = ["FlexLoRA"]
 class _FlexRound(RoundAggregation):
     def __init__(self, strategy: "FlexLoRA", round: int) -> None:
         super().__init__(strategy, round)
-        from server.core.aggregation import Aggregator  # native core; imported when first needed
-        self._agg = Aggregator(strategy.max_rank, method=strategy.method, seed=strategy.config.seed + round)
+        self._agg = strategy.new_aggregator(round)
 
     def held_bytes(self) -> int:
         return self._agg.state_bytes()
@@ -97,7 +96,7 @@ class FlexLoRA(Strategy):
     name = "flexlora"
 
     def __init__(self, config: StrategyConfig | None = None, *, max_rank: int = 256,
-                 method: str = "auto", split: str = "reference", carry: bool = False) -> None:
+                 method: str = "auto", split: str = SPLITS[0], carry: bool = False, device: str = "cpu") -> None:
         super().__init__(config)
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
@@ -109,7 +108,17 @@ class FlexLoRA(Strategy):
         self.method = method
         self.split = split
         self.carry = carry
-        self.adapter = None  # server.core.aggregation.GlobalAdapter after the first round
+        self.device = device
+        self.adapter = None  # server.core.adapter.GlobalAdapter after the first round
+
+    def new_aggregator(self, round: int):
+        """The round's streaming aggregator: the native CPU core, or the CUDA backend with
+        ``device="cuda[:N]"`` (same weighting, same result up to float32 rounding)."""
+        if self.device == "cpu":
+            from server.core.aggregation import Aggregator  # native core; imported when first needed
+            return Aggregator(self.max_rank, method=self.method, seed=self.config.seed + round)
+        from server.core.cuda_aggregation import CudaAggregator
+        return CudaAggregator(self.max_rank, method=self.method, seed=self.config.seed + round, device=self.device)
 
     def configure(self, *, client_id: str, spec: RankSpec, round: int) -> GlobalFactors | None:
         if self.adapter is None:
@@ -143,5 +152,4 @@ class FlexLoRA(Strategy):
         if not tensors:
             self.adapter = None
             return
-        from server.core.adapter import GlobalAdapter
         self.adapter = GlobalAdapter.from_tensors(tensors, meta["adapter_rank"], meta.get("routes", {}))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_client.wire import ClientUpdate, factor_keys
+from server.core.adapter import SPLITS
 from server.federation.strategies.base import RoundAggregation, split_factors
 from server.federation.strategies.flexlora import FlexLoRA
 
@@ -62,7 +63,6 @@ class _RaRound(RoundAggregation):
         self._updates.append((update.client_id, update.num_examples, pairs))
 
     def _finalize(self) -> None:
-        from server.core.aggregation import Aggregator
         # per module: W_i = weight of the clients whose rank in that module is >= i; T = total
         weights: dict[str, np.ndarray] = {}
         totals: dict[str, float] = {}
@@ -74,8 +74,7 @@ class _RaRound(RoundAggregation):
                     w = weights[m] = np.concatenate([w, np.zeros(r - w.size)])
                 w[:r] += n
                 totals[m] = totals.get(m, 0.0) + n
-        agg = Aggregator(self.strategy.max_rank, method=self.strategy.method,
-                         seed=self.strategy.config.seed + self.round)
+        agg = self.strategy.new_aggregator(self.round)
         for cid, n, pairs in self._updates:
             factors = {}
             for m, (b, a, s) in pairs.items():
@@ -97,8 +96,8 @@ class RaFLoRA(FlexLoRA):
     name = "raflora"
 
     def __init__(self, config=None, *, max_rank: int = 256, method: str = "auto",
-                 split: str = "reference") -> None:
-        super().__init__(config, max_rank=max_rank, method=method, split=split, carry=False)
+                 split: str = SPLITS[0], device: str = "cpu") -> None:
+        super().__init__(config, max_rank=max_rank, method=method, split=split, carry=False, device=device)
 
     def begin_round(self, round: int) -> RoundAggregation:
         return _RaRound(self, round)

@@ -8,6 +8,6 @@ diagnostic and PNG plots; ``convert`` turns Natural Instructions task files or D
 into the client JSONL format. See docs/experiments.md.
 """
 
-from server.runtimes.experiments.config import ARMS, DISTRIBUTIONS, Arm, Cell, CellSettings, ExperimentConfig
+from server.runtimes.experiments.config import ARMS, DISTRIBUTIONS, Arm, Cell, ExperimentConfig, experiment_settings
 
-__all__ = ["ARMS", "DISTRIBUTIONS", "Arm", "Cell", "CellSettings", "ExperimentConfig"]
+__all__ = ["ARMS", "DISTRIBUTIONS", "Arm", "Cell", "ExperimentConfig", "experiment_settings"]

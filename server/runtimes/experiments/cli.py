@@ -17,13 +17,19 @@ import math
 import sys
 import time
 
-from server.runtimes.experiments.config import ARMS, DISTRIBUTIONS, CellSettings, ExperimentConfig, load_config_file
+from server.runtimes.experiments.config import (
+    ARMS,
+    DISTRIBUTIONS,
+    ExperimentConfig,
+    experiment_settings,
+    load_config_file,
+)
 
 __all__ = ["HELP", "add_arguments", "run", "main"]
 
 HELP = "run the strategy x rank-distribution x seed comparison grid and write its report"
 
-# flag -> CellSettings field (None default = take the config file's or the dataclass's value)
+# flag -> RunConfig field (None default = take the config file's or the dataclass's value)
 _SETTING_FLAGS = {
     "clients": ("num_clients", int), "clients_per_round": ("clients_per_round", int),
     "heldout_clients": ("num_heldout", int), "heldout_examples": ("heldout_examples", int),
@@ -35,7 +41,7 @@ _SETTING_FLAGS = {
     "clip_norm": ("clip_norm", float), "clip_adaptive": ("clip_adaptive", float),
     "max_weight_share": ("max_weight_share", float), "trim_fraction": ("trim_fraction", float),
     "max_norm_growth": ("max_norm_growth", float), "max_num_examples": ("max_num_examples", int),
-    "max_delta_norm": ("max_delta_norm", float),
+    "max_delta_norm": ("max_delta_norm", float), "device": ("device", str),
 }
 
 
@@ -50,7 +56,7 @@ def _csv(kind):
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    d = CellSettings()
+    d = experiment_settings()
     p.add_argument("--out", default="results/experiments", help="output folder (default %(default)s)")
     p.add_argument("--config", default=None, help="JSON grid file; flags given here override it")
     p.add_argument("--arms", type=_csv(str), default=None, help=f"comma list of {','.join(ARMS)}")
@@ -88,7 +94,7 @@ def build_config(args: argparse.Namespace) -> ExperimentConfig:
     for name in ("arms", "distributions", "seeds", "threads"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
-    return ExperimentConfig(settings=CellSettings(**settings), **kw)
+    return ExperimentConfig(settings=experiment_settings(**settings), **kw)
 
 
 def _run_grid(args: argparse.Namespace) -> int:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
-__all__ = ["ARMS", "DISTRIBUTIONS", "Arm", "CellSettings", "ExperimentConfig", "Cell",
-           "load_config_file"]
+from server.runtimes.config import RunConfig, experiment_settings
+
+__all__ = ["ARMS", "DISTRIBUTIONS", "Arm", "ExperimentConfig", "Cell", "CELL_FIELDS", "SETTING_FIELDS",
+           "load_config_file", "experiment_settings"]
 
 DISTRIBUTIONS = ("uniform", "heavy_tail_light", "heavy_tail_strong", "normal")
 
@@ -46,81 +47,20 @@ ARMS: dict[str, Arm] = {a.label: a for a in (
 )}
 
 
-def _positive_int(obj, name: str, minimum: int = 1) -> None:
-    v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
-
-
-def _positive_float(obj, name: str) -> None:
-    v = getattr(obj, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
-
-
+# The per-cell federation settings are a RunConfig (server.runtimes.config) with the grid's
+# defaults (experiment_settings); these are the fields a stored grid has always been identified
+# by. A cell sets strategy, rank distribution, seed, FedIT's rank and carry itself.
+CELL_FIELDS = ("num_clients", "clients_per_round", "num_heldout", "heldout_examples", "rounds", "local_steps",
+               "batch_size", "lr", "alpha", "max_length", "eval_max_new_tokens", "model", "data",
+               "collapse_threshold", "clip_norm", "clip_adaptive", "max_weight_share", "trim_fraction",
+               "max_norm_growth", "max_num_examples", "max_delta_norm", "faults", "split", "suite")
+PER_CELL = ("strategy", "rank_distribution", "seed", "fedit_rank", "carry")
+# how a process runs, not what a cell computes: never part of a cell's identity
+_RUNTIME_FIELDS = ("checkpoint_dir", "resume", "overwrite", "keep_checkpoints", "threads", "progress",
+                   "client_timeout_s")
 _DEFENCE_FIELDS = ("clip_norm", "clip_adaptive", "max_weight_share", "trim_fraction", "max_norm_growth",
                    "max_num_examples", "max_delta_norm", "faults")
-
-
-@dataclass(kw_only=True)
-class CellSettings:
-    """The federation every cell runs (only strategy, distribution and seed vary)."""
-    num_clients: int = 16
-    clients_per_round: int | None = None   # None: every client every round
-    num_heldout: int = 4
-    heldout_examples: int = 16             # per held-out client
-    rounds: int = 6
-    local_steps: int = 8
-    batch_size: int = 8
-    lr: float = 1e-2
-    alpha: float = 16.0
-    max_length: int = 64
-    eval_max_new_tokens: int = 16
-    model: str | None = None               # None: the shipped tiny model (demo ranks)
-    data: str | None = None                # client JSONL (instruction, input, output, category)
-    collapse_threshold: float = 0.9        # spectrum warning: share of ||dW||^2 at the smallest rank
-    # defences and decoder limits (docs/security.md; off / library defaults unless set)
-    clip_norm: float | None = None
-    clip_adaptive: float | None = None
-    max_weight_share: float | None = None
-    trim_fraction: float = 0.0
-    max_norm_growth: float | None = None
-    max_num_examples: int | None = None
-    max_delta_norm: float | None = None
-    faults: dict = field(default_factory=dict)   # client id -> fault kind or python:MODULE:FUNCTION
-    split: str = "reference"               # FlexLoRA/raFLoRA factor split: official "reference" or "balanced"
-    suite: str = "bundled"                 # without data: "bundled" demo suite or "rank" (server.workloads.rank_suite)
-
-    def __post_init__(self) -> None:
-        for name in ("num_clients", "heldout_examples", "rounds", "local_steps", "batch_size",
-                     "max_length", "eval_max_new_tokens"):
-            _positive_int(self, name)
-        _positive_int(self, "num_heldout", 1)
-        for name in ("lr", "alpha"):
-            _positive_float(self, name)
-        if self.clients_per_round is not None:
-            _positive_int(self, "clients_per_round")
-            if self.clients_per_round > self.num_clients:
-                raise ValueError(f"clients_per_round must be <= num_clients={self.num_clients}, "
-                                 f"got {self.clients_per_round}")
-        if self.suite not in ("bundled", "rank"):
-            raise ValueError(f"suite must be 'bundled' or 'rank', got {self.suite!r}")
-        if self.split not in ("reference", "balanced"):
-            raise ValueError(f"split must be 'reference' or 'balanced', got {self.split!r}")
-        if not (isinstance(self.collapse_threshold, (int, float)) and 0 < self.collapse_threshold <= 1):
-            raise ValueError(f"collapse_threshold must be in (0, 1], got {self.collapse_threshold!r}")
-        from server.federation.strategies import RobustConfig
-        from server.runtimes.faults import check_fault
-        RobustConfig(clip_norm=self.clip_norm, clip_adaptive=self.clip_adaptive,
-                     max_weight_share=self.max_weight_share, trim_fraction=self.trim_fraction)
-        self.decode_limits()
-        for cid, fault in dict(self.faults).items():
-            check_fault(cid, fault)
-
-    def decode_limits(self):
-        from edge_client.wire import DecodeLimits
-        lim = {k: getattr(self, k) for k in ("max_num_examples", "max_delta_norm") if getattr(self, k) is not None}
-        return DecodeLimits(**lim) if lim else None
+SETTING_FIELDS = tuple(f.name for f in fields(RunConfig) if f.name not in PER_CELL + _RUNTIME_FIELDS)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -140,12 +80,14 @@ class ExperimentConfig:
     arms: Sequence[str] = field(default_factory=lambda: list(ARMS))
     distributions: Sequence[str] = field(default_factory=lambda: list(DISTRIBUTIONS))
     seeds: Sequence[int] = (0, 1, 2)
-    settings: CellSettings = field(default_factory=CellSettings)
+    settings: RunConfig = field(default_factory=experiment_settings)
     threads: int | None = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.settings, Mapping):
-            self.settings = CellSettings(**self.settings)
+            self.settings = experiment_settings(**self.settings)
+        if not isinstance(self.settings, RunConfig):
+            raise ValueError(f"settings must be a RunConfig or a dict of its fields, got {type(self.settings).__name__}")
         self.arms, self.distributions, self.seeds = list(self.arms), list(self.distributions), list(self.seeds)
         for i, a in enumerate(self.arms):
             if a not in ARMS:
@@ -161,8 +103,9 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be non-empty")
             if len(set(seq)) != len(seq):
                 raise ValueError(f"{name} has duplicates: {seq}")
-        if self.threads is not None:
-            _positive_int(self, "threads")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads must be an int >= 1, got {self.threads!r}")
 
     def cells(self) -> list[Cell]:
         """Seed-major order, so a partial grid already has every arm and distribution."""
@@ -170,13 +113,15 @@ class ExperimentConfig:
                 for s in self.seeds for d in self.distributions for a in self.arms]
 
     def identity(self) -> dict:
-        """What a stored cell must match to be reused (settings, not the grid's extent)."""
-        doc = asdict(self.settings)
-        # defence fields at their defaults leave the identity (and stored cells) as before
-        for f in fields(CellSettings):
-            if f.name in _DEFENCE_FIELDS and doc[f.name] == (f.default_factory() if callable(f.default_factory)
-                                                            else f.default):
-                del doc[f.name]
+        """What a stored cell must match to be reused (settings, not the grid's extent): the
+        CELL_FIELDS (defences only when set, so older grids keep their hash) and any other
+        setting that differs from the grid's default."""
+        defaults = experiment_settings()
+        doc = {}
+        for name in SETTING_FIELDS:
+            value, default = getattr(self.settings, name), getattr(defaults, name)
+            if (name in CELL_FIELDS and name not in _DEFENCE_FIELDS) or value != default:
+                doc[name] = list(value) if isinstance(value, tuple) else value
         return doc
 
     def identity_hash(self) -> str:
@@ -185,12 +130,13 @@ class ExperimentConfig:
 
     def to_json(self) -> dict:
         return {"arms": list(self.arms), "distributions": list(self.distributions), "seeds": list(self.seeds),
-                "settings": asdict(self.settings), "threads": self.threads}
+                "settings": self.identity(), "threads": self.threads}
 
 
 def load_config_file(path: str) -> dict:
     """A JSON file with any of ``arms``, ``distributions``, ``seeds``, ``threads`` and
-    ``settings`` (a dict of ``CellSettings`` fields); unknown keys are errors."""
+    ``settings`` (a dict of ``RunConfig`` fields other than those a cell sets); unknown keys are
+    errors."""
     try:
         with open(path, encoding="utf-8") as fh:
             doc = json.load(fh)
@@ -205,7 +151,7 @@ def load_config_file(path: str) -> dict:
     settings = doc.get("settings", {})
     if not isinstance(settings, dict):
         raise ValueError(f"config {path}: 'settings' must be an object")
-    names = {f.name for f in fields(CellSettings)}
+    names = set(SETTING_FIELDS)
     bad = sorted(set(settings) - names)
     if bad:
         raise ValueError(f"config {path}: unknown settings {bad}; expected some of {sorted(names)}")

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from server.runtimes.experiments.cell import SharedBase, load_shared_base, run_cell
+from server.runtimes.build import SharedBase, load_shared_base
+from server.runtimes.experiments.cell import run_cell
 from server.runtimes.experiments.config import Cell, ExperimentConfig
 
 __all__ = ["cell_path", "load_cell", "run_grid", "write_json_atomic"]

@@ -1,13 +1,14 @@
 """The Flower run configuration (``[tool.flwr.app.config]``, ``flwr run --run-config``) and how
-it maps onto the embedded runtime's ``SimulationConfig``, so that both runtimes take their
-defaults and validation from one place.
+it maps onto the one ``RunConfig`` (:mod:`server.runtimes.config`), so that every runtime takes
+its defaults and validation from one place.
 
 Keys (Flower style, hyphenated): ``strategy``, ``num-server-rounds``, ``seed``, ``num-heldout``,
 ``rank-distribution`` ("" = device mix + rank policy), ``fedit-rank``, ``model`` ("" = the
 shipped tiny model), ``data`` ("" = the bundled suite), ``local-steps``, ``batch-size``, ``lr``,
 ``alpha``, ``max-length``, ``min-clients``, ``min-nodes`` (nodes to wait for), ``node-wait-s``,
 ``round-timeout-s``, ``evaluate``, ``eval-max-new-tokens``, ``output-dir``, ``resume``,
-``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default).
+``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default), ``device``
+(``cpu`` | ``cuda[:N]``: where FlexLoRA/raFLoRA aggregate).
 
 Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed``):
 ``clients-per-round`` (0 = every node every round) or ``fraction-train`` (0 = unused; else
@@ -24,10 +25,9 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from edge_client.wire import DecodeLimits
-from server.runtimes.simulate import SimulationConfig
+from server.runtimes.config import RunConfig
 
-__all__ = ["FlowerRunConfig", "simulation_config", "simulation_defaults", "clients_per_round", "decode_limits"]
+__all__ = ["FlowerRunConfig", "to_run_config", "run_config_defaults", "clients_per_round", "limit_settings"]
 
 
 def _get(cfg: Mapping, key: str, default, kind):
@@ -99,34 +99,37 @@ def clients_per_round(cfg: Mapping, *, num_clients: int) -> int | None:
     return k or None
 
 
-def decode_limits(cfg: Mapping) -> DecodeLimits | None:
-    """``DecodeLimits`` from ``max-update-bytes`` / ``max-header-bytes`` / ``max-delta-norm`` (None: defaults)."""
-    given = {"max_bytes": _get(cfg, "max-update-bytes", 0, int),
-             "max_header_bytes": _get(cfg, "max-header-bytes", 0, int),
-             "max_delta_norm": _get(cfg, "max-delta-norm", 0.0, float),
-             "max_num_examples": _get(cfg, "max-num-examples", 0, int)}
-    for key, value in given.items():
+def limit_settings(cfg: Mapping) -> dict:
+    """``RunConfig`` reply limits from ``max-update-bytes`` / ``max-header-bytes`` /
+    ``max-delta-norm`` / ``max-num-examples`` (0 = the decoder's default) and ``max-round-bytes``
+    (0 = no budget)."""
+    keys = {"max-update-bytes": ("max_reply_bytes", int), "max-header-bytes": ("max_header_bytes", int),
+            "max-delta-norm": ("max_delta_norm", float), "max-num-examples": ("max_num_examples", int),
+            "max-round-bytes": ("max_round_bytes", int)}
+    given = {}
+    for key, (name, kind) in keys.items():
+        value = _get(cfg, key, kind(0), kind)
         if value < 0:
-            raise ValueError(f"run config limit {key} must be >= 0 (0 = default), got {value}")
-    given = {k: v for k, v in given.items() if v}
-    return DecodeLimits(**given) if given else None
+            raise ValueError(f"run config {key!r} must be >= 0 (0 = the default), got {value}")
+        given[name] = value
+    return {k: v or None for k, v in given.items()}
 
 
-_SIM_KEYS = {  # run config key -> SimulationConfig field (the embedded runtime's defaults apply)
+_SIM_KEYS = {  # run config key -> RunConfig field (the embedded runtime's defaults apply)
     "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
     "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints",
-    "split": "split", "carry": "carry"}
+    "split": "split", "carry": "carry", "device": "device"}
 _OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
              "max-norm-growth": "max_norm_growth"}   # 0.0 = None (off) there
 
 
-def simulation_defaults() -> dict:
-    """The run config defaults that map onto ``SimulationConfig`` fields: the embedded runtime's
+def run_config_defaults() -> dict:
+    """The run config defaults that map onto ``RunConfig`` fields: the embedded runtime's
     own defaults, so a key left out of a Flower run config means what ``flexlora simulate``
     means by it (``[tool.flwr.app.config]`` in pyproject.toml must agree; a test checks)."""
-    fields = {f.name: f for f in dataclasses.fields(SimulationConfig)}
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
     out = {key: fields[name].default for key, name in _SIM_KEYS.items()}
     out.update({"rank-distribution": "", "model": "", "data": ""})   # "" = None there
     out.update({key: 0.0 if fields[name].default is None else float(fields[name].default)
@@ -135,9 +138,9 @@ def simulation_defaults() -> dict:
     return out
 
 
-def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
-    """The ``SimulationConfig`` the embedded runtime would run with for these settings."""
-    d = simulation_defaults()
+def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
+    """The ``RunConfig`` these Flower settings describe (what ``flexlora simulate`` would run)."""
+    d = run_config_defaults()
 
     def get(key: str, kind):
         return _get(cfg, key, d[key], kind)
@@ -146,20 +149,16 @@ def simulation_config(cfg: Mapping, *, num_clients: int) -> SimulationConfig:
         return get(key, str) or None
 
     threads = _get(cfg, "threads", 0, int)
-    round_bytes = _get(cfg, "max-round-bytes", 0, int)
-    if round_bytes < 0:
-        raise ValueError(f"run config 'max-round-bytes' must be >= 0 (0 = no budget), got {round_bytes}")
-    return SimulationConfig(
+    return RunConfig(
         strategy=get("strategy", str), rounds=_get(cfg, "num-server-rounds", FlowerRunConfig.num_rounds, int),
         num_clients=num_clients, clients_per_round=clients_per_round(cfg, num_clients=num_clients),
-        limits=decode_limits(cfg), max_round_bytes=round_bytes or None,
-        num_heldout=get("num-heldout", int), seed=get("seed", int),
+        **limit_settings(cfg), num_heldout=get("num-heldout", int), seed=get("seed", int),
         rank_distribution=opt_str("rank-distribution"), fedit_rank=get("fedit-rank", str),
         model=opt_str("model"), data=opt_str("data"), local_steps=get("local-steps", int),
         batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
         max_length=get("max-length", int), min_clients=get("min-clients", int),
         target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()) or ("auto",),
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
-        split=get("split", str), carry=get("carry", bool),
+        split=get("split", str), carry=get("carry", bool), device=get("device", str),
         trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
         **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})

@@ -1,8 +1,8 @@
 """The FlexLoRA Flower ServerApp (``[tool.flwr.app.components] serverapp``).
 
 ``flwr run . <superlink-connection>`` runs it on the SuperLink: probe the nodes, build the
-strategy exactly as ``flexlora simulate`` does (same config, base-model fingerprint, FedIT
-rank rule), run the rounds with the federation core's ``RoundEngine`` through
+federation exactly as ``flexlora simulate`` does (``build_federation`` of the same run config,
+with the ranks the nodes report), run the rounds with the federation core's ``RoundEngine`` through
 :class:`~server.runtimes.flower.strategy.FlexLoRAFlowerStrategy`, evaluate the global model on the
 held-out clients (``client-task=simulated``), and after every round write an atomic checkpoint
 (the engine's, so ``--resume`` works from either runtime) and ``flower-results.json`` into
@@ -13,7 +13,6 @@ is what scripts and tests check.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -26,13 +25,10 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from edge_client.trainer import TrainConfig
-from server.federation import CHECKPOINT_NAME, RoundEngine
-from server.runtimes.flower.config import FlowerRunConfig, simulation_config
+from server.federation import CHECKPOINT_NAME
+from server.runtimes.build import build_federation, load_shared_base
+from server.runtimes.flower.config import FlowerRunConfig, to_run_config
 from server.runtimes.flower.strategy import FlexLoRAFlowerStrategy, probe_nodes
-from server.runtimes.simulate import build_suite_for, strategy_for
-from server.workloads.evaluate import Evaluator
-from server.workloads.model import fingerprint, linear_shapes, load_base
 
 __all__ = ["RESULTS_NAME", "app", "run_flower"]
 
@@ -61,33 +57,20 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
         # load the base model while the SuperNodes start their ClientApps to answer the probe
         with ThreadPoolExecutor(max_workers=1) as pool:
             model_only = {k: v for k, v in run_config.items() if k not in ("clients-per-round", "fraction-train")}
-            loading = pool.submit(load_base, simulation_config(model_only, num_clients=1).model)
+            loading = pool.submit(load_shared_base, to_run_config(model_only, num_clients=1).model)
             # the probe also waits for every node's ClientApp to start (imports): node-wait-s at least
             nodes = probe_nodes(grid, min_nodes=fcfg.min_nodes, wait_s=fcfg.node_wait_s,
                                 timeout_s=max(fcfg.node_wait_s, fcfg.round_timeout_s))
-            model, tokenizer = loading.result()
-        base_model = fingerprint(model)
-        doc["base_model"] = base_model
-        cfg = simulation_config(run_config, num_clients=len(nodes))
+            base = loading.result()
+        doc["base_model"] = base.fingerprint
+        cfg = to_run_config(run_config, num_clients=len(nodes))
         doc.update(strategy=cfg.strategy, config=cfg.identity(),
                    nodes=[{"node_id": n.node_id, "client_id": n.client_id, "rank": n.spec.label(),
                            "num_examples": n.probe.num_examples, "device": n.probe.device} for n in nodes])
-        targets = TrainConfig.from_run_config(run_config).target_modules
-        specs = {n.client_id: n.spec for n in nodes}
-        strategy = strategy_for(cfg, specs.values(), base_model=base_model,
-                                module_shapes=linear_shapes(model, targets))
-        evaluate = None
-        if fcfg.evaluate and fcfg.client_task == "simulated":
-            evaluator = Evaluator(model, tokenizer, copy.deepcopy(model.state_dict()),
-                                  build_suite_for(cfg).heldout_examples(), max_new_tokens=cfg.eval_max_new_tokens)
-
-            def evaluate(s):
-                return evaluator(s.global_delta())
-
-        engine = RoundEngine(strategy, specs, seed=cfg.seed, clients_per_round=cfg.clients_per_round,
-                             evaluate=evaluate, checkpoint_dir=out, identity=cfg.identity(), base_model=base_model,
-                             runtime="flower", logger=log, max_norm_growth=cfg.max_norm_growth,
-                             keep_checkpoints=cfg.keep_checkpoints)
+        fed = build_federation(cfg, base=base, specs={n.client_id: n.spec for n in nodes},
+                               evaluate=fcfg.evaluate and fcfg.client_task == "simulated")
+        strategy = fed.strategy
+        engine = fed.engine(runtime="flower", checkpoint_dir=out, logger=log)
         if fcfg.resume and engine.restore():
             log.info("resuming after round %d from %s", engine.round, out)
         engine.start()
