@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from server.bench.cases import client_types, lora_module_shapes, target_group
+from server.bench.machine import cpu_model
 from server.workloads.catalog import load_workloads
 
 
@@ -36,7 +37,7 @@ def machine(torch, cuda):
     ok, info = cuda.available()
     return {"gpu": torch.cuda.get_device_name(), "backend": info if ok else f"unavailable: {info}",
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version()}
 
 
