@@ -76,7 +76,6 @@ def bench_mix(modules, methods, args, rates, per_layer):
     ref_mods = modules
     if args.reference_layers is not None:
         ref_mods = modules[: args.reference_layers * per_layer]
-    spectra = ()
     if "reference" in methods:
         timing, outs, peak = measure.time_round_robin(
             {"reference": lambda: rounds.run_reference(ref_mods, args.rank)},
