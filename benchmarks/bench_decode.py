@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 
@@ -32,6 +31,7 @@ def main() -> int:
     from edge_client.export import OnnxLM, export_onnx, greedy_torch, merged_model
     from edge_client.export_kv import OnnxKVLM, export_onnx_kv, greedy_torch_cache, quantize_int8, timed
     from edge_client.testing import tiny_model_and_tokenizer
+    from server.bench.machine import cpu_model
 
     model, _ = tiny_model_and_tokenizer(hidden=256, layers=4, heads=4)
     params = sum(p.numel() for p in model.parameters())
@@ -42,7 +42,7 @@ def main() -> int:
     ref = merged_model(model)
     ref.config.use_cache = True
     lm_full, lm_kv, lm_q8 = OnnxLM(full, threads=1), OnnxKVLM(kv, threads=1), OnnxKVLM(q8, threads=1)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, 1 thread (torch and "
+    print(f"# {cpu_model()}, {os.cpu_count()} CPUs visible, 1 thread (torch and "
           f"onnxruntime), tiny LLaMA h256 l4, {params / 1e6:.2f} M parameters, {args.new} new tokens, greedy, "
           f"median of {args.repeats} (spread)")
     print(f"# sizes: float32 {os.path.getsize(kv) / 2**20:.1f} MiB, int8 {os.path.getsize(q8) / 2**20:.1f} MiB")

@@ -28,23 +28,23 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-from bench_aggregation import ATTN, client_types, module_shapes  # noqa: E402
+from server.bench.cases import client_types, lora_module_shapes, target_group
+from server.bench.machine import cpu_model
+from server.workloads.catalog import load_workloads
 
 
 def machine(torch, cuda):
     ok, info = cuda.available()
     return {"gpu": torch.cuda.get_device_name(), "backend": info if ok else f"unavailable: {info}",
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cpu": cpu_model(), "cores": os.cpu_count(),
             "python": platform.python_version()}
 
 
 def make_pool(torch, wl, scale, mix, pool, layers, seed=0):
     """Distinct pinned clients per client type, and the round's client sequence over them."""
     sc = wl["bench_scales"][scale]
-    shapes = module_shapes(wl["models"][sc["model"]])
+    shapes = lora_module_shapes(wl["models"][sc["model"]])
     types = client_types(wl["rank_distributions"][mix], sc["clients_per_round"])
     gen = torch.Generator(device="cuda").manual_seed(seed)
     members, seq, used = {}, [], {}
@@ -56,7 +56,7 @@ def make_pool(torch, wl, scale, mix, pool, layers, seed=0):
             for layer in range(layers):
                 for target in wl["lora_targets"]:
                     d_out, d_in = shapes[target]
-                    r = wl["client_types"][t]["attn" if target in ATTN else "ffn"]
+                    r = wl["client_types"][t][target_group(target)]
                     decay = 1.0 / torch.sqrt(1.0 + torch.arange(r, device="cuda"))
                     B = torch.randn(d_out, r, device="cuda", generator=gen) * decay * 0.01
                     A = torch.randn(r, d_in, device="cuda", generator=gen) / d_in ** 0.5
@@ -211,7 +211,7 @@ def main(argv=None):
     if not ok:
         print(f"bench_gpu: CUDA backend unavailable: {why}", file=sys.stderr)
         return 2
-    wl = json.loads((ROOT / "workloads.json").read_text())
+    wl = load_workloads()
     info = machine(torch, cuda)
     print("machine: " + json.dumps(info), flush=True)
     results = {"machine": info, "scales": []}

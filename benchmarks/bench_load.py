@@ -46,15 +46,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} threads "
+    from server.bench.machine import cpu_model
+
+    return (f"{cpu_model()}; {os.cpu_count()} logical CPUs; torch {torch.__version__} threads "
             f"{torch.get_num_threads()}; Python {platform.python_version()}")
 
 
@@ -132,7 +126,9 @@ def table(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    paper = json.loads((ROOT / "benchmarks" / "workloads.json").read_text())["rounds"]["paper"]
+    from server.workloads.catalog import load_workloads
+
+    paper = load_workloads()["rounds"]["paper"]
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=paper["clients_total"])
     ap.add_argument("--per-round", type=int, default=paper["clients_per_round"])

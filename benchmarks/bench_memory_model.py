@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -108,12 +107,13 @@ def main() -> int:
     from edge_client.memory import estimate
     from edge_client.rank_policy import choose_rank
     from edge_client.resources import DeviceProfile
+    from server.bench.machine import cpu_model
 
     ranks = [int(r) for r in args.ranks.split(",")]
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     models = list(MODELS)[:1] if args.quick else (args.models.split(",") if args.models else list(MODELS))
     modes = [(m.split("+")[0], m.endswith("+gc")) for m in args.modes.split(",")]
-    print(f"machine: {platform.processor() or platform.machine()}, {psutil.cpu_count()} CPUs, "
+    print(f"machine: {cpu_model()}, {psutil.cpu_count()} CPUs, "
           f"{psutil.virtual_memory().total / 2**30:.1f} GiB, torch {torch.__version__}, threads {args.threads}")
     print(f"batch {BATCH}, vocab {VOCAB}, targets {','.join(TARGETS)}, AdamW, modes {args.modes}, "
           f"{args.steps} steps per point, peak = ru_maxrss of a fresh process (one run per point: "

@@ -31,30 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from server.bench.accuracy import optimum_residual
+from server.bench.cases import client_types, lora_module_shapes, target_group
+from server.bench.machine import cpu_model
+from server.bench.measure import vm_hwm_mb
+from server.bench.report import markdown_table
+from server.workloads.catalog import load_workloads
+
 ROOT = Path(__file__).resolve().parent
-WORKLOADS = ROOT.parent / "server" / "assets" / "workloads.json"
-sys.path.insert(0, str(ROOT))
-from bench_aggregation import ATTN, client_types, module_shapes  # noqa: E402
-
-
-def vm_hwm_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def cpu_model():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def client_factors(wl, model, ctype, client, layers, seed):
     """One client's peft-named factors, trained-LoRA-like (decaying spectrum per client);
     module m of client c always gets the same numbers (seeded by (seed, c, m))."""
-    shapes = module_shapes(wl["models"][model])
+    shapes = lora_module_shapes(wl["models"][model])
     out = {}
     for layer in range(layers):
         for i, target in enumerate(wl["lora_targets"]):
@@ -64,27 +54,27 @@ def client_factors(wl, model, ctype, client, layers, seed):
 
 def module_factors(wl, shapes, ctype, client, layer, i, target, seed):
     d_out, d_in = shapes[target]
-    r = wl["client_types"][ctype]["attn" if target in ATTN else "ffn"]
+    r = wl["client_types"][ctype][target_group(target)]
     rng = np.random.default_rng([seed, client, layer, i])
     decay = (1.0 / np.sqrt(1.0 + np.arange(r))).astype(np.float32)
     B = rng.standard_normal((d_out, r), np.float32)
     B *= decay * np.float32(0.01)
     A = rng.standard_normal((r, d_in), np.float32)
     A *= np.float32(1.0 / np.sqrt(d_in))
-    name = f"model.layers.{layer}.{'self_attn' if target in ATTN else 'mlp'}.{target}"
+    name = f"model.layers.{layer}.{'self_attn' if target_group(target) == 'attn' else 'mlp'}.{target}"
     return {name + ".lora_B.weight": B, name + ".lora_A.weight": A}
 
 
 def projected(wl, model, types, max_rank, sketch_size=None, core_size=None):
     """Bytes of state per route for one round of `types` clients (server.core.linalg)."""
     from server.core import linalg
-    shapes = module_shapes(wl["models"][model])
+    shapes = lora_module_shapes(wl["models"][model])
     layers = wl["models"][model]["layers"]
     tot = {"factors": 0, "dense": 0, "auto": 0, "sketch": 0}
     tests = {}
     for target in wl["lora_targets"]:
         d_out, d_in = shapes[target]
-        R = sum(wl["client_types"][t]["attn" if target in ATTN else "ffn"] for t in types)
+        R = sum(wl["client_types"][t][target_group(target)] for t in types)
         b = linalg.route_state_bytes(d_out, d_in, R, max_rank, sketch_size=sketch_size,
                                      core_size=core_size)
         for k in tot:
@@ -117,7 +107,7 @@ def main(argv=None):
 
     from server.core import linalg
     from server.core.aggregation import Aggregator
-    wl = json.loads(WORKLOADS.read_text())
+    wl = load_workloads()
     model = wl["models"][args.model]
     layers = args.layers or model["layers"]
     types = client_types(wl["rank_distributions"][args.mix], args.clients)
@@ -143,7 +133,7 @@ def main(argv=None):
               flush=True)
 
     check = [m for m in args.check.split(",") if m]
-    shapes = module_shapes(model)
+    shapes = lora_module_shapes(model)
     side = {}
     for m in check:
         target = m.rsplit(".", 1)[1]
@@ -180,7 +170,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     per_rank = {}
     for ctype, spec in wl["client_types"].items():
-        pattern = {m: spec["attn"] if m.rsplit(".", 1)[1] in ATTN else spec["ffn"] for m in g.modules}
+        pattern = {m: spec[target_group(m.rsplit(".", 1)[1])] for m in g.modules}
         t1 = time.perf_counter()
         cf = g.client_factors(rank=pattern, alpha=alpha)
         per_rank[ctype] = {"seconds": time.perf_counter() - t1,
@@ -198,7 +188,7 @@ def main(argv=None):
         for m in check:
             dW = torch.from_numpy(side[m] / np.float32(total_w))
             s = torch.linalg.svdvals(dW).double().numpy()
-            opt = float(np.sqrt(np.sum(s[args.max_rank:] ** 2)))
+            opt = optimum_residual(s, args.max_rank)
             U, S, Vt = g.modules[m]
             err = float(torch.linalg.norm(dW.double() - torch.from_numpy(U * S).double() @ torch.from_numpy(Vt).double()))
             errs[m] = {"err_over_opt": err / opt, "route": g.routes[m]}
@@ -216,7 +206,7 @@ def main(argv=None):
            "errors": errs, "loadavg_end": os.getloadavg()}
     if run < args.clients:
         # clients are not alike (ranks differ by type): scale the add time by total rank
-        rank_of = {t: sum(wl["client_types"][t]["attn" if x in ATTN else "ffn"] for x in wl["lora_targets"])
+        rank_of = {t: sum(wl["client_types"][t][target_group(x)] for x in wl["lora_targets"])
                    for t in counts}
         done = sum(rank_of[t] for t in types[:run])
         allr = sum(rank_of[t] for t in types)
@@ -241,10 +231,10 @@ def main(argv=None):
         md.append(f"- projected whole round (add time scaled by total rank): {res['projected_round_s']:.0f} s")
     for m, e in errs.items():
         md.append(f"- {m}: err/opt {e['err_over_opt']:.4f} ({e['route']})")
-    md += ["", "| model | factors GiB | dense GiB | auto GiB | sketch GiB |", "| --- | ---: | ---: | ---: | ---: |"]
-    for name, p in proj.items():
-        md.append(f"| {name} | {p['factors'] / 2**30:.1f} | {p['dense'] / 2**30:.1f} | {p['auto'] / 2**30:.1f} | "
-                  f"{p['sketch'] / 2**30:.2f} |")
+    md += [""] + markdown_table(
+        ["model", "factors GiB", "dense GiB", "auto GiB", "sketch GiB"],
+        [[name, f"{p['factors'] / 2**30:.1f}", f"{p['dense'] / 2**30:.1f}", f"{p['auto'] / 2**30:.1f}",
+          f"{p['sketch'] / 2**30:.2f}"] for name, p in proj.items()], align="lrrrr")
     Path(args.out + ".md").write_text("\n".join(md) + "\n")
     print(f"wrote {args.out}.json and {args.out}.md")
 

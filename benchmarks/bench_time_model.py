@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -81,8 +80,9 @@ def main() -> int:
 
     from edge_client.testing import save_tiny_model
     from edge_client.wire import RankSpec
+    from server.bench.machine import cpu_model
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch threads {THREADS}, "
+    print(f"# {cpu_model()}, {os.cpu_count()} CPUs visible, torch threads {THREADS}, "
           f"batch {BATCH}, median over {REPEATS} fresh processes of the median of {STEPS} steps after {WARMUP} warm-up, calibration at seq {CALIBRATION_SEQS} (rank 4) + seq {CALIBRATION_SEQS[-1]} (rank 128)")
     models = list(MODELS)[:1] if args.quick else list(MODELS)
     ranks = (4, 64) if args.quick else (4, 32, 128)

@@ -22,6 +22,19 @@ SIGMA_FLOOR = 1e-5
 TAIL_FLOOR = 1e-6
 
 
+def optimum_residual(singular_values, k: int) -> float:
+    """``||M - M_k||_F = sqrt(sum_{i>=k} s_i^2)``: the best rank-k error (Eckart–Young)."""
+    tail = np.asarray(singular_values, dtype=np.float64)[k:]
+    return float(np.sqrt(np.sum(tail ** 2)))
+
+
+def ratio_to_optimum(err: float, opt: float) -> float:
+    """``err / opt``; where the optimum is 0, 0 for an exact result and infinity otherwise."""
+    if opt > 0:
+        return err / opt
+    return 0.0 if err == 0 else float("inf")
+
+
 def normalise(U, S, Vt, k: int, d_out: int, d_in: int):
     """Check shapes, keep the top k, order by descending singular value."""
     U, S, Vt = np.asarray(U), np.asarray(S).reshape(-1), np.asarray(Vt)
@@ -40,7 +53,7 @@ def score(M: np.ndarray, truth: np.ndarray, U, S, Vt, k: int) -> dict:
     residual = M.astype(np.float64) - (U.astype(np.float64) * S.astype(np.float64)) @ Vt.astype(np.float64)
     err = float(np.linalg.norm(residual))
     norm = float(np.linalg.norm(truth))
-    opt = float(np.sqrt(np.sum(truth[k:] ** 2)))
+    opt = optimum_residual(truth, k)
     top = truth[:k]
     denom = np.maximum(top, SIGMA_FLOOR * truth[0])
     sigma_rel = float(np.max(np.abs(S.astype(np.float64) - top) / denom))

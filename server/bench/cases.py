@@ -178,17 +178,46 @@ def _lora_factors(rng, d_out: int, d_in: int, ranks, alpha: float):
 
 
 
+ATTN_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def target_group(target: str) -> str:
+    """``"attn"`` or ``"ffn"``: which rank of a client type (workloads.json) a LoRA target gets."""
+    return "attn" if target in ATTN_TARGETS else "ffn"
+
+
+def lora_module_shapes(model: dict) -> dict[str, tuple[int, int]]:
+    """``{target: (d_out, d_in)}`` for the seven LoRA targets of a LLaMA-shaped model entry."""
+    h, f, kv = model["hidden"], model["ffn"], model.get("kv_dim", model["hidden"])
+    return {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h),
+            "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+
 
 def module_shapes(workloads: dict, model: str) -> dict[str, tuple[int, int, str]]:
     """``{name: (d_out, d_in, group)}`` for the distinct LoRA module shapes of ``model``."""
     models = workloads["models"]
     if model not in models:
         raise ValueError(f"model must be one of {sorted(models)}, got {model!r}")
-    h, f, kv = models[model]["hidden"], models[model]["ffn"], models[model].get("kv_dim", models[model]["hidden"])
-    shapes = {"q_proj": (h, h, "attn"), "up_proj": (f, h, "ffn"), "down_proj": (h, f, "ffn")}
-    if kv != h:
-        shapes["k_proj"] = (kv, h, "attn")
-    return shapes
+    shapes = lora_module_shapes(models[model])
+    names = ("q_proj", "up_proj", "down_proj") + (("k_proj",) if shapes["k_proj"] != shapes["q_proj"] else ())
+    return {t: (*shapes[t], target_group(t)) for t in names}
+
+
+def type_counts(shares: dict[str, float], n: int) -> dict[str, int]:
+    """How many of ``n`` clients each type gets, in the proportions ``shares``: largest remainder,
+    ties broken by the order of ``shares``."""
+    exact = {t: p * n for t, p in shares.items()}
+    counts = {t: int(math.floor(v)) for t, v in exact.items()}
+    left = n - sum(counts.values())
+    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[:left]:
+        counts[t] += 1
+    return counts
+
+
+def client_types(shares: dict[str, float], n: int) -> list[str]:
+    """``n`` client type names in the proportions ``shares`` (:func:`type_counts`), grouped by type."""
+    counts = type_counts(shares, n)
+    return [t for t in shares for _ in range(counts[t])]
 
 
 def client_ranks_for_mix(workloads: dict, mix: str, clients: int, group: str, rank_scale: float = 1.0) -> tuple[int, ...]:
@@ -201,12 +230,7 @@ def client_ranks_for_mix(workloads: dict, mix: str, clients: int, group: str, ra
     if not rank_scale > 0:
         raise ValueError(f"rank_scale must be positive, got {rank_scale}")
     types = workloads["client_types"]
-    probs = dists[mix]
-    exact = {t: p * clients for t, p in probs.items()}
-    counts = {t: int(math.floor(v)) for t, v in exact.items()}
-    left = clients - sum(counts.values())
-    for t in sorted(exact, key=lambda t: exact[t] - counts[t], reverse=True)[:left]:
-        counts[t] += 1
+    counts = type_counts(dists[mix], clients)
     ranks: list[int] = []
     for t in types:
         r = max(1, int(round(types[t][group] * rank_scale)))

@@ -1,7 +1,8 @@
 """Nominal floating-point operation counts, one explicit formula per algorithm.
 
 GFLOP/s in the report is ``formula / median time``: an *effective* rate on a nominal count,
-comparable across backends that run the same algorithm, not a hardware counter. Conventions
+comparable across backends that run the same algorithm, not a hardware counter. A *floor* is the time a
+count needs at GEMM rates measured on the machine (:func:`floor_seconds`). Conventions
 (a multiply-add counts 2):
 
 * GEMM ``(m x p) @ (p x n)``: ``2 m n p``.
@@ -9,7 +10,8 @@ comparable across backends that run the same algorithm, not a hardware counter. 
 * Thin SVD of ``m x n`` (m >= n, U1 and V formed), Golub & Van Loan (4th ed., Fig. 8.6.1):
   ``min(14 m n^2 + 8 n^3, 6 m n^2 + 20 n^3)`` (Golub–Reinsch vs R-SVD). LAPACK gesdd and gesvd
   are both charged this count; divide and conquer does fewer operations in practice, so its
-  GFLOP/s reads higher.
+  GFLOP/s reads higher. With U not formed (singular values and V only): ``4 m n^2 + 8 n^3``,
+  the count charged to the reference aggregation's full SVD.
 * Forming a factored LoRA sum ``dW = [B_1..B_K] [w_k A_k]``: ``2 d_out d_in R``, R = sum r_k.
 * Randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1) on an operator with
   ``l = k + oversample`` columns and ``q`` power iterations: ``2q + 2`` operator applications
@@ -24,6 +26,12 @@ comparable across backends that run the same algorithm, not a hardware counter. 
   and solved (``4 R^2 k``), and the two back-products ``2 (d_out + d_in) R k``. Otherwise
   (R above d) thin QR of both concatenations (rank-capped), the R x R core product
   (``2 R^3``), its SVD (``22 R^3``), and the back-products.
+* One-pass sketch (``server.core.linalg.StreamingSketch``, sketch size k, core size s, Tropp,
+  Yurtsever, Udell & Cevher 2017): per client of rank r, ``A [Omega | Xi^T]`` and ``[Psi; Phi] B``
+  (``2 r (m + n)(k + s)``), then ``B (A Omega)``, ``(Psi B) A``, ``(Phi B)(A Xi^T)``
+  (``2 r (m k + k n + s^2)``); finalize: two Householder QRs (``4 d k^2``), ``Phi Q`` and ``Xi P``
+  (``2 s k (m + n)``), QRs of ``s x k`` (``4 s k^2`` each), ``Q1^T Z Q2`` (``2 k s^2 + 2 k^2 s``),
+  the SVD of ``k x k`` (``22 k^3``), U and V (``2 (m + n) k rank``).
 * ARPACK (``scipy:svds``): ``2 m n`` per matrix-vector product, products counted by wrapping
   M in a LinearOperator on the (untimed) accuracy run; re-orthogonalisation is not counted.
 """
@@ -43,6 +51,12 @@ def qr_thin(m: int, n: int) -> float:
 def svd_thin(m: int, n: int) -> float:
     m, n = max(m, n), min(m, n)
     return min(14.0 * m * n * n + 8.0 * n ** 3, 6.0 * m * n * n + 20.0 * n ** 3)
+
+
+def svd_sigma_v(m: int, n: int) -> float:
+    """Thin SVD computing the singular values and V only (Golub & Van Loan, Fig. 8.6.1)."""
+    m, n = max(m, n), min(m, n)
+    return 4.0 * m * n * n + 8.0 * n ** 3
 
 
 def form_factored(d_out: int, d_in: int, total_rank: int) -> float:
@@ -91,3 +105,18 @@ def dense_route(d_out: int, d_in: int, total_rank: int, rank: int, oversample: i
 
 def arpack(m: int, n: int, products: int) -> float:
     return gemm(m, n, 1) * products
+
+
+def sketch_one_pass(d_out: int, d_in: int, total_rank: int, rank: int, sketch: int, core: int) -> float:
+    """The one-pass sketch route: all clients' updates (total rank R) plus finalize (see above)."""
+    m, n, R, k, s = d_out, d_in, total_rank, sketch, core
+    update = 2 * R * ((m + n) * (k + s) + m * k + k * n + s * s)
+    finalize = 4 * (m + n) * k * k + 2 * s * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
+        + 22 * k ** 3 + 2 * (m + n) * k * rank
+    return update + finalize
+
+
+def floor_seconds(flops: float, flops_f64: float, sgemm_gflops: float, dgemm_gflops: float) -> float:
+    """The time ``flops`` take at the measured GEMM rates: the float64 part ``flops_f64`` at dgemm's,
+    the rest at sgemm's (a lower bound that a route's median is read against: ``x floor``)."""
+    return (flops - flops_f64) / (sgemm_gflops * 1e9) + flops_f64 / (dgemm_gflops * 1e9)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import importlib
 import os
 import platform
-import time
+from typing import Callable
 
 import numpy as np
+
+from server.bench.measure import time_call
 
 
 def cpu_model() -> str:
@@ -57,18 +59,49 @@ def gpu_info() -> list[str]:
             for i in range(torch.cuda.device_count())]
 
 
+def gemm_gflops(matmul: Callable[[], object], n: int, repeats: int = 3) -> float:
+    """The rate of ``matmul`` (one n x n x n GEMM, ``2 n^3`` FLOPs): one warm-up call, then the best of ``repeats``."""
+    matmul()
+    return 2.0 * n ** 3 / time_call(matmul, repeats=repeats, min_repeats=repeats, budget_s=float("inf")).best / 1e9
+
+
 def sgemm_gflops(n: int = 1024, repeats: int = 3) -> float:
     """This machine's float32 GEMM rate through NumPy's BLAS (best of a few), a ceiling to read GFLOP/s against."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2.0 * n ** 3 / best / 1e9
+    return gemm_gflops(lambda: a @ b, n, repeats)
+
+
+def core_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
+    """The float32 GEMM rate through our native core (``server._core.weighted_sum`` of one B @ A)."""
+    from server import _core
+
+    rng = np.random.default_rng(0)
+    B, A = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
+    return gemm_gflops(lambda: _core.weighted_sum([B], [A], [1.0], None, threads), n, repeats)
+
+
+def dgemm_gflops(threads: int | None = None, n: int = 2048, repeats: int = 3) -> float:
+    """The float64 GEMM rate through NumPy's BLAS, limited to ``threads`` (threadpoolctl)."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((n, n)), rng.standard_normal((n, n))
+    with threadpool_limits(threads):
+        return gemm_gflops(lambda: a @ b, n, repeats)
+
+
+def short_info(threads: int) -> dict:
+    """A one-line machine record for a script's JSON: CPU, cores, threads, versions, our core's BLAS."""
+    import torch
+
+    from server import _core
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
+            "python": platform.python_version(), "numpy": np.__version__,
+            "torch": torch.__version__, "ours_blas": _core.blas_config(),
+            "platform": platform.platform()}
 
 
 def machine_info(threads: int | None = None) -> dict:

@@ -22,13 +22,15 @@ torch's CPU allocator or our C++ core, so the resident set is measured instead:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import statistics
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 MEMORY_MODES = ("inprocess", "subprocess", "off")
 
@@ -49,6 +51,10 @@ class Timing:
     @property
     def q3(self) -> float:
         return _quantile(self.samples, 0.75)
+
+    @property
+    def best(self) -> float:
+        return min(self.samples)
 
     @property
     def spread(self) -> float:
@@ -91,9 +97,41 @@ def time_call(fn: Callable[[], Any], *, repeats: int, min_repeats: int, budget_s
     return timing
 
 
+def time_round_robin(fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int, memory: bool = False
+                     ) -> tuple[dict[str, Timing], dict[str, Any], dict[str, int]]:
+    """Time several calls in turn: every call ``warmup`` times untimed, then ``repeats`` rounds of
+    one timed call of each, so load from other processes drifts over all of them alike.
+
+    Returns per name its :class:`Timing`, the output of its last call and, with ``memory``, the
+    largest resident memory one call added (:class:`PeakMemory`, bytes; 0 when unknown).
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    timings = {name: Timing() for name in fns}
+    outs: dict[str, Any] = {}
+    peaks = {name: 0 for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with PeakMemory() if memory else contextlib.nullcontext() as peak:
+                t0 = time.perf_counter()
+                outs[name] = fn()
+                timings[name].samples.append(time.perf_counter() - t0)
+            if memory:
+                peaks[name] = max(peaks[name], peak.peak_bytes or 0)
+    return timings, outs, peaks
+
+
+def python_command() -> list[str]:
+    """The command that starts a fresh measuring process like this one: this interpreter, and ``-S``
+    when this one runs without ``site`` (a checkout run beside an editable install of another)."""
+    return [sys.executable, *(["-S"] if sys.flags.no_site else [])]
+
+
 # ---- resident memory --------------------------------------------------------------------
 
-def _proc_status_kib(key: str) -> int | None:
+def proc_status_kib(key: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``, ...); None where there is none."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -102,6 +140,12 @@ def _proc_status_kib(key: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def vm_hwm_mb() -> float:
+    """This process's resident high-water mark (``VmHWM``) in MiB; NaN where the kernel has none."""
+    kib = proc_status_kib("VmHWM")
+    return kib / 1024 if kib is not None else float("nan")
 
 
 def _reset_hwm() -> bool:
@@ -151,7 +195,7 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         trim()
-        self._before = _proc_status_kib("VmRSS")
+        self._before = proc_status_kib("VmRSS")
         self._use_hwm = self._before is not None and _reset_hwm()
         if self._use_hwm:
             self.method = "VmHWM"
@@ -174,7 +218,7 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self._use_hwm:
-            hwm = _proc_status_kib("VmHWM")
+            hwm = proc_status_kib("VmHWM")
             self.peak_bytes = max(0, (hwm - self._before)) * 1024 if hwm is not None else None
         else:
             self._stop.set()

@@ -22,8 +22,16 @@ def by_case(records: list[dict]) -> "OrderedDict[str, list[dict]]":
     return groups
 
 
-def _fmt(x, spec: str, missing: str = "-") -> str:
+def fmt(x, spec: str, missing: str = "-") -> str:
+    """``format(x, spec)``, or ``missing`` for None."""
     return missing if x is None else format(x, spec)
+
+
+def markdown_table(columns, rows, align: str = "") -> list[str]:
+    """Lines of a markdown table; ``align`` has one letter a column, ``l`` (default) or ``r``."""
+    align = align.ljust(len(columns), "l")
+    rule = ["---:" if a == "r" else "---" for a in align]
+    return ["| " + " | ".join(str(c) for c in row) + " |" for row in (columns, rule, *rows)]
 
 
 def _row(r: dict) -> list[str]:
@@ -41,8 +49,8 @@ def _row(r: dict) -> list[str]:
     ratio = r.get("err_ratio")
     err = f"{ratio:.6f}" if ratio is not None else (f"rel {r['err_rel']:.1e}" if r.get("err_rel") is not None else "-")
     mem = r.get("peak_bytes")
-    return [r["backend"], f"{r['time_s']:.4f}", f"{100 * r['iqr_rel']:.0f}%", _fmt(r.get("gflops"), ".1f"),
-            err, _fmt(r.get("sigma_rel"), ".1e"), _fmt(None if mem is None else mem / 2**20, ".0f"), "; ".join(notes)]
+    return [r["backend"], f"{r['time_s']:.4f}", f"{100 * r['iqr_rel']:.0f}%", fmt(r.get("gflops"), ".1f"),
+            err, fmt(r.get("sigma_rel"), ".1e"), fmt(None if mem is None else mem / 2**20, ".0f"), "; ".join(notes)]
 
 
 def verdict(rows: list[dict]) -> str:
@@ -76,12 +84,10 @@ def verdict(rows: list[dict]) -> str:
 
 def _table(rows: list[list[str]], markdown: bool) -> str:
     if markdown:
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
-        lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-        return "\n".join(lines)
+        return "\n".join(markdown_table(COLUMNS, [[c.replace("|", "/") for c in row] for row in rows]))
     widths = [max(len(str(c)) for c in col) for col in zip(COLUMNS, *rows)]
-    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(COLUMNS), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    line = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def format_results(result: dict, *, markdown: bool = False, accurate_ratio: float = 1.01) -> str:

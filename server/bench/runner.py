@@ -14,7 +14,7 @@ from server.bench import accuracy
 from server.bench import flops as F
 from server.bench.backends import Backend, BenchSettings, load_all, select
 from server.bench.cases import CaseSpec, form_dense, save_case
-from server.bench.measure import MEMORY_MODES, PeakMemory, time_call
+from server.bench.measure import MEMORY_MODES, PeakMemory, python_command, time_call
 
 FORMATION = "(form dW: numpy GEMM)"
 
@@ -193,7 +193,7 @@ def _subprocess_peak(case_file: str, b: Backend, settings: BenchSettings) -> dic
     if settings.threads:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(settings.threads)
-    proc = subprocess.run([sys.executable, "-m", "server.bench.worker"], input=json.dumps(job), text=True,
+    proc = subprocess.run([*python_command(), "-m", "server.bench.worker"], input=json.dumps(job), text=True,
                           capture_output=True, env=env, timeout=900, check=False)
     if proc.returncode != 0:
         return {"peak_bytes": None, "peak_method": f"subprocess failed: {proc.stderr.strip().splitlines()[-1:]}"}

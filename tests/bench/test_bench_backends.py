@@ -49,3 +49,14 @@ def test_cuda_backend_matches_the_optimum(backend):
     result = backend.to_numpy(backend.run(backend.prepare(case, settings), settings))
     s = accuracy.score(case.matrix, case.truth_singular_values(), *result, case.spec.rank)
     assert s["err_ratio"] < 1.001 and s["sigma_rel"] < 1e-2, s
+
+
+def test_a_backend_whose_library_is_missing_says_which_package():
+    from server.bench.backends import Backend
+
+    class Missing(Backend):
+        name, requires = "missing:svd", ("no_such_module_for_flexlora", "nosuchpkg")
+
+    ok, reason = Missing().available()
+    assert not ok and reason.startswith("nosuchpkg not installed (")
+    assert Backend().available() == (True, "")

@@ -33,6 +33,7 @@ Results may be NumPy arrays or tensors; :meth:`Backend.to_numpy` converts them (
 from __future__ import annotations
 
 import fnmatch
+import importlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,8 +66,15 @@ class Backend:
     device: str = "cpu"            # "cpu" or "cuda"
     inputs: str = "dense"          # "dense": runs on M; "factored": needs the LoRA factors; "both"
     algorithm: str = ""            # one line for --list-backends
+    requires: tuple[str, str] | None = None   # (module that must import, package to name when it does not)
 
     def available(self) -> tuple[bool, str]:
+        if self.requires:
+            module, package = self.requires
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                return False, f"{package} not installed ({exc})"
         return True, ""
 
     def applies(self, case) -> tuple[bool, str]:

@@ -26,13 +26,7 @@ class NumpyGesdd(Backend):
 class ScipyGesvd(Backend):
     name, family = "scipy:gesvd", "scipy"
     algorithm = "scipy.linalg.svd(lapack_driver='gesvd'): LAPACK QR iteration, truncated to k"
-
-    def available(self):
-        try:
-            import scipy.linalg  # noqa: F401
-        except ImportError as exc:
-            return False, f"scipy not installed ({exc})"
-        return True, ""
+    requires = ("scipy.linalg", "scipy")
 
     def run(self, case, settings):
         import scipy.linalg
@@ -59,9 +53,7 @@ class ScipyGesddBackend(ScipyGesvd):
 class ScipySvds(Backend):
     name, family = "scipy:svds", "scipy"
     algorithm = "scipy.sparse.linalg.svds(solver='arpack'): implicitly restarted Lanczos, k values"
-
-    def available(self):
-        return ScipyGesvd().available()
+    requires = ("scipy.sparse.linalg", "scipy")
 
     def applies(self, case):
         if case.spec.rank >= min(case.spec.d_out, case.spec.d_in):

@@ -8,13 +8,7 @@ from server.bench.backends.base import Backend, dense_randomized_flops, register
 class SklearnRandomized(Backend):
     name, family = "sklearn:randomized_svd", "sklearn"
     algorithm = "sklearn.utils.extmath.randomized_svd(n_oversamples, n_iter=power_iters, QR normaliser)"
-
-    def available(self):
-        try:
-            import sklearn.utils.extmath  # noqa: F401
-        except ImportError as exc:
-            return False, f"scikit-learn not installed ({exc})"
-        return True, ""
+    requires = ("sklearn.utils.extmath", "scikit-learn")
 
     def run(self, case, settings):
         from sklearn.utils.extmath import randomized_svd

@@ -7,15 +7,21 @@ from server.bench.backends.base import Backend, dense_exact_flops, dense_randomi
 
 class _Torch(Backend):
     family = "torch"
+    requires = ("torch", "torch")
+    routine = ""                   # the torch function, in the name: torch-<device>:<routine>
+
+    def __init__(self, device: str):
+        self.device = device
+        self.name = f"torch-{device}:{self.routine}"
 
     def available(self):
-        try:
+        ok, reason = super().available()
+        if ok and self.device == "cuda":
             import torch
-        except ImportError as exc:
-            return False, f"torch not installed ({exc})"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            return False, "no CUDA device visible to torch"
-        return True, ""
+
+            if not torch.cuda.is_available():
+                return False, "no CUDA device visible to torch"
+        return ok, reason
 
     def prepare(self, case, settings):
         import torch
@@ -32,10 +38,7 @@ class _Torch(Backend):
 
 class TorchSvd(_Torch):
     algorithm = "torch.linalg.svd(full_matrices=False) (gesdd on CPU), truncated to k"
-
-    def __init__(self, device: str):
-        self.device = device
-        self.name = f"torch-{device}:linalg.svd"
+    routine = "linalg.svd"
 
     def run(self, inputs, settings):
         import torch
@@ -50,10 +53,7 @@ class TorchSvd(_Torch):
 
 class TorchLowrank(_Torch):
     algorithm = "torch.svd_lowrank(q=k+oversample, niter=power_iters), truncated to k"
-
-    def __init__(self, device: str):
-        self.device = device
-        self.name = f"torch-{device}:svd_lowrank"
+    routine = "svd_lowrank"
 
     def run(self, inputs, settings):
         import torch
