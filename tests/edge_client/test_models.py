@@ -217,3 +217,13 @@ def test_hub_ids_are_not_taken_for_paths(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file, expected a model folder or a .gguf file"):
         resolve_model("file", cache=tmp_path)
+
+
+def test_server_load_base_takes_the_name(wheel):
+    from edge_client.trainer import fingerprint
+    from server.workloads.model import load_base
+
+    model, _ = load_base("tiny-test")
+    assert fingerprint(model) == fingerprint(load_model(resolve_model("tiny-test"))[0])
+    with pytest.raises(ValueError, match="^could not load model './gone': local model path './gone' does not exist$"):
+        load_base("./gone")
