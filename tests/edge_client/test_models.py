@@ -107,6 +107,26 @@ def test_conversion_is_reused_and_redone_when_a_file_changed(gguf_f32, tmp_path,
     assert len(calls) == 2 and json.loads(open(os.path.join(out, MARKER)).read())["source_sha256"] == _sha(gguf_f32)
 
 
+def test_concurrent_resolves_convert_once(gguf_f32, tmp_path, monkeypatch):
+    import threading
+
+    calls = []
+    real = models.convert_gguf
+    monkeypatch.setattr(models, "convert_gguf", lambda *a, **k: calls.append(a) or real(*a, **k))
+    results, start = [], threading.Barrier(3)
+
+    def worker():
+        start.wait()
+        results.append(resolve_model(gguf_f32, cache=tmp_path))
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 3 and len(set(results)) == 1
+
+
 def test_a_broken_gguf_leaves_no_folder(tmp_path, gguf_f32):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(open(gguf_f32, "rb").read()[:4096])
