@@ -5,15 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["check_local_model", "check_spec"]
+__all__ = ["check_local_model", "looks_like_path", "check_spec"]
 
 _PEFT_PREFIX = "base_model.model."
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
 def check_local_model(name_or_path: str) -> bool:
-    """True for an existing local folder (checked for a config and tokenizer files); a path-like
-    name that does not exist fails here, naming the path, before any hub lookup."""
+    """True for an existing local folder (checked for a config and tokenizer files); a name that
+    can only be a local path (see :func:`looks_like_path`) and does not exist fails here with one
+    line naming the path, before any hub lookup. False: a hub id."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -23,10 +24,25 @@ def check_local_model(name_or_path: str) -> bool:
                              f"{', '.join(_TOKENIZER_FILES)}; save the tokenizer with save_pretrained too)")
         return True
     if path.exists():
-        raise ValueError(f"model path {str(path)!r} is a file, expected a model folder or a hub id")
-    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise ValueError(f"local model path {str(path)!r} does not exist")
+        raise ValueError(f"model path {name_or_path!r} is a file, expected a model folder or a .gguf file")
+    if looks_like_path(name_or_path):
+        raise ValueError(f"local model path {name_or_path!r} does not exist")
     return False
+
+
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".onnx", ".json")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only mean a local path, not a hub id (``name`` or ``org/name``):
+    absolute, ``./``, ``../``, ``~``, a backslash, more than one ``/``, a weights-file suffix, or
+    an ``a/b`` whose ``a`` is an existing local folder."""
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in name or name.count("/") > 1:
+        return True
+    if Path(name).is_absolute() or name.lower().endswith(_FILE_SUFFIXES):
+        return True
+    head = name.split("/", 1)[0]
+    return "/" in name and bool(head) and Path(head).expanduser().is_dir()
 
 
 _WIRE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -24,19 +24,16 @@ def _targets(text: str) -> list[str]:
 
 
 def _load_config(name: str):
-    from transformers import AutoConfig
+    """The model's config, through the same resolution as training (a registered name is
+    converted once; a missing local path is one line)."""
+    from .models import load_config
 
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load the config of model {name!r} (offline or not a model directory): "
-                         f"{str(exc).splitlines()[0]}") from None
+    return load_config(name)
 
 
 def _common(p: argparse.ArgumentParser, *, model_required: bool = True) -> None:
-
-
-    p.add_argument("--model", required=model_required, default=None, help="local model directory or hub id")
+    p.add_argument("--model", required=model_required, default=None,
+                   help="registered name (smollm2-135m), local model folder, .gguf file or hub id")
     p.add_argument("--ranks", type=_ranks, default=[4, 8, 16, 32, 64, 128, 200])
     p.add_argument("--paper-types", action="store_true", help="candidates r8, r30, r30_200, r200 instead of --ranks")
     p.add_argument("--targets", type=_targets, default=["auto"],

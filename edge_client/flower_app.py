@@ -104,15 +104,14 @@ class EdgeTask:
                              rank_pattern=self.node_config.get("rank-pattern", ""),
                              num_examples=len(self.records), device="node-config",
                              reasons=["rank given by --node-config"])
-        from transformers import AutoConfig
-
+        from .models import load_config
         from .rank_policy import choose_rank
         from .resources import probe
         from .trainer import TrainConfig
 
         tcfg = TrainConfig.from_run_config(self.run_config)
         allowed = [int(r) for r in str(self.run_config.get("allowed-ranks", "4,8,16,32")).split(",")]
-        choice = choose_rank(probe(), AutoConfig.from_pretrained(self.model_name), allowed,
+        choice = choose_rank(probe(), load_config(self.model_name), allowed,
                              targets=list(tcfg.target_modules), batch=tcfg.batch_size, seq_len=tcfg.max_length)
         return NodeProbe(client_id=self.client_id, rank=choice.rank, rank_pattern=choice.rank_pattern,
                          num_examples=len(self.records), device="probe", reasons=list(choice.reasons))

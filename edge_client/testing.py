@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 __all__ = ["tiny_llama_config", "train_tokenizer", "synthetic_records", "tiny_model_and_tokenizer",
-           "ARCHITECTURES", "tiny_config", "save_tiny_model"]
+           "ARCHITECTURES", "tiny_config", "save_tiny_model", "write_tiny_gguf"]
 
 _WORDS = ("red green blue cat dog bird one two three four five apple pear plum sun moon star "
           "river hill tree stone fire water wind north south east west big small fast slow").split()
@@ -117,4 +117,93 @@ def save_tiny_model(arch: str, path, *, seed: int = 0, **config_kwargs) -> str:
     model = AutoModelForCausalLM.from_config(tiny_config(arch, vocab_size=len(tokenizer), **config_kwargs))
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
+    return str(path)
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def _permute_heads(w, n_head: int):
+    """llama.cpp's row order for q/k projections (``convert_hf_to_gguf.py`` ``LlamaModel.permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(model, tokenizer, path, *, qtype: str = "F32", name: str = "tiny llama") -> str:
+    """Write a LLaMA ``model`` and its byte-level BPE ``tokenizer`` as a GGUF file the way llama.cpp's
+    converter does (tensor names, q/k head permutation, tokenizer metadata, chat template; tied
+    embeddings: no ``output.weight``). ``qtype``: ``F32`` or ``Q8_0`` for the 2-D weights (norms
+    stay F32). For tests of :mod:`edge_client.models`; needs the ``gguf`` package."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    cfg = model.config
+    if cfg.model_type != "llama":
+        raise ValueError(f"write_tiny_gguf writes LLaMA models, got {cfg.model_type!r}")
+    quant = {"F32": gguf.GGMLQuantizationType.F32, "Q8_0": gguf.GGMLQuantizationType.Q8_0}.get(qtype)
+    if quant is None:
+        raise ValueError(f"qtype must be F32 or Q8_0, got {qtype!r}")
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(name)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType.MOSTLY_Q8_0)
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    specials = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_pad_token_id(tokenizer.pad_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(TINY_CHAT_TEMPLATE)
+
+    def tensor(gguf_name: str, t, *, matrix: bool = True):
+        arr = np.ascontiguousarray(t.detach().to("cpu").float().numpy())
+        if matrix and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gguf_name, gguf.quants.quantize(arr, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(gguf_name, arr)
+
+    sd = model.state_dict()
+    tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    tensor("output_norm.weight", sd["model.norm.weight"], matrix=False)
+    if not cfg.tie_word_embeddings:
+        tensor("output.weight", sd["lm_head.weight"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        pre = f"model.layers.{i}."
+        tensor(f"blk.{i}.attn_norm.weight", sd[pre + "input_layernorm.weight"], matrix=False)
+        tensor(f"blk.{i}.ffn_norm.weight", sd[pre + "post_attention_layernorm.weight"], matrix=False)
+        for hf, gg in names.items():
+            weight = sd[pre + hf + ".weight"]
+            if gg == "attn_q":
+                weight = _permute_heads(weight, cfg.num_attention_heads)
+            elif gg == "attn_k":
+                weight = _permute_heads(weight, cfg.num_key_value_heads)
+            tensor(f"blk.{i}.{gg}.weight", weight)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     return str(path)

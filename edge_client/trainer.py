@@ -26,11 +26,12 @@ import math
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from .checks import check_local_model, check_spec
+from .checks import check_spec
 from .completion import complete_rows, dead_slots
 from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
 from .targets import AUTO, has_conv1d, is_auto, is_conv1d, module_shape, resolve_targets
@@ -117,23 +118,30 @@ class TrainConfig:
 
 
 def load_model(name_or_path: str, *, dtype: str = "float32", local_files_only: bool = False):
-    """(model, tokenizer) from a local path or hub id; failures name the model and the likely cause."""
+    """(model, tokenizer) from a registered name (``smollm2-135m``, see :mod:`edge_client.models`),
+    a ``.gguf`` file, a local folder or a hub id; failures are one line naming the model and cause."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from .models import model_names, resolve_model
+
     hf_logging.disable_progress_bar()
     try:
-        local_files_only = check_local_model(name_or_path) or local_files_only
+        resolved = resolve_model(name_or_path)
     except ValueError as exc:
-        raise ValueError(f"could not load model {name_or_path!r}: {exc}") from None
+        raise ValueError(f"could not load model {str(name_or_path)!r}: {exc}") from None
+    local_files_only = Path(resolved).is_dir() or local_files_only
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype),
+        tokenizer = AutoTokenizer.from_pretrained(resolved, local_files_only=local_files_only)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=getattr(torch, dtype),
                                                      local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"could not load model {name_or_path!r}: not a local model directory and not "
-                         f"reachable on the Hugging Face hub (offline? set HF_HUB_OFFLINE=0 or pass a local "
-                         f"path). Cause: {str(exc).splitlines()[0]}") from None
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if Path(resolved).is_dir():
+            raise ValueError(f"could not load model {str(name_or_path)!r} from {resolved}: {cause}") from None
+        raise ValueError(f"could not load model {str(name_or_path)!r}: not a local path, not a registered name "
+                         f"({', '.join(model_names())}), and not loadable as a Hugging Face hub id (offline? pass a "
+                         f"local path or a registered name). Cause: {cause}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -1,4 +1,4 @@
-"""Base model handling for the simulation: the shipped tiny LLaMA, HF ids or paths, and
+"""Base model handling for the simulation: the shipped tiny LLaMA, registered names, HF ids or paths, and
 resetting a model to its base weights plus a global weight delta (peft module paths)."""
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def load_base(model: str | os.PathLike | None = None):
-    """``(model, tokenizer)`` in float32 eval mode; None means the shipped tiny model."""
+    """``(model, tokenizer)`` in float32 eval mode; None means the shipped tiny model. ``model`` is
+    what ``edge_client.trainer.load_model`` takes: a registered name (``smollm2-135m``, converted
+    once to a cached folder), a ``.gguf`` file, a local folder or a hub id."""
     if model is None and not (ASSET_MODEL / "config.json").exists():
         raise ValueError(f"the shipped base model is missing at {ASSET_MODEL}; run scripts/make_base_model.py")
     return load_model(str(model) if model is not None else str(ASSET_MODEL))

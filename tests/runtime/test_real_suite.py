@@ -1,0 +1,205 @@
+"""The real-content instruction suite (server.workloads.real_suite / real_tasks), issue 20."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pycountry")
+pytest.importorskip("periodictable")
+pytest.importorskip("tzdata")
+
+from edge_client.data import load_jsonl  # noqa: E402
+from server.workloads.real_suite import (  # noqa: E402
+    RealSuiteConfig,
+    build_real_suite,
+    export_jsonl,
+    real_suite,
+    split_evaluators,
+)
+from server.workloads.real_tasks import KINDS, TASKS, number_words, roman  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# one plain fact per task, checked by hand against the source (or the rule)
+FACTS = {
+    "unicode_name": ("é", "LATIN SMALL LETTER E WITH ACUTE"),
+    "unicode_char": ("GREEK SMALL LETTER ALPHA", "α"),
+    "html_entity": ("&eacute;", "é"),
+    "http_reason": ("404", "Not Found"),
+    "country_name": ("FR", "France"),
+    "country_alpha3": ("Germany", "DEU"),
+    "country_numeric": ("France", "250"),
+    "country_official": ("France", "French Republic"),
+    "currency_name": ("EUR", "Euro"),
+    "currency_numeric": ("Euro", "978"),
+    "language_name": ("de", "German"),
+    "language_alpha3": ("German", "deu"),
+    "element_symbol": ("iron", "Fe"),
+    "element_name": ("26", "iron"),
+    "element_mass": ("Fe", "55.85"),
+    "tz_offset": ("Europe/Paris", "UTC+01:00"),
+    "mime_type": (".pdf", "application/pdf"),
+    "date_words": None, "weekday": None, "roman_numeral": None, "number_words": None, "sort_symbols": None,
+    "days_in_month": ("February 2000", "29"),
+    "utf8_bytes": ("é", "C3 A9"),
+    "code_point": ("é", "U+00E9"),
+    "digit_value": ("٣", "3"),
+    "unicode_category": ("é", "lowercase letter"),
+    "unicode_script": ("ж", "Cyrillic"),
+    "http_class": ("503", "server error"),
+    "leap_year": ("1900", "no"),
+    "python_keyword": ("lambda", "yes"),
+    "tz_dst": ("Asia/Tokyo", "no"),
+    "element_period": ("iron", "4"),
+}
+
+
+def test_task_table_size_kinds_and_wording():
+    assert len(TASKS) >= 24
+    assert {t.kind for t in TASKS.values()} == set(KINDS)
+    assert len({t.instruction for t in TASKS.values()}) == len(TASKS)        # each its own wording
+    assert all(t.source for t in TASKS.values())
+    assert set(FACTS) == set(TASKS)
+    for name, task in TASKS.items():
+        items = task.items()
+        assert len(items) >= 60, name
+        assert len({i for i, _ in items}) == len(items) and items == sorted(items), name
+        assert all(i.strip() and o.strip() for i, o in items), name
+
+
+@pytest.mark.parametrize("task", sorted(k for k, v in FACTS.items() if v is not None))
+def test_task_facts_match_the_source(task):
+    inp, out = FACTS[task]
+    assert dict(TASKS[task].items())[inp] == out
+
+
+def test_rule_tasks_against_plain_references():
+    assert [number_words(n) for n in (0, 13, 40, 342, 1000, 1001, 20_019, 999_999)] == [
+        "zero", "thirteen", "forty", "three hundred forty-two", "one thousand", "one thousand one",
+        "twenty thousand nineteen", "nine hundred ninety-nine thousand nine hundred ninety-nine"]
+    assert [roman(n) for n in (1, 4, 9, 14, 40, 90, 400, 1994, 2024, 3999)] == [
+        "I", "IV", "IX", "XIV", "XL", "XC", "CD", "MCMXCIV", "MMXXIV", "MMMCMXCIX"]
+    for task, fn in (("roman_numeral", roman), ("number_words", number_words)):
+        assert all(fn(int(i)) == o for i, o in TASKS[task].items())
+    weekday = dict(TASKS["weekday"].items())
+    assert all(o in ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+               for o in weekday.values())
+    import datetime as dt
+    for inp, out in list(weekday.items())[:50]:
+        assert dt.date.fromisoformat(inp).strftime("%w") == str(("Sunday", "Monday", "Tuesday", "Wednesday",
+                                                                 "Thursday", "Friday", "Saturday").index(out))
+    assert all(o == " ".join(sorted(i.split())) for i, o in TASKS["sort_symbols"].items())
+    assert all(o.split()[1] in ("January", "February", "March", "April", "May", "June", "July", "August",
+                                "September", "October", "November", "December") for o in dict(
+        TASKS["date_words"].items()).values())
+
+
+def _all_inputs(clients, task):
+    return {r["input"] for c in clients for r in c.examples if r["category"] == task}
+
+
+def test_clients_splits_and_heldout():
+    s = real_suite(RealSuiteConfig(seed=1))
+    unseen, seen = s.unseen_tasks(), s.seen_tasks()
+    assert len(unseen) == 6 and len({TASKS[t].kind for t in unseen}) == 3
+    assert not set(unseen) & set(seen) and not s.unused_tasks
+    assert len(seen) == len(TASKS) - 6
+    assert len(s.train) == 20
+    for c in s.train:
+        assert 1 <= len(c.families) <= 2
+        assert {r["category"] for r in c.examples} == set(c.families)
+        assert all(r["instruction"] == TASKS[r["category"]].instruction for r in c.examples)
+    assert len({len(c.examples) for c in s.train}) >= 4                      # unequal sizes
+    two = [c for c in s.train if len(c.families) == 2]
+    assert two and all(len({sum(r["category"] == f for r in c.examples) for f in c.families}) == 2 for c in two)
+    assert [c.families[0] for c in s.heldout_seen] == sorted(seen)
+    for c in s.heldout_seen:      # held-out examples of seen tasks: inputs no client trains on
+        task = c.families[0]
+        assert len(c.examples) == 8 and not {r["input"] for r in c.examples} & _all_inputs(s.train, task)
+    for c in s.heldout_unseen:
+        assert len(c.examples) == 16 and not _all_inputs(s.train, c.families[0])
+    assert real_suite(RealSuiteConfig(seed=2)).unseen_tasks() != unseen or \
+        real_suite(RealSuiteConfig(seed=2)).train[0].examples != s.train[0].examples
+
+
+def test_few_clients_leave_tasks_unused_and_say_so():
+    s = real_suite(RealSuiteConfig(num_clients=3, num_unseen_tasks=2, seed=0))
+    assert len(s.seen_tasks()) == 4 and len(s.unused_tasks) == len(TASKS) - 2 - 4
+    assert sorted(c.families[0] for c in s.heldout_seen) == s.seen_tasks()
+    assert {m["task"]: m["split"] for m in s.manifest()["tasks"]}[s.unused_tasks[0]] == "unused"
+
+
+def test_build_real_suite_is_a_runtime_suite():
+    suite = build_real_suite(num_clients=8, num_heldout=3, heldout_examples=5, seed=0)
+    assert len(suite.train) == 8 and len(suite.heldout) == 3
+    assert all(len(c.examples) == 5 for c in suite.heldout)
+    both = build_real_suite(num_clients=8, num_heldout=3, heldout_examples=5, seed=0, heldout="both")
+    assert len(both.heldout) == 3 + len({t for c in suite.train for t in c.families})
+    with pytest.raises(ValueError, match="heldout must be one of"):
+        build_real_suite(num_clients=8, num_heldout=3, heldout_examples=5, seed=0, heldout="all")
+
+
+@pytest.mark.parametrize("kw, match", [({"num_clients": 0}, "num_clients"), ({"tasks": ("nope",)}, "unknown tasks"),
+                                       ({"num_unseen_tasks": 40}, "leaves no task"),
+                                       ({"client_sizes": (8, 1)}, r"client_sizes\[1\]"),
+                                       ({"tasks": ("weekday", "weekday")}, "duplicates")])
+def test_config_errors_name_the_field(kw, match):
+    with pytest.raises(ValueError, match=match):
+        RealSuiteConfig(**kw)
+
+
+def test_export_jsonl_round_trips(tmp_path):
+    s = real_suite(RealSuiteConfig(num_clients=6, seed=0))
+    paths = export_jsonl(s, tmp_path)
+    train = [json.loads(line) for line in paths["train"].read_text(encoding="utf-8").splitlines()]
+    assert len(train) == sum(len(c.examples) for c in s.train)
+    assert [{k: v for k, v in r.items() if k != "client"} for r in train] == [r for c in s.train for r in c.examples]
+    assert [r["client"] for r in train] == [c.client_id for c in s.train for _ in c.examples]
+    unseen = load_jsonl(paths["heldout_unseen"])        # the edge client's reader takes it as it is
+    assert unseen == [r for c in s.heldout_unseen for r in c.examples]
+    assert len(load_jsonl(paths["heldout_seen"])) == sum(len(c.examples) for c in s.heldout_seen)
+    manifest = json.loads(paths["manifest"].read_text(encoding="utf-8"))
+    assert {t["task"] for t in manifest["tasks"]} == set(TASKS)
+    assert all(t["source"] and t["kind"] in KINDS for t in manifest["tasks"])
+    assert {"python", "unicode", "pycountry", "periodictable", "tzdata"} <= set(manifest["sources"])
+
+
+def test_same_bytes_in_another_process(tmp_path):
+    """Deterministic across processes and hash seeds (no set or dict order leaks into the data)."""
+    code = ("import sys; from server.workloads.real_suite import RealSuiteConfig, export_jsonl, real_suite; "
+            "export_jsonl(real_suite(RealSuiteConfig(seed=5)), sys.argv[1])")
+    outs = []
+    for hashseed in ("1", "2"):
+        out = tmp_path / hashseed
+        env = {**os.environ, "PYTHONHASHSEED": hashseed, "PYTHONPATH": f"{ROOT}{os.pathsep}" +
+               os.environ.get("PYTHONPATH", "")}
+        # under -S (a worktree runner) site-packages come from PYTHONPATH, inherited here
+        subprocess.run([sys.executable, *(["-S"] if sys.flags.no_site else []), "-c", code, str(out)], env=env,
+                       check=True, cwd=ROOT)
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert outs[0] == outs[1]
+    export_jsonl(real_suite(RealSuiteConfig(seed=5)), tmp_path / "here")
+    assert outs[0] == {p.name: p.read_bytes() for p in sorted((tmp_path / "here").iterdir())}
+
+
+def test_split_evaluators_report_rouge_exact_and_loss():
+    import copy
+
+    from server.workloads.model import load_base
+
+    model, tok = load_base(None)
+    s = real_suite(RealSuiteConfig(num_clients=2, num_unseen_tasks=1, seen_heldout_examples=2, unseen_examples=2,
+                                   seed=0))
+    evaluators = split_evaluators(model, tok, copy.deepcopy(model.state_dict()), s, max_new_tokens=4)
+    assert sorted(evaluators) == ["seen", "unseen"]
+    for name, ev in evaluators.items():
+        out = ev({})
+        assert {"rougeL", "exact_match", "heldout_loss", "families"} <= set(out)
+        expect = s.unseen_tasks() if name == "unseen" else s.seen_tasks()
+        assert sorted(out["families"]) == sorted(expect)
+        assert 0 <= out["rougeL"] <= 1 and out["heldout_loss"] > 0
