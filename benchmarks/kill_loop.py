@@ -82,41 +82,10 @@ def child(point: str, kill_round: int, starts_log: str, cli_args: list[str]) -> 
 
         base.RoundAggregation.finalize = killing_finalize
     elif point in ("ckpt-write", "ckpt-rename"):
-        real_os = os
+        from server.federation.testing import CrashingOs
 
-        class _Half:
-            def __init__(self, fh):
-                self.fh = fh
-
-            def write(self, data):
-                self.fh.write(data[: len(data) // 2])
-                self.fh.flush()
-                real_os.fsync(self.fh.fileno())
-                _die()
-
-            def __getattr__(self, name):
-                return getattr(self.fh, name)
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return self.fh.__exit__(*exc)
-
-        class _OsProxy:
-            def __getattr__(self, name):
-                return getattr(real_os, name)
-
-            def fdopen(self, *a, **kw):
-                fh = real_os.fdopen(*a, **kw)
-                return _Half(fh) if point == "ckpt-write" and armed() else fh
-
-            def replace(self, *a, **kw):
-                if point == "ckpt-rename" and armed():
-                    _die()
-                return real_os.replace(*a, **kw)
-
-        checkpoint.os = _OsProxy()
+        where = {"ckpt-write": "write", "ckpt-rename": "replace"}[point]
+        checkpoint.os = CrashingOs(where, _die, armed)
     from server.cli import main
 
     return main(cli_args)

@@ -94,7 +94,7 @@ def defence_settings(args: argparse.Namespace) -> dict:
 def _add_simulate(p: argparse.ArgumentParser) -> None:
     from server.core.adapter import SPLITS
     from server.federation.strategies import STRATEGIES
-    from server.runtimes.config import RunConfig
+    from server.runtimes.config import SUITES, RunConfig
     from server.workloads.catalog import load_workloads
     d = RunConfig()
     p.add_argument("--strategy", choices=list(STRATEGIES), default=d.strategy)
@@ -111,8 +111,12 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--carry", action="store_true", help="FlexLoRA with carry: keep the global directions a client did not receive")
     p.add_argument("--device", default=d.device,
                    help="where FlexLoRA/raFLoRA aggregate: cpu (default) or cuda[:N] (needs a FLEXLORA_CUDA=ON build and a GPU)")
-    p.add_argument("--model", default=None, help="HF model id or local path (default: the shipped tiny model)")
+    p.add_argument("--model", default=None, help="registered name (smollm2-135m), local folder, .gguf file or HF "
+                   "hub id (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
+    p.add_argument("--suite", choices=list(SUITES), default=d.suite,
+                   help="without --data: the bundled demo suite, the rank suite, or the real-facts multi-task suite "
+                        "(clients are tasks; held out: unseen tasks)")
     p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
     p.add_argument("--batch-size", type=number(int, lo=1, hi=1_000_000), default=d.batch_size)
     p.add_argument("--lr", type=number(float, lo=0, hi=1e3, lo_open=True), default=d.lr)
@@ -149,7 +153,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     cfg = RunConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
                     clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
                     seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
-                    model=args.model, data=args.data, local_steps=args.local_steps,
+                    model=args.model, data=args.data, suite=args.suite, local_steps=args.local_steps,
                     batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
                     client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
                     resume=args.resume, faults=faults, threads=args.threads,

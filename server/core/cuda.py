@@ -27,8 +27,8 @@ from server.core.validate import (
     as_count,
     as_method,
     as_rank,
-    as_weights,
     check_factor_shapes,
+    factor_sequences,
     per_layer_ranks,
     per_layer_weights,
 )
@@ -171,15 +171,7 @@ def _check_finite(named: list[tuple[str, Any]]) -> None:
 
 
 def _factors(Bs, As, weights, prefix: str = "", device=None):
-    if isinstance(Bs, np.ndarray) or isinstance(As, np.ndarray) or \
-            hasattr(Bs, "shape") or hasattr(As, "shape"):
-        raise ValueError(f"{prefix}Bs and {prefix}As must be sequences of matrices, one per client")
-    Bs, As = list(Bs), list(As)
-    if not Bs:
-        raise ValueError(f"{prefix}Bs is empty: at least one client is needed")
-    if len(As) != len(Bs):
-        raise ValueError(f"{prefix}Bs has {len(Bs)} entries but {prefix}As has {len(As)}")
-    w = as_weights(weights, len(Bs), f"{prefix}weights")
+    Bs, As, w = factor_sequences(Bs, As, weights, prefix, one_array=lambda x: hasattr(x, "shape"))
     Bm = [as_device_matrix(b, f"{prefix}Bs[{k}]", device) for k, b in enumerate(Bs)]
     dev = Bm[0].device
     Am = [as_device_matrix(a, f"{prefix}As[{k}]", dev) for k, a in enumerate(As)]

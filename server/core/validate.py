@@ -73,16 +73,23 @@ def as_weights(weights: Any, count: int, name: str = "weights") -> list[float]:
     return [float(v) for v in w]
 
 
-def as_factors(Bs: Any, As: Any, weights: Any, prefix: str = "") -> tuple[list, list, list]:
-    """Validated (Bs, As, weights): shapes agree, every entry float32, finite."""
-    if isinstance(Bs, np.ndarray) or isinstance(As, np.ndarray):
+def factor_sequences(Bs: Any, As: Any, weights: Any, prefix: str = "", *,
+                     one_array=lambda x: isinstance(x, np.ndarray)) -> tuple[list, list, list[float]]:
+    """``Bs`` and ``As`` as lists of the same non-zero length (one matrix per client, not one
+    array: ``one_array`` says what counts as a single array) and the validated weights."""
+    if one_array(Bs) or one_array(As):
         raise ValueError(f"{prefix}Bs and {prefix}As must be sequences of matrices, one per client")
     Bs, As = list(Bs), list(As)
     if not Bs:
         raise ValueError(f"{prefix}Bs is empty: at least one client is needed")
     if len(As) != len(Bs):
         raise ValueError(f"{prefix}Bs has {len(Bs)} entries but {prefix}As has {len(As)}")
-    w = as_weights(weights, len(Bs), f"{prefix}weights")
+    return Bs, As, as_weights(weights, len(Bs), f"{prefix}weights")
+
+
+def as_factors(Bs: Any, As: Any, weights: Any, prefix: str = "") -> tuple[list, list, list]:
+    """Validated (Bs, As, weights): shapes agree, every entry float32, finite."""
+    Bs, As, w = factor_sequences(Bs, As, weights, prefix)
     Bm = [as_matrix(b, f"{prefix}Bs[{k}]") for k, b in enumerate(Bs)]
     Am = [as_matrix(a, f"{prefix}As[{k}]") for k, a in enumerate(As)]
     check_factor_shapes(Bm, Am, prefix)

@@ -74,10 +74,13 @@ def suite_for(cfg: RunConfig) -> Suite:
                                      seed=cfg.seed, heldout_examples=cfg.heldout_examples)
         return load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
                                      seed=cfg.seed)
-    if cfg.suite == "rank":
-        from server.workloads.rank_suite import build_rank_suite
-        return build_rank_suite(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
-                                heldout_examples=cfg.heldout_examples, seed=cfg.seed)
+    if cfg.suite in ("rank", "real"):
+        if cfg.suite == "rank":
+            from server.workloads.rank_suite import build_rank_suite as build
+        else:   # real facts (server.workloads.real_tasks); held out: whole unseen tasks
+            from server.workloads.real_suite import build_real_suite as build
+        return build(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
+                     heldout_examples=cfg.heldout_examples, seed=cfg.seed)
     return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
                                    heldout_examples=cfg.heldout_examples, seed=cfg.seed))
 

@@ -31,7 +31,7 @@ __all__ = ["RunConfig", "RANK_ASSIGNMENTS", "DATA_SPLITS", "SUITES", "experiment
 
 RANK_ASSIGNMENTS = ("draw", "allot")          # see RunConfig.rank_assignment
 DATA_SPLITS = ("round_robin", "per_category")  # see RunConfig.data_split
-SUITES = ("bundled", "rank")                   # without data: the bundled demo suite or the rank suite
+SUITES = ("bundled", "rank", "real")           # without data: the bundled demo suite, the rank suite, real facts
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
 
@@ -90,7 +90,7 @@ class RunConfig:
     model: str | None = None                  # None: the shipped tiny model
     data: str | None = None                   # JSONL; None: a generated suite
     data_split: str = "round_robin"           # JSONL: categories round-robin over clients, or one client per category
-    suite: str = "bundled"                    # without data: "bundled" demo suite or "rank" suite
+    suite: str = "bundled"                    # without data: "bundled" demo suite, "rank" suite or "real" facts
     target_modules: tuple[str, ...] = AUTO    # short names of the layers that get LoRA; ("auto",): discovered
     # --- local training and evaluation
     local_steps: int = 30

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["WORKLOADS", "ENV_VAR", "find_workloads", "load_workloads"]
+__all__ = ["WORKLOADS", "ENV_VAR", "find_workloads", "load_workloads", "read_json"]
 
 # Shipped inside the package, so installed copies find it.
 WORKLOADS = Path(__file__).resolve().parents[1] / "assets" / "workloads.json"
@@ -29,12 +29,18 @@ def find_workloads(path: str | os.PathLike | None = None) -> Path:
 def load_workloads(path: str | os.PathLike | None = None) -> dict:
     """The parsed catalogue (see :func:`find_workloads` for which file)."""
     where = find_workloads(path)
-    try:
-        with open(where, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"workloads file {str(where)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    doc = read_json(where, "workloads file")
     for key in ("models", "client_types", "rank_distributions"):
         if not isinstance(doc, dict) or key not in doc:
             raise ValueError(f"workloads file {str(where)!r} has no {key!r} section")
     return doc
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """The parsed JSON document at ``path``; a malformed file is one ``ValueError`` naming it,
+    the reason and the line."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from edge_client.data import iter_jsonl
+from server.workloads.catalog import read_json
 from server.workloads.suite import ClientData, Suite, read_jsonl
 
 __all__ = ["natural_instructions_records", "dolly_records", "convert_natural_instructions",
@@ -45,11 +46,7 @@ def natural_instructions_records(path: str | Path, *, max_per_task: int | None =
                                  seed: int = 0) -> list[dict[str, str]]:
     """Client records of one Natural Instructions task file (client = task)."""
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as fh:
-            task = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc.msg})") from None
+    task = read_json(path, "task file")
     if not isinstance(task, dict):
         raise ValueError(f"{path}: expected a task object, got {type(task).__name__}")
     definition = task.get("Definition")

@@ -4,7 +4,6 @@ The end-to-end SIGKILL loop over `flexlora simulate` is benchmarks/kill_loop.py;
 it is the slow test at the bottom."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from server.federation import checkpoint as ckpt_mod
 from server.federation.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from server.federation.testing import CrashingOs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,44 +35,11 @@ def test_roundtrip(tmp_path):
 @pytest.mark.parametrize("where", ["write", "fsync", "replace"])
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
     save(tmp_path, 1)
-    real_os = os
 
-    class HalfWrite:
-        def __init__(self, fh):
-            self.fh = fh
+    def boom():
+        raise Boom
 
-        def write(self, data):
-            self.fh.write(data[: len(data) // 2])
-            raise Boom
-
-        def __getattr__(self, name):
-            return getattr(self.fh, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.fh.__exit__(*exc)
-
-    class Proxy:
-        def __getattr__(self, name):
-            return getattr(real_os, name)
-
-        def fdopen(self, *a, **kw):
-            fh = real_os.fdopen(*a, **kw)
-            return HalfWrite(fh) if where == "write" else fh
-
-        def fsync(self, fd):
-            if where == "fsync":
-                raise Boom
-            return real_os.fsync(fd)
-
-        def replace(self, *a):
-            if where == "replace":
-                raise Boom
-            return real_os.replace(*a)
-
-    monkeypatch.setattr(ckpt_mod, "os", Proxy())
+    monkeypatch.setattr(ckpt_mod, "os", CrashingOs(where, boom))
     with pytest.raises(Boom):
         save(tmp_path, 2)
     monkeypatch.undo()

@@ -40,17 +40,11 @@ from edge_client.wire import (
     scaling,
     split_factors,
 )
-from server.federation.strategies.robust import (
-    RobustConfig,
-    clip_multipliers,
-    effective_norms,
-    squared_distances,
-    trim_by_distance,
-)
-from server.federation.strategies.robust import cap_shares as _cap_shares
+from server.federation.strategies import robust
+from server.federation.strategies.robust import RobustConfig
 
 __all__ = ["RankSpec", "RobustConfig", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
-           "Strategy", "factor_keys", "split_factors", "join_factors"]
+           "Strategy", "FactorStrategy", "factor_keys", "split_factors", "join_factors"]
 
 
 class RoundFailed(RuntimeError):
@@ -175,17 +169,17 @@ class RoundAggregation(ABC):
         keep = list(range(len(updates)))
         report: dict = {}
         if cfg.trim_fraction > 0 and len(updates) > 1:
-            keep = trim_by_distance(squared_distances(factored), cfg.trim_fraction)
+            keep = robust.trim_by_distance(robust.squared_distances(factored), cfg.trim_fraction)
             report["trimmed"] = [updates[i].client_id for i in range(len(updates)) if i not in keep]
         kept = [updates[i] for i in keep]
         mult = np.ones(len(kept))
         if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
-            mult = clip_multipliers(effective_norms([factored[i] for i in keep]), clip_norm=cfg.clip_norm,
+            mult = robust.clip_multipliers(robust.effective_norms([factored[i] for i in keep]), clip_norm=cfg.clip_norm,
                                     clip_adaptive=cfg.clip_adaptive)
             report["clipped"] = [u.client_id for u, c in zip(kept, mult) if c < 1]
         weights = [float(u.num_examples) for u in kept]
         if cfg.max_weight_share is not None:
-            capped = _cap_shares(weights, cfg.max_weight_share)
+            capped = robust.cap_shares(weights, cfg.max_weight_share)
             total = float(sum(capped))
             # integer weights the strategies understand: shares kept to 1e-6
             weights = [max(1, round(w / total * 1_000_000)) for w in capped]
@@ -302,3 +296,22 @@ class Strategy(ABC):
         if meta.get("strategy") != self.name:
             raise ValueError(f"checkpoint is for strategy {meta.get('strategy')!r}, not {self.name!r}")
         self.rounds_completed = int(meta.get("rounds_completed", 0))
+
+
+class FactorStrategy(Strategy):
+    """A strategy whose global state is one ``(B, A)`` pair per module, ``s B A`` already folded
+    into ``B`` (FedIT, HetLoRA): its delta, checkpoint tensors and restore are the same."""
+
+    def __init__(self, config: StrategyConfig | None = None) -> None:
+        super().__init__(config)
+        self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # module -> (B_g, A_g)
+
+    def global_delta(self) -> dict[str, np.ndarray]:
+        return {m: (b @ a).astype(np.float32) for m, (b, a) in sorted(self.factors.items())}
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        return join_factors(self.factors)
+
+    def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping) -> None:
+        self._check_meta(meta)
+        self.factors = dict(split_factors(tensors))

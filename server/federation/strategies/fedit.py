@@ -16,15 +16,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from edge_client.wire import ClientUpdate, GlobalFactors
-from server.federation.strategies.base import (
-    RankSpec,
-    RoundAggregation,
-    Strategy,
-    StrategyConfig,
-    join_factors,
-    split_factors,
-)
+from edge_client.wire import ClientUpdate, GlobalFactors, join_factors, split_factors
+from server.federation.strategies.base import FactorStrategy, RankSpec, RoundAggregation, StrategyConfig
 
 __all__ = ["FedIT", "fedavg_factors", "federation_rank"]
 
@@ -84,7 +77,7 @@ class _FedAvgRound(RoundAggregation):
                                  for m, (b, a) in self._acc.items()}
 
 
-class FedIT(Strategy):
+class FedIT(FactorStrategy):
     """Homogeneous-rank FedAvg of the LoRA factors."""
 
     name = "fedit"
@@ -94,7 +87,6 @@ class FedIT(Strategy):
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {rank!r}")
         self.rank = rank
-        self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def assign_rank(self, spec: RankSpec) -> RankSpec:
         return RankSpec(rank=self.rank)
@@ -109,17 +101,10 @@ class FedIT(Strategy):
     def begin_round(self, round: int) -> RoundAggregation:
         return _FedAvgRound(self, round)
 
-    def global_delta(self) -> dict[str, np.ndarray]:
-        return {m: (b @ a).astype(np.float32) for m, (b, a) in sorted(self.factors.items())}
-
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return join_factors(self.factors)
-
     def state_meta(self) -> dict:
         return {**super().state_meta(), "rank": self.rank}
 
     def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping) -> None:
-        self._check_meta(meta)
         if int(meta.get("rank", self.rank)) != self.rank:
             raise ValueError(f"checkpoint has FedIT rank {meta.get('rank')}, this run uses {self.rank}")
-        self.factors = dict(split_factors(tensors))
+        super().load_state(tensors, meta)

@@ -17,15 +17,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge_client.wire import ClientUpdate, GlobalFactors
-from server.federation.strategies.base import (
-    RankSpec,
-    RoundAggregation,
-    Strategy,
-    StrategyConfig,
-    join_factors,
-    split_factors,
-)
+from edge_client.wire import ClientUpdate, GlobalFactors, join_factors, split_factors
+from server.federation.strategies.base import RankSpec, RoundAggregation, Strategy, StrategyConfig
 
 __all__ = ["FLoRA", "stack_factors", "merge_once"]
 

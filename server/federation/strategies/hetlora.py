@@ -13,19 +13,12 @@ global delta is ``B_g @ A_g``. The paper's local rank self-pruning is not implem
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from edge_client.wire import ClientUpdate, GlobalFactors
-from server.federation.strategies.base import (
-    RankSpec,
-    RoundAggregation,
-    Strategy,
-    StrategyConfig,
-    join_factors,
-    split_factors,
-)
+from edge_client.wire import ClientUpdate, GlobalFactors, join_factors, split_factors
+from server.federation.strategies.base import FactorStrategy, RankSpec, RoundAggregation
 
 __all__ = ["HetLoRA", "pad_factors", "hetlora_aggregate", "truncate_factors"]
 
@@ -118,14 +111,10 @@ class _HetRound(RoundAggregation):
         self.strategy.factors = out
 
 
-class HetLoRA(Strategy):
+class HetLoRA(FactorStrategy):
     """Zero-padding, sparsity-weighted aggregation and rank truncation (Cho et al. 2024)."""
 
     name = "hetlora"
-
-    def __init__(self, config: StrategyConfig | None = None) -> None:
-        super().__init__(config)
-        self.factors: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # module -> (B_g, A_g)
 
     def configure(self, *, client_id: str, spec: RankSpec, round: int) -> GlobalFactors | None:
         if not self.factors:
@@ -138,13 +127,3 @@ class HetLoRA(Strategy):
 
     def begin_round(self, round: int) -> RoundAggregation:
         return _HetRound(self, round)
-
-    def global_delta(self) -> dict[str, np.ndarray]:
-        return {m: (b @ a).astype(np.float32) for m, (b, a) in sorted(self.factors.items())}
-
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        return join_factors(self.factors)
-
-    def load_state(self, tensors: Mapping[str, np.ndarray], meta: Mapping) -> None:
-        self._check_meta(meta)
-        self.factors = dict(split_factors(tensors))

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 from server.runtimes.config import RunConfig, experiment_settings
+from server.workloads.catalog import read_json
 
 __all__ = ["ARMS", "DISTRIBUTIONS", "Arm", "ExperimentConfig", "Cell", "CELL_FIELDS", "SETTING_FIELDS",
            "load_config_file", "experiment_settings"]
@@ -137,11 +138,7 @@ def load_config_file(path: str) -> dict:
     """A JSON file with any of ``arms``, ``distributions``, ``seeds``, ``threads`` and
     ``settings`` (a dict of ``RunConfig`` fields other than those a cell sets); unknown keys are
     errors."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"config {path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    doc = read_json(path, "config")
     if not isinstance(doc, dict):
         raise ValueError(f"config {path}: expected a JSON object, got {type(doc).__name__}")
     known = {"arms", "distributions", "seeds", "threads", "settings"}

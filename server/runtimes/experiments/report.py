@@ -174,36 +174,26 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
               f"{run_info.get('reused', '?')} reused); {summary['cells']} cells in this report.", ""]
     if settings:
         L += ["Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), ""]
-    L += ["## Held-out Rouge-L (final round, mean ± std over seeds)", "",
-          "| arm | " + " | ".join(dists) + " |", "|---|" + "---|" * len(dists)]
-    for a in arms:
-        L.append(f"| {a} | " + " | ".join(_pm(summary["table"][a].get(d, {})) for d in dists) + " |")
+    def table(title: str, key: str, cols: Sequence[str], intro: Sequence[str] = (), digits: int = 4) -> list[str]:
+        """One ``arm x cols`` table of ``summary[key]`` (mean ± std), with its title and intro lines."""
+        out = [f"## {title}", "", *intro, "| arm | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+        out += [f"| {a} | " + " | ".join(_pm(summary[key][a].get(c, {}), digits) for c in cols) + " |" for a in arms]
+        return out + [""]
+
+    L += table("Held-out Rouge-L (final round, mean ± std over seeds)", "table", dists)[:-1]
     L += ["", "Arms: " + "; ".join(f"`{a}` = {ARMS[a].description}" for a in arms if a in ARMS) + ".",
           "", "FedIT ignores the devices' ranks, so with the same seed (same data and clients) its cells are "
           "identical across distributions that share the smallest (fedit_min) or largest (fedit_max) rank.", ""]
-    L += ["## Gain over the base model (final − base Rouge-L on the same held-out set; mean ± std over seeds)", "",
-          "The held-out set changes with the seed (base Rouge-L varies with it); the gain removes that.", "",
-          "| arm | " + " | ".join(dists) + " |", "|---|" + "---|" * len(dists)]
-    for a in arms:
-        L.append(f"| {a} | " + " | ".join(_pm(summary["gain"][a].get(d, {})) for d in dists) + " |")
-    L.append("")
-    L += ["## Held-out Rouge-L, mean over the last half of the rounds (mean ± std over seeds)", "",
-          "| arm | " + " | ".join(dists) + " |", "|---|" + "---|" * len(dists)]
-    for a in arms:
-        L.append(f"| {a} | " + " | ".join(_pm(summary["late"][a].get(d, {})) for d in dists) + " |")
-    L.append("")
+    L += table("Gain over the base model (final − base Rouge-L on the same held-out set; mean ± std over seeds)",
+               "gain", dists, ["The held-out set changes with the seed (base Rouge-L varies with it); the gain "
+                               "removes that.", ""])
+    L += table("Held-out Rouge-L, mean over the last half of the rounds (mean ± std over seeds)", "late", dists)
     if any(summary["heldout_loss"][a][d]["n"] for a in arms for d in dists):
-        L += ["## Held-out loss of the global model (teacher-forced cross-entropy of the responses, final round)", "",
-              "| arm | " + " | ".join(dists) + " |", "|---|" + "---|" * len(dists)]
-        for a in arms:
-            L.append(f"| {a} | " + " | ".join(_pm(summary["heldout_loss"][a].get(d, {}), 3) for d in dists) + " |")
-        L.append("")
-    L += ["## Clients' local training loss in the final round (example-weighted; mean ± std over seeds)", "",
-          "A less noisy signal than held-out generation: how well each arm's starting point lets clients fit "
-          "their own data.", "", "| arm | " + " | ".join(dists) + " |", "|---|" + "---|" * len(dists)]
-    for a in arms:
-        L.append(f"| {a} | " + " | ".join(_pm(summary["train_loss"][a].get(d, {}), 3) for d in dists) + " |")
-    L.append("")
+        L += table("Held-out loss of the global model (teacher-forced cross-entropy of the responses, final round)",
+                   "heldout_loss", dists, digits=3)
+    L += table("Clients' local training loss in the final round (example-weighted; mean ± std over seeds)",
+               "train_loss", dists, ["A less noisy signal than held-out generation: how well each arm's starting "
+                                     "point lets clients fit their own data.", ""], digits=3)
     if summary["claims"]:
         L += ["## Does FlexLoRA match or beat HetLoRA and smallest-rank FedIT?", "",
               "Paired by seed (same data, clients and held-out set): mean ± std of the per-seed difference "
@@ -218,11 +208,8 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
         L.append("")
     fams = sorted({f for a in arms for f in summary["families"][a]})
     if fams:
-        L += ["## Per task family (held-out Rouge-L, final round, mean ± std over all distributions and seeds)", "",
-              "| arm | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
-        for a in arms:
-            L.append(f"| {a} | " + " | ".join(_pm(summary["families"][a].get(f, {}), 3) for f in fams) + " |")
-        L.append("")
+        L += table("Per task family (held-out Rouge-L, final round, mean ± std over all distributions and seeds)",
+                   "families", fams, digits=3)
     L += ["## Traffic per client and round (wire bytes: safetensors + JSON header, float32)", "",
           "Sent = the client's encoded update; received = the encoded global factors (rounds >= 2).", "",
           "| arm | client type | trains at rank | sent | received |", "|---|---|---|---|---|"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from server.runtimes.config import RunConfig
 
-__all__ = ["FlowerRunConfig", "to_run_config", "run_config_defaults", "clients_per_round", "limit_settings"]
+__all__ = ["FlowerRunConfig", "NUM_ROUNDS", "OUTPUT_DIR", "to_run_config", "run_config_defaults", "clients_per_round", "limit_settings"]
 
 
 def _get(cfg: Mapping, key: str, default, kind):
@@ -47,38 +47,34 @@ def _get(cfg: Mapping, key: str, default, kind):
     return value
 
 
+NUM_ROUNDS = 3          # num-server-rounds when absent
+OUTPUT_DIR = "runs/flower"
+
+
 @dataclass(kw_only=True)
 class FlowerRunConfig:
-    """Server-side settings of a Flower run that the embedded runtime does not have."""
-    num_rounds: int = 3
+    """How the ServerApp reaches its nodes, the settings a Flower run has beyond ``RunConfig``
+    (rounds, resume and the output folder, ``checkpoint_dir``, are ``RunConfig``'s)."""
     min_nodes: int = 2
     node_wait_s: float = 120.0
     round_timeout_s: float = 600.0
     evaluate: bool = True
-    output_dir: str = "runs/flower"
-    resume: bool = False
     client_task: str = "simulated"
 
     def __post_init__(self) -> None:
-        for name in ("num_rounds", "min_nodes"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.min_nodes, bool) or not isinstance(self.min_nodes, int) or self.min_nodes < 1:
+            raise ValueError(f"min_nodes must be an int >= 1, got {self.min_nodes!r}")
         for name in ("node_wait_s", "round_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.client_task not in ("simulated", "edge"):
             raise ValueError(f"client_task must be 'simulated' or 'edge', got {self.client_task!r}")
-        if not self.output_dir:
-            raise ValueError("output_dir must be a non-empty path")
 
     @classmethod
     def from_run_config(cls, cfg: Mapping) -> "FlowerRunConfig":
-        return cls(num_rounds=_get(cfg, "num-server-rounds", 3, int), min_nodes=_get(cfg, "min-nodes", 2, int),
-                   node_wait_s=_get(cfg, "node-wait-s", 120.0, float),
+        return cls(min_nodes=_get(cfg, "min-nodes", 2, int), node_wait_s=_get(cfg, "node-wait-s", 120.0, float),
                    round_timeout_s=_get(cfg, "round-timeout-s", 600.0, float),
-                   evaluate=_get(cfg, "evaluate", True, bool), output_dir=_get(cfg, "output-dir", "runs/flower", str),
-                   resume=_get(cfg, "resume", False, bool), client_task=_get(cfg, "client-task", "simulated", str))
+                   evaluate=_get(cfg, "evaluate", True, bool), client_task=_get(cfg, "client-task", "simulated", str))
 
 
 def clients_per_round(cfg: Mapping, *, num_clients: int) -> int | None:
@@ -120,7 +116,7 @@ _SIM_KEYS = {  # run config key -> RunConfig field (the embedded runtime's defau
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
     "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints",
-    "split": "split", "carry": "carry", "device": "device"}
+    "split": "split", "carry": "carry", "device": "device", "suite": "suite"}
 _OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
              "max-norm-growth": "max_norm_growth"}   # 0.0 = None (off) there
 
@@ -138,6 +134,13 @@ def run_config_defaults() -> dict:
     return out
 
 
+def _output_dir(cfg: Mapping) -> str:
+    out = _get(cfg, "output-dir", OUTPUT_DIR, str)
+    if not out:
+        raise ValueError("run config 'output-dir' must be a non-empty path")
+    return out
+
+
 def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
     """The ``RunConfig`` these Flower settings describe (what ``flexlora simulate`` would run)."""
     d = run_config_defaults()
@@ -150,7 +153,8 @@ def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
 
     threads = _get(cfg, "threads", 0, int)
     return RunConfig(
-        strategy=get("strategy", str), rounds=_get(cfg, "num-server-rounds", FlowerRunConfig.num_rounds, int),
+        strategy=get("strategy", str), rounds=_get(cfg, "num-server-rounds", NUM_ROUNDS, int),
+        checkpoint_dir=_output_dir(cfg), resume=_get(cfg, "resume", False, bool),
         num_clients=num_clients, clients_per_round=clients_per_round(cfg, num_clients=num_clients),
         **limit_settings(cfg), num_heldout=get("num-heldout", int), seed=get("seed", int),
         rank_distribution=opt_str("rank-distribution"), fedit_rank=get("fedit-rank", str),
@@ -159,6 +163,6 @@ def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
         max_length=get("max-length", int), min_clients=get("min-clients", int),
         target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()) or ("auto",),
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
-        split=get("split", str), carry=get("carry", bool), device=get("device", str),
+        split=get("split", str), carry=get("carry", bool), device=get("device", str), suite=get("suite", str),
         trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
         **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})

@@ -47,7 +47,10 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
     """The whole server side of a Flower run; returns the results document it also writes."""
     t0 = time.perf_counter()
     fcfg = FlowerRunConfig.from_run_config(run_config)
-    out = Path(fcfg.output_dir).expanduser().resolve()
+    # the settings that do not depend on the nodes, checked before anything is started
+    model_only = {k: v for k, v in run_config.items() if k not in ("clients-per-round", "fraction-train")}
+    early = to_run_config(model_only, num_clients=1)
+    out = Path(early.checkpoint_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / RESULTS_NAME
     doc: dict = {"status": "running", "runtime": "flower", "output_dir": str(out), "rounds": [],
@@ -56,14 +59,13 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
     try:
         # load the base model while the SuperNodes start their ClientApps to answer the probe
         with ThreadPoolExecutor(max_workers=1) as pool:
-            model_only = {k: v for k, v in run_config.items() if k not in ("clients-per-round", "fraction-train")}
-            loading = pool.submit(load_shared_base, to_run_config(model_only, num_clients=1).model)
+            loading = pool.submit(load_shared_base, early.model)
             # the probe also waits for every node's ClientApp to start (imports): node-wait-s at least
             nodes = probe_nodes(grid, min_nodes=fcfg.min_nodes, wait_s=fcfg.node_wait_s,
                                 timeout_s=max(fcfg.node_wait_s, fcfg.round_timeout_s))
             base = loading.result()
         doc["base_model"] = base.fingerprint
-        cfg = to_run_config(run_config, num_clients=len(nodes))
+        cfg = to_run_config(run_config, num_clients=len(nodes)).replace(checkpoint_dir=str(out))
         doc.update(strategy=cfg.strategy, config=cfg.identity(),
                    nodes=[{"node_id": n.node_id, "client_id": n.client_id, "rank": n.spec.label(),
                            "num_examples": n.probe.num_examples, "device": n.probe.device} for n in nodes])
@@ -71,7 +73,7 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
                                evaluate=fcfg.evaluate and fcfg.client_task == "simulated")
         strategy = fed.strategy
         engine = fed.engine(runtime="flower", checkpoint_dir=out, logger=log)
-        if fcfg.resume and engine.restore():
+        if cfg.resume and engine.restore():
             log.info("resuming after round %d from %s", engine.round, out)
         engine.start()
         doc.update(base=engine.base, rounds=list(engine.history), rounds_completed=engine.round,
@@ -88,7 +90,7 @@ def run_flower(grid: Grid, run_config: dict) -> dict:
         wrapper = FlexLoRAFlowerStrategy(strategy, nodes, seed=cfg.seed, round_timeout_s=fcfg.round_timeout_s,
                                          on_round=on_round, first_round=engine.round + 1, engine=engine)
         try:
-            wrapper.start(grid, num_rounds=fcfg.num_rounds)
+            wrapper.start(grid, num_rounds=cfg.rounds)
         finally:
             engine.close()   # the checkpoint directory's lock
         doc.update(status="ok", wall_s=time.perf_counter() - t0, checkpoint=str(out / CHECKPOINT_NAME))
