@@ -15,6 +15,8 @@ ClientApp and the embedded simulation all train through :meth:`LocalTrainer.trai
 
 A simulation may hand one shared base model to one ``LocalTrainer`` and run every simulated
 client through it (that is why it is fast): the same code path, config, prompt and fingerprint.
+(About 400 lines: the trainer, its config and model loading stay together, since every runtime
+depends on them agreeing byte for byte.)
 """
 from __future__ import annotations
 

@@ -74,12 +74,12 @@ def sgemm_gflops(n: int = 1024, repeats: int = 3) -> float:
 
 
 def core_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 3) -> float:
-    """The float32 GEMM rate through our native core (``server._core.weighted_sum`` of one B @ A)."""
-    from server import _core
+    """The float32 GEMM rate through our native core (``linalg.weighted_sum`` of one B @ A, unchecked)."""
+    from server.core import linalg
 
     rng = np.random.default_rng(0)
     B, A = rng.standard_normal((n, n), np.float32), rng.standard_normal((n, n), np.float32)
-    return gemm_gflops(lambda: _core.weighted_sum([B], [A], [1.0], None, threads), n, repeats)
+    return gemm_gflops(lambda: linalg.weighted_sum([B], [A], [1.0], threads=threads, validated=True), n, repeats)
 
 
 def dgemm_gflops(threads: int | None = None, n: int = 2048, repeats: int = 3) -> float:
@@ -96,11 +96,11 @@ def short_info(threads: int) -> dict:
     """A one-line machine record for a script's JSON: CPU, cores, threads, versions, our core's BLAS."""
     import torch
 
-    from server import _core
+    from server.core import linalg
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads,
             "python": platform.python_version(), "numpy": np.__version__,
-            "torch": torch.__version__, "ours_blas": _core.blas_config(),
+            "torch": torch.__version__, "ours_blas": linalg.blas_config(),
             "platform": platform.platform()}
 
 
@@ -124,7 +124,7 @@ def machine_info(threads: int | None = None) -> dict:
     except ImportError:
         pass
     try:
-        importlib.import_module("server._core")
+        importlib.import_module("server.core.linalg")
         info["flexlora_core"] = "built"
     except Exception as exc:  # noqa: BLE001
         info["flexlora_core"] = f"not available ({type(exc).__name__})"

@@ -82,7 +82,7 @@ from server.core.validate import (  # noqa: E402
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan", "Plan",
            "set_num_threads", "get_num_threads", "METHODS", "EXACT_PREFERENCE",
            "AUTO_ENERGY_TOL", "AUTO_MAX_POWER_ITERS", "StreamingSketch", "sketch_sizes",
-           "sketch_update_batched", "sketch_finalize_batched", "route_state_bytes"]
+           "sketch_update_batched", "sketch_finalize_batched", "route_state_bytes", "blas_config", "svd_prepared"]
 
 EXACT_PREFERENCE: float = float(_core.kExactPreference)
 AUTO_ENERGY_TOL: float = float(_core.kAutoEnergyTol)
@@ -98,6 +98,11 @@ def set_num_threads(n: int | None) -> None:
 
 def get_num_threads() -> int:
     return int(_core.get_num_threads())
+
+
+def blas_config() -> str:
+    """Which BLAS/LAPACK the native core was built against, and its threading."""
+    return str(_core.blas_config())
 
 
 def _options(rank, method, oversample, power_iters, seed, threads):

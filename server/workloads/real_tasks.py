@@ -15,7 +15,8 @@ deterministically (sorted, one output per input) from
 * ``periodictable`` (chemical elements: names, symbols, atomic numbers, standard atomic weights).
 
 Facts therefore follow the installed versions (see :func:`source_versions`), which the suite
-records beside its data.
+records beside its data. (Over 400 lines on purpose: one generator per task and the one table
+that names each task's wording and source read best side by side.)
 """
 from __future__ import annotations
 
