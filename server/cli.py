@@ -109,6 +109,9 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", choices=list(SPLITS), default=d.split,
                    help="FlexLoRA/raFLoRA factor split: the official all-S-on-B 'reference' (default) or sqrt(S) on both")
     p.add_argument("--carry", action="store_true", help="FlexLoRA with carry: keep the global directions a client did not receive")
+    p.add_argument("--shards", type=number(int, lo=0, hi=4096), default=d.shards,
+                   help="FlexLoRA/raFLoRA: aggregate the modules over this many Ray actors (needs flexlora[ray]; "
+                        "$RAY_ADDRESS joins a cluster; default 0: in this process)")
     p.add_argument("--device", default=d.device,
                    help="where FlexLoRA/raFLoRA aggregate: cpu (default) or cuda[:N] (needs a FLEXLORA_CUDA=ON build and a GPU)")
     p.add_argument("--model", default=None, help="registered name (smollm2-135m), local folder, .gguf file or HF "
@@ -159,7 +162,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
                     resume=args.resume, faults=faults, threads=args.threads,
                     progress=not args.no_progress, overwrite=args.overwrite,
                     keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
-                    device=args.device, **defence_settings(args))
+                    device=args.device, shards=args.shards, **defence_settings(args))
     doc = run_simulation(cfg)
     if args.json:
         json.dump(doc, sys.stdout, indent=1, sort_keys=True)

@@ -167,7 +167,7 @@ def build_federation(cfg: RunConfig, *, base: SharedBase | None = None,
     specs = dict(specs) if specs is not None else workload.specs
     scfg = cfg.strategy_config(base_model=base.fingerprint, module_shapes=workload.module_shapes)
     strategy = build_strategy(cfg.strategy, scfg, specs=specs.values(), fedit_rank=cfg.fedit_rank, split=cfg.split,
-                              carry=cfg.carry, device=cfg.device)
+                              carry=cfg.carry, device=cfg.device, shards=cfg.shards)
     evaluator = Evaluator(base.eval_model, base.tokenizer, base.state, workload.suite.heldout_examples(),
                           max_new_tokens=cfg.eval_max_new_tokens, families=families) if evaluate else None
     return Federation(config=cfg, base=base, workload=workload, specs=specs, strategy=strategy,

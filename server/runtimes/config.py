@@ -86,6 +86,7 @@ class RunConfig:
     split: str = SPLITS[0]                    # FlexLoRA/raFLoRA factor split (server.core.adapter.SPLITS)
     carry: bool = False                       # FlexLoRA with carry (strategy "flexlora" only)
     device: str = "cpu"                       # where FlexLoRA/raFLoRA aggregate: cpu or cuda[:N]
+    shards: int = 0                           # FlexLoRA/raFLoRA: modules over this many Ray actors (0: in process)
     # --- the workload
     model: str | None = None                  # None: the shipped tiny model
     data: str | None = None                   # JSONL; None: a generated suite
@@ -160,6 +161,17 @@ class RunConfig:
             raise ValueError(f"device {self.device!r}: only flexlora and raflora aggregate on a GPU, "
                              f"strategy {self.strategy!r} runs on the CPU")
         check_device(self.device)
+        _int(self, "shards", 0)
+        if self.shards:
+            if self.strategy not in ("flexlora", "raflora"):
+                raise ValueError(f"shards {self.shards}: only flexlora and raflora shard their aggregation, "
+                                 f"not {self.strategy!r}")
+            if self.device != "cpu":
+                raise ValueError("shards and device 'cuda' exclude each other (each shard aggregates on the CPU)")
+            from server.core.sharded import ray_available
+            ok, why = ray_available()
+            if not ok:
+                raise ValueError(f"shards {self.shards}: {why}")
         from server.runtimes.faults import check_fault
         for cid, fault in dict(self.faults).items():
             check_fault(cid, fault)

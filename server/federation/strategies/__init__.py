@@ -39,12 +39,14 @@ SVD_STRATEGIES = ("flexlora", "raflora")   # the strategies that take ``split``
 
 
 def build_strategy(name: str, config: StrategyConfig, *, specs, fedit_rank: str = "min",
-                   split: str | None = None, carry: bool = False, device: str = "cpu", **options) -> Strategy:
+                   split: str | None = None, carry: bool = False, device: str = "cpu", shards: int = 0,
+                   **options) -> Strategy:
     """``make_strategy`` for a federation whose devices afford ``specs`` (RankSpecs): the one place
     where strategy options that depend on the federation are derived (FedIT's rank), and where
     the runtimes' ``split`` (FlexLoRA, raFLoRA; None: the strategy's default, the official
-    split), ``carry`` (FlexLoRA only) and ``device`` (where FlexLoRA and raFLoRA aggregate:
-    ``"cpu"`` or ``"cuda[:N]"``) options reach the strategy."""
+    split), ``carry`` (FlexLoRA only), ``device`` (where FlexLoRA and raFLoRA aggregate:
+    ``"cpu"`` or ``"cuda[:N]"``) and ``shards`` (their modules over Ray actors) options reach
+    the strategy."""
     if name == "fedit" and "rank" not in options:
         options["rank"] = federation_rank(specs, fedit_rank)
     if split is not None and name in SVD_STRATEGIES:
@@ -57,4 +59,8 @@ def build_strategy(name: str, config: StrategyConfig, *, specs, fedit_rank: str 
         if name not in SVD_STRATEGIES:
             raise ValueError(f"device {device!r}: only {', '.join(SVD_STRATEGIES)} aggregate on a GPU, not {name!r}")
         options["device"] = device
+    if shards:
+        if name not in SVD_STRATEGIES:
+            raise ValueError(f"shards: only {', '.join(SVD_STRATEGIES)} shard their aggregation, not {name!r}")
+        options["shards"] = shards
     return make_strategy(name, config, **options)

@@ -87,7 +87,10 @@ class _FlexRound(RoundAggregation):
                       client_id=update.client_id)
 
     def _finalize(self) -> None:
-        self.strategy.adapter = self._agg.finalize()
+        try:
+            self.strategy.adapter = self._agg.finalize()
+        finally:
+            getattr(self._agg, "close", lambda: None)()   # a sharded round's actors
 
 
 class FlexLoRA(Strategy):
@@ -96,7 +99,8 @@ class FlexLoRA(Strategy):
     name = "flexlora"
 
     def __init__(self, config: StrategyConfig | None = None, *, max_rank: int = 256,
-                 method: str = "auto", split: str = SPLITS[0], carry: bool = False, device: str = "cpu") -> None:
+                 method: str = "auto", split: str = SPLITS[0], carry: bool = False, device: str = "cpu",
+                 shards: int = 0) -> None:
         super().__init__(config)
         if max_rank < 1:
             raise ValueError(f"max_rank must be >= 1, got {max_rank}")
@@ -109,11 +113,17 @@ class FlexLoRA(Strategy):
         self.split = split
         self.carry = carry
         self.device = device
+        self.shards = int(shards)
         self.adapter = None  # server.core.adapter.GlobalAdapter after the first round
 
     def new_aggregator(self, round: int):
         """The round's streaming aggregator: the native CPU core, or the CUDA backend with
-        ``device="cuda[:N]"`` (same weighting, same result up to float32 rounding)."""
+        ``device="cuda[:N]"`` (same weighting, same result up to float32 rounding), or with
+        ``shards=N`` the modules over N Ray actors (the same result; :mod:`server.core.sharded`)."""
+        if self.shards:
+            from server.core.sharded import ShardedAggregator
+            return ShardedAggregator(self.max_rank, shards=self.shards, method=self.method,
+                                     seed=self.config.seed + round)
         if self.device == "cpu":
             from server.core.aggregation import Aggregator  # native core; imported when first needed
             return Aggregator(self.max_rank, method=self.method, seed=self.config.seed + round)

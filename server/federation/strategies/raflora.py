@@ -84,7 +84,10 @@ class _RaRound(RoundAggregation):
                 factors[a_key] = a
                 factors[b_key] = (b.astype(np.float64) * (s * r * col)).astype(np.float32)
             agg.add(factors, num_examples=n, alpha=1.0, rslora=False, client_id=cid)
-        self.strategy.adapter = agg.finalize()
+        try:
+            self.strategy.adapter = agg.finalize()
+        finally:
+            getattr(agg, "close", lambda: None)()   # a sharded round's actors
 
     def held_bytes(self) -> int:
         return sum(b.nbytes + a.nbytes for _c, _n, p in self._updates for b, a, _s in p.values())
@@ -96,8 +99,9 @@ class RaFLoRA(FlexLoRA):
     name = "raflora"
 
     def __init__(self, config=None, *, max_rank: int = 256, method: str = "auto",
-                 split: str = SPLITS[0], device: str = "cpu") -> None:
-        super().__init__(config, max_rank=max_rank, method=method, split=split, carry=False, device=device)
+                 split: str = SPLITS[0], device: str = "cpu", shards: int = 0) -> None:
+        super().__init__(config, max_rank=max_rank, method=method, split=split, carry=False, device=device,
+                         shards=shards)
 
     def begin_round(self, round: int) -> RoundAggregation:
         return _RaRound(self, round)

@@ -116,7 +116,7 @@ _SIM_KEYS = {  # run config key -> RunConfig field (the embedded runtime's defau
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
     "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints",
-    "split": "split", "carry": "carry", "device": "device", "suite": "suite"}
+    "split": "split", "carry": "carry", "device": "device", "suite": "suite", "shards": "shards"}
 _OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
              "max-norm-growth": "max_norm_growth"}   # 0.0 = None (off) there
 
@@ -164,5 +164,6 @@ def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
         target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()) or ("auto",),
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
         split=get("split", str), carry=get("carry", bool), device=get("device", str), suite=get("suite", str),
+        shards=get("shards", int),
         trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
         **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})
