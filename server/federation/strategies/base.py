@@ -249,9 +249,23 @@ class Strategy(ABC):
         """Decode and validate one reply against what was assigned; ValueError says why."""
         update = decode_update(data, limits=self.config.limits, expected_base_model=self.config.base_model)
         self.check_ranks(update, spec)
+        self.check_scaling(update)
         if self.config.module_shapes is not None:
             self.check_shapes(update, self.config.module_shapes)
         return update
+
+    def check_scaling(self, update: ClientUpdate) -> None:
+        """The run sets the LoRA scaling: a reply must echo ``alpha`` and rsLoRA as sent, so a client
+        cannot choose its own multiplier. (peft's per-module ``alpha_pattern``, which our trainer
+        never sends, stays accepted: each module's scaling is bounded by ``DecodeLimits.max_scaling``
+        and folded into ``B`` in float64 before the aggregator stores float32.)"""
+        alpha, rslora = float(self.config.alpha), bool(self.config.rslora)
+        if update.alpha != alpha:
+            raise ValueError(f"client {update.client_id!r}: alpha {update.alpha:.6g} differs from the run's "
+                             f"alpha {alpha:.6g}; replies must train at the scaling the server sets")
+        if update.rslora != rslora:
+            raise ValueError(f"client {update.client_id!r}: rslora={update.rslora} differs from the run's "
+                             f"rslora={rslora}")
 
     @staticmethod
     def check_shapes(update: ClientUpdate, shapes: Mapping[str, tuple[int, int]]) -> None:
