@@ -32,6 +32,7 @@ from edge_client.wire import ClientUpdate, GlobalFactors, RankSpec, encode_globa
 from server.federation.checkpoint import (
     DEFAULT_KEEP,
     check_writable,
+    checkpoint_key,
     has_checkpoint,
     load_checkpoint,
     lock_directory,
@@ -258,6 +259,7 @@ class RoundEngine:
         """Lock ``checkpoint_dir`` for this run and check it is writable (once)."""
         if not self.checkpoint_dir or self._lock is not None:
             return
+        checkpoint_key()   # a bad $FLEXLORA_CHECKPOINT_KEY fails now, not when round 1 is saved
         self._lock = lock_directory(self.checkpoint_dir)
         check_writable(self.checkpoint_dir)
 
