@@ -251,12 +251,20 @@ def _read_file(path: Path) -> Checkpoint:
                       path=path)
 
 
-def load_checkpoint(directory: str | Path) -> Checkpoint | None:
+def load_checkpoint(directory: str | Path, *, round: int | None = None) -> Checkpoint | None:
     """The newest good checkpoint in ``directory``, or None when there is none yet.
 
     A damaged or altered newest file is skipped for the newest good round file (logged, and said
-    in ``Checkpoint.fallback``); ValueError when every file is bad."""
+    in ``Checkpoint.fallback``); ValueError when every file is bad. With ``round`` only that
+    round's file is read (to resume from an earlier, known-good state); ValueError if it is not
+    kept or not good."""
     directory = Path(directory)
+    if round is not None:
+        path = directory / _round_name(round)
+        if not path.exists():
+            kept = sorted(int(_ROUND_RE.fullmatch(p.name).group(1)) for p in _round_files(directory))
+            raise ValueError(f"{directory} keeps no checkpoint of round {round}; it keeps rounds {kept}")
+        return _read_file(path)
     candidates = [p for p in [directory / CHECKPOINT_NAME, *_round_files(directory)] if p.exists()]
     if not candidates:
         return None

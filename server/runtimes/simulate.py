@@ -76,6 +76,10 @@ class SimulationConfig:
     trim_fraction: float = 0.0                # drop this fraction of clients farthest from the rest
     max_norm_growth: float | None = None      # a round whose global norm grows more is not committed
     keep_checkpoints: int = 3                 # round checkpoints kept in checkpoint_dir
+    # on by default: a round whose global norm grows more than this x the median accepted reply
+    # norm is not committed (None: off); see server/federation/rounds.py
+    sanity_ratio: float | None = 100.0
+    resume_round: int | None = None           # resume from this kept round's file (a known-good state)
     overwrite: bool = False                   # start over an existing checkpoint (else refuse)
     split: str = "reference"                  # FlexLoRA/raFLoRA factor split: official "reference" or "balanced"
     carry: bool = False                       # FlexLoRA with carry (strategy "flexlora" only)
@@ -114,6 +118,9 @@ class SimulationConfig:
             raise ValueError(f"keep_checkpoints must be an int in [1, 1000], got {self.keep_checkpoints!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
+        if self.resume_round is not None and (not self.resume or isinstance(self.resume_round, bool)
+                                              or not isinstance(self.resume_round, int) or self.resume_round < 1):
+            raise ValueError(f"resume_round must be an int >= 1 and needs resume, got {self.resume_round!r}")
 
     def robust(self) -> RobustConfig:
         return RobustConfig(clip_norm=self.clip_norm, clip_adaptive=self.clip_adaptive,
@@ -241,9 +248,10 @@ def run_simulation(cfg: SimulationConfig, *, stop_after: int | None = None) -> d
                              evaluate=lambda s: evaluator(s.global_delta()), checkpoint_dir=cfg.checkpoint_dir,
                              identity=cfg.identity(), base_model=base_model, runtime_state=transport,
                              runtime="embedded", logger=log, max_norm_growth=cfg.max_norm_growth,
-                             overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints)
+                             overwrite=cfg.overwrite, keep_checkpoints=cfg.keep_checkpoints,
+                             sanity_ratio=cfg.sanity_ratio)
         try:
-            resumed = bool(cfg.resume and engine.restore())
+            resumed = bool(cfg.resume and engine.restore(cfg.resume_round))
             engine.start()
         except ResumeError as exc:
             engine.close()

@@ -15,3 +15,19 @@ def flip_sign(data: bytes) -> bytes:
 
 def garbage(data: bytes) -> bytes:
     return np.random.default_rng(0).bytes(len(data))
+
+
+def poison_examples(data: bytes) -> bytes:
+    """Issue 21, class 3: claims 10^9 examples and scales every module's delta to 0.99 of the
+    default ``DecodeLimits.max_delta_norm`` (a valid reply that swamps the round)."""
+    from edge_client.wire import DecodeLimits, factor_keys, product_norm
+
+    u = decode_update(data)
+    bound = 0.99 * DecodeLimits().max_delta_norm
+    for module in u.modules():
+        b, a = u.pair(module)
+        norm = u.module_scaling(module) * product_norm(b, a) or 1.0
+        b_key = factor_keys(module)[1]
+        u.factors[b_key] = (b.astype(np.float64) * (bound / norm)).astype(np.float32)
+    u.num_examples = 10**9
+    return encode_update(u)
