@@ -57,6 +57,7 @@ __all__ = ["client_seed", "sample_clients", "check_reply_identity", "reject_reas
 # "failed" in its history entry and not committed (the strategy state is restored).
 
 DEFAULT_SANITY_RATIO = 100.0
+_SANITY = "sanity guard"
 
 
 def update_norm(update: ClientUpdate) -> float:
@@ -222,43 +223,29 @@ class RoundEngine:
                 self.log.warning("round %d: reply from %r, which was not asked, ignored", rnd, reply.client_id)
                 continue
             by_id[reply.client_id] = reply
-        agg = self.strategy.begin_round(rnd)
-        rejected: dict[str, str] = {}
-        traffic = []
-        norms: list[float] = []      # accepted replies' ||dW||_F, the sanity guard's reference
-        for order in plan.orders:
-            cid = order.client_id
-            reply = by_id.get(cid, Reply(client_id=cid, error="no reply; dropped"))
-            traffic.append({"client": cid, "rank": order.spec.label(), "received": len(order.wire or b""),
-                            "sent": len(reply.data or b"")})
-            if reply.data is None:
-                rejected[cid] = reply.error or "no reply; dropped"
-                self.log.warning("round %d: client %s dropped: %s", rnd, cid, rejected[cid])
-                continue
-            try:
-                update = self.strategy.decode_reply(reply.data, spec=order.spec)
-                check_reply_identity(update, client_id=cid, round=rnd)
-                agg.add(update)
-            except Exception as exc:  # noqa: BLE001 - one client's reply never ends the run
-                rejected[cid] = reject_reason(exc)
-                self.log.warning("round %d: reply from %s rejected: %s", rnd, cid, rejected[cid])
-                continue
-            if self.sanity_ratio is not None:
-                norms.append(update_norm(update))
-        train_s = time.perf_counter() - plan.started
         if not self._good:
             self._good.append(self._committed(self.round))
         snapshot = self._snapshot()
+        agg, rejected, traffic, norms = self._aggregate(plan, by_id, {})
+        train_s = time.perf_counter() - plan.started
         arrived = sum(1 for o in plan.orders if by_id.get(o.client_id) is not None
                       and by_id[o.client_id].data is not None)
+        result, failed = self._finish(agg, rnd, norms, rejected)
+        if failed is not None and failed.startswith(_SANITY) and norms:
+            # the guard tripped: refuse the replies that alone could explain it (own norm above
+            # sanity_ratio x the median) and aggregate the round again without them
+            median = float(np.median(list(norms.values())))
+            outliers = {cid: (f"sanity guard: the reply's norm {n:.4g} exceeds sanity_ratio={self.sanity_ratio:g} x "
+                              f"the median of the round's accepted replies ({median:.4g})")
+                        for cid, n in norms.items() if n > self.sanity_ratio * median}
+            if outliers:
+                self.log.error("round %d: %s; aggregating again without %s", rnd, failed, sorted(outliers))
+                self.strategy.load_state({k: v.copy() for k, v in snapshot[0].items()}, dict(snapshot[1]))
+                agg, rejected, traffic, norms = self._aggregate(plan, by_id, outliers)
+                result, failed = self._finish(agg, rnd, norms, rejected)
         rolled_back = None
-        try:
-            result = agg.finalize()
-            failed = self._insane(rnd, norms)
-        except RoundFailed as exc:
-            result, failed = None, f"{exc} (rejected: {rejected})"
-            if arrived and not agg.client_ids:
-                rolled_back = self._roll_back(rnd)
+        if result is None and arrived and not agg.client_ids:
+            rolled_back = self._roll_back(rnd)
         if failed is not None:
             # not committed: the previous state stays, and the run goes on with the next round
             if result is not None:
@@ -292,6 +279,46 @@ class RoundEngine:
             raise RoundFailed(f"{self._failures} rounds in a row failed (max_consecutive_failures="
                               f"{self.max_consecutive_failures}); last: {entry['failed']}")
         return entry
+
+    def _aggregate(self, plan: RoundPlan, by_id: Mapping[str, Reply], refused: Mapping[str, str]
+                   ) -> tuple[object, dict[str, str], list[dict], dict[str, float]]:
+        """Decode, check and add every reply of ``plan`` (in plan order) except ``refused`` (client
+        id -> why); returns the round's aggregation, the rejections, traffic and accepted norms."""
+        rnd = plan.round
+        agg = self.strategy.begin_round(rnd)
+        rejected: dict[str, str] = {}
+        traffic = []
+        norms: dict[str, float] = {}     # accepted replies' ||dW||_F, the sanity guard's reference
+        for order in plan.orders:
+            cid = order.client_id
+            reply = by_id.get(cid, Reply(client_id=cid, error="no reply; dropped"))
+            traffic.append({"client": cid, "rank": order.spec.label(), "received": len(order.wire or b""),
+                            "sent": len(reply.data or b"")})
+            if reply.data is None:
+                rejected[cid] = reply.error or "no reply; dropped"
+                self.log.warning("round %d: client %s dropped: %s", rnd, cid, rejected[cid])
+                continue
+            try:
+                if cid in refused:
+                    raise ValueError(refused[cid])
+                update = self.strategy.decode_reply(reply.data, spec=order.spec)
+                check_reply_identity(update, client_id=cid, round=rnd)
+                agg.add(update)
+            except Exception as exc:  # noqa: BLE001 - one client's reply never ends the run
+                rejected[cid] = reject_reason(exc)
+                self.log.warning("round %d: reply from %s rejected: %s", rnd, cid, rejected[cid])
+                continue
+            if self.sanity_ratio is not None:
+                norms[cid] = update_norm(update)
+        return agg, rejected, traffic, norms
+
+    def _finish(self, agg, rnd: int, norms: Mapping[str, float], rejected: Mapping[str, str]):
+        """``(result, None)`` for a sane aggregate, ``(result or None, why)`` for a failed round."""
+        try:
+            result = agg.finalize()
+        except RoundFailed as exc:
+            return None, f"{exc} (rejected: {dict(rejected)})"
+        return result, self._insane(rnd, list(norms.values()))
 
     def _committed(self, rnd: int) -> tuple:
         """The record of the state just committed (or started from) that a rollback returns to."""
@@ -331,7 +358,7 @@ class RoundEngine:
             new = global_norm(self.strategy)
             median = float(np.median(norms))
             if not new <= prev + self.sanity_ratio * median:
-                return (f"sanity guard: the global update's norm is {new:.4g} after {prev:.4g}, more than "
+                return (f"{_SANITY}: the global update's norm is {new:.4g} after {prev:.4g}, more than "
                         f"sanity_ratio={self.sanity_ratio:g} x the median norm of the round's accepted "
                         f"replies ({median:.4g})")
         if self.max_norm_growth is None:

@@ -57,17 +57,34 @@ def _same(a, b):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_a_poisoned_round_1_is_not_committed_by_default_and_the_run_goes_on():
-    eng, strat = _engine()
-    entry = eng.run_round(1, _Transport(poison={"c3"}))
-    assert "sanity guard" in entry["failed"] and entry["clients"] == 0
-    assert strat.global_delta() == {} and strat.rounds_completed == 0
-    entry = eng.run_round(2, _Transport())
-    assert "failed" not in entry and entry["clients"] == 4
-    ups = [honest(cid, 20 + i) for i, cid in enumerate(IDS)]
+def _oracle_check(strat, ups):
     for module, got in strat.global_delta().items():
         want = flexlora_delta([(*u.pair(module), u.module_scaling(module), u.num_examples) for u in ups])
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_a_poisoning_reply_is_refused_by_the_default_guard_and_round_1_is_the_honest_one():
+    eng, strat = _engine()
+    entry = eng.run_round(1, _Transport(poison={"c3"}))
+    assert "failed" not in entry and entry["clients"] == 3
+    assert list(entry["rejected"]) == ["c3"] and "sanity guard" in entry["rejected"]["c3"]
+    _oracle_check(strat, [honest(cid, 10 + i) for i, cid in enumerate(IDS[:3])])
+    entry = eng.run_round(2, _Transport(poison={"c3"}))      # every round, not only the first
+    assert "failed" not in entry and list(entry["rejected"]) == ["c3"]
+
+
+def test_a_round_the_guard_refuses_without_a_single_culprit_is_not_committed_and_the_run_goes_on(monkeypatch):
+    from server.federation import rounds
+    eng, strat = _engine()
+    real = rounds.global_norm
+    monkeypatch.setattr(rounds, "global_norm", lambda s: 1e30 * (s.rounds_completed == 1) + real(s))
+    entry = eng.run_round(1, _Transport())      # no reply stands out: the round itself is refused
+    assert "sanity guard" in entry["failed"] and entry["clients"] == 0 and entry["rejected"] == {}
+    assert strat.global_delta() == {} and strat.rounds_completed == 0
+    monkeypatch.setattr(rounds, "global_norm", real)
+    entry = eng.run_round(2, _Transport())
+    assert "failed" not in entry and entry["clients"] == 4
+    _oracle_check(strat, [honest(cid, 20 + i) for i, cid in enumerate(IDS)])
 
 
 def test_the_guard_is_off_on_request_and_then_commits_the_poison():
