@@ -176,8 +176,8 @@ class RoundEngine:
         self.sanity_ratio = sanity_ratio         # None: the default sanity guard is off
         self.max_consecutive_failures = max_consecutive_failures
         self._failures = 0                       # failed rounds in a row
-        # committed states, oldest first: (round, tensors, meta, max_norm_growth's norm, global
-        # norm or None when the guard is off); [0] is the state the run started from
+        # the last two committed states, oldest first: (round, tensors, meta, max_norm_growth's
+        # norm, global norm or None when the guard is off); memory: two copies of the global state
         self._good: list[tuple[int, dict, dict, float | None, float | None]] = []
         self.max_norm_growth = max_norm_growth   # a round whose global norm grows more is not committed
         self.overwrite = overwrite               # False: refuse to start over an existing checkpoint
@@ -255,7 +255,7 @@ class RoundEngine:
         else:
             self._failures = 0
             self._good.append(self._committed(rnd))
-            del self._good[:-(self.keep_checkpoints + 1)]
+            del self._good[:-2]   # the state now and the one a rollback returns to
         t_eval = time.perf_counter()
         scores = self.evaluate(self.strategy) if self.evaluate is not None else {}
         entry = {"round": rnd, **scores, "aggregation_s": agg.seconds if result is None else result.aggregation_s,
