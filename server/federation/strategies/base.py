@@ -174,7 +174,7 @@ class RoundAggregation(ABC):
         """Trim, clip and cap the buffered updates (settings in ``config.robust``), then add them."""
         cfg = self.strategy.config.robust
         factored = [{m: (u.module_scaling(m), *u.pair(m)) for m in u.modules()} for u in updates]
-        # like with like: ranks classes (alpha / r makes low-rank updates larger), and what each
+        # like with like: rank classes (alpha / r makes low-rank updates larger), and what each
         # client changed (its reply minus what it was sent) for the distances
         classes = [RankSpec(rank=u.rank, rank_pattern=u.rank_pattern).label() for u in updates]
         keep = list(range(len(updates)))

@@ -167,7 +167,11 @@ def trim_by_distance(sq_dist: np.ndarray, fraction: float) -> list[int]:
 # (distance trimming becomes norm trimming). The statistics below are on what each client
 # *changed* (its reply minus the factors it was sent) and are normalised within its rank class.
 
-MIN_CLASS = 3   # a class this small borrows the statistics of the whole round
+# a class smaller than this borrows the statistics of the whole round: for trimming scores a
+# class of two has a median (one client), for the clipping bound three (a median an attacker
+# in a class of two cannot drag up)
+MIN_CLASS_TRIM = 2
+MIN_CLASS_CLIP = 3
 
 
 def change_of(update: FactoredUpdate, sent: FactoredUpdate | None) -> FactoredUpdate:
@@ -186,15 +190,15 @@ def change_of(update: FactoredUpdate, sent: FactoredUpdate | None) -> FactoredUp
     return out
 
 
-def _class_reference(values: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+def _class_reference(values: np.ndarray, classes: Sequence[str], min_class: int) -> np.ndarray:
     """Per client, the median of ``values`` over its rank class (the round's median for classes
-    below ``MIN_CLASS`` clients)."""
+    below ``min_class`` clients)."""
     values = np.asarray(values, dtype=np.float64)
     overall = float(np.median(values)) if values.size else 0.0
     ref = np.empty_like(values)
     for c in set(classes):
         idx = [i for i, k in enumerate(classes) if k == c]
-        ref[idx] = float(np.median(values[idx])) if len(idx) >= MIN_CLASS else overall
+        ref[idx] = float(np.median(values[idx])) if len(idx) >= min_class else overall
     return ref
 
 
@@ -204,7 +208,7 @@ def class_scores(sq_dist: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     d = np.asarray(sq_dist, dtype=np.float64)
     n = d.shape[0]
     score = d.sum(axis=1) / max(n - 1, 1)
-    ref = _class_reference(score, classes)
+    ref = _class_reference(score, classes, MIN_CLASS_TRIM)
     return np.divide(score, ref, out=np.zeros_like(score), where=ref > 0)
 
 
@@ -223,13 +227,13 @@ def trim_by_class(sq_dist: np.ndarray, fraction: float, classes: Sequence[str]) 
 def clip_multipliers_by_class(norms: Sequence[float], classes: Sequence[str], *, clip_norm: float | None = None,
                               clip_adaptive: float | None = None) -> np.ndarray:
     """:func:`clip_multipliers` with the adaptive bound taken per rank class (``clip_adaptive x``
-    the class's median norm; the round's median for classes below ``MIN_CLASS``)."""
+    the class's median norm; the round's median for classes below ``MIN_CLASS_CLIP``)."""
     norms = np.asarray(norms, dtype=np.float64)
     bound = np.full(norms.shape, math.inf)
     if clip_norm is not None:
         bound = np.minimum(bound, float(clip_norm))
     if clip_adaptive is not None and norms.size:
-        bound = np.minimum(bound, float(clip_adaptive) * _class_reference(norms, classes))
+        bound = np.minimum(bound, float(clip_adaptive) * _class_reference(norms, classes, MIN_CLASS_CLIP))
     out = np.ones_like(norms)
     over = norms > bound
     out[over] = bound[over] / norms[over]
