@@ -19,9 +19,9 @@ finite, and (on by default, ``sanity_ratio``) the global model's norm grew by at
 ``sanity_ratio`` times the median norm of the round's accepted replies -- a reference taken from
 the replies, not from the state being guarded, so a poisoned round is refused even in round 1.
 A round with fewer than ``min_clients`` valid replies is recorded as failed and the run goes on;
-when replies did arrive and every one was rejected, the state they answered is suspect and the
-engine rolls back to the previous committed state (not for strategies whose clients merge what
-they receive into their base weights, FLoRA). ``max_consecutive_failures`` failed rounds in a
+with no valid reply at all the state the clients were sent is suspect and the engine rolls back
+to the previous committed state (not for strategies whose clients merge what they receive into
+their base weights, FLoRA). ``max_consecutive_failures`` failed rounds in a
 row raise ``RoundFailed``.
 """
 from __future__ import annotations
@@ -228,8 +228,6 @@ class RoundEngine:
         snapshot = self._snapshot()
         agg, rejected, traffic, norms = self._aggregate(plan, by_id, {})
         train_s = time.perf_counter() - plan.started
-        arrived = sum(1 for o in plan.orders if by_id.get(o.client_id) is not None
-                      and by_id[o.client_id].data is not None)
         result, failed = self._finish(agg, rnd, norms, rejected)
         if failed is not None and failed.startswith(_SANITY) and norms:
             # the guard tripped: refuse the replies that alone could explain it (own norm above
@@ -244,7 +242,9 @@ class RoundEngine:
                 agg, rejected, traffic, norms = self._aggregate(plan, by_id, outliers)
                 result, failed = self._finish(agg, rnd, norms, rejected)
         rolled_back = None
-        if result is None and arrived and not agg.client_ids:
+        if result is None and not agg.client_ids:
+            # no valid reply: the state the clients were sent is suspect (clients whose training
+            # diverged on it report an error, not a reply), so go back to the one before it
             rolled_back = self._roll_back(rnd)
         if failed is not None:
             # not committed: the previous state stays, and the run goes on with the next round
@@ -326,8 +326,8 @@ class RoundEngine:
         return (rnd, *self._snapshot(), self._global_norm, norm)
 
     def _roll_back(self, rnd: int) -> int | None:
-        """Every reply that arrived in ``rnd`` was rejected: the state they answered is suspect, so
-        go back to the committed state before it. Returns that state's round (None: nothing to do)."""
+        """``rnd`` had no valid reply: the state it sent is suspect, so go back to the committed
+        state before it. Returns that state's round (None: nothing to go back to)."""
         if self.strategy.merge_into_base:
             return None   # FLoRA: clients merged what they received; the server cannot take it back
         if len(self._good) < 2:
@@ -336,8 +336,7 @@ class RoundEngine:
         back, tensors, meta, norm, _ = self._good[-1]
         self.strategy.load_state({k: v.copy() for k, v in tensors.items()}, dict(meta))
         self._global_norm = norm
-        self.log.error("round %d: every reply that arrived was rejected; rolled back to the state after "
-                       "round %d", rnd, back)
+        self.log.error("round %d: no valid reply; rolled back to the state after round %d", rnd, back)
         return back
 
     def _snapshot(self) -> tuple[dict, dict]:

@@ -106,13 +106,26 @@ def test_a_round_whose_replies_are_all_rejected_rolls_back_to_the_last_good_stat
     assert "failed" not in entry and strat.rounds_completed == 4
 
 
-def test_a_round_nobody_answered_fails_without_rolling_back():
+def test_a_round_whose_clients_all_failed_on_the_state_rolls_back_too():
+    # clients whose training diverged on the state they were sent (NaN loss) report an error
     eng, strat = _engine()
+    eng.run_round(1, _Transport())
+    after_1 = _state(strat)
+    eng.run_round(2, _Transport())
+    entry = eng.run_round(3, _Transport(silent=IDS))
+    assert "0 valid replies" in entry["failed"] and entry["rolled_back_to"] == 1
+    _same(_state(strat), after_1)
+
+
+def test_with_one_valid_reply_below_min_clients_the_state_stays():
+    strat = make_strategy("flexlora", StrategyConfig(base_model=BASE, module_shapes=SHAPES, min_clients=2))
+    eng = RoundEngine(strat, {cid: RankSpec(rank=4) for cid in IDS})
+    eng.start()
     eng.run_round(1, _Transport())
     eng.run_round(2, _Transport())
     after_2 = _state(strat)
-    entry = eng.run_round(3, _Transport(silent=IDS))
-    assert "0 valid replies" in entry["failed"] and "rolled_back_to" not in entry
+    entry = eng.run_round(3, _Transport(garbage=IDS[1:]))
+    assert "1 valid replies, min_clients=2" in entry["failed"] and "rolled_back_to" not in entry
     _same(_state(strat), after_2)
 
 
