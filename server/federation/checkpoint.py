@@ -209,6 +209,10 @@ def _verify(path: Path, data: bytes, metadata: Mapping) -> None:
     except ValueError:
         raise ValueError(f"{path}: unreadable SHA-256 record; the file was altered") from None
     got = _hashes(data)
+    missing = sorted(set(got) - set(want)) if isinstance(want, dict) else []
+    if missing:
+        raise ValueError(f"{path}: the SHA-256 record has no {', '.join(missing)} hash (altered, or written by an "
+                         f"older flexlora whose checkpoints are not verified in full); refused")
     if not isinstance(want, dict) or any(want.get(part) != digest for part, digest in got.items()):
         bad = [part for part, digest in got.items() if not isinstance(want, dict) or want.get(part) != digest]
         raise ValueError(f"{path}: SHA-256 mismatch ({', '.join(bad)}); the file was altered or damaged")

@@ -58,6 +58,18 @@ def test_a_checkpoint_without_its_checksum_record_is_refused(tmp_path):
         load_checkpoint(tmp_path)
 
 
+def test_a_record_without_the_layout_hash_is_refused(tmp_path):
+    _save(tmp_path, 1)
+    for path in _files(tmp_path):
+        header, body = _split(path)
+        record = json.loads(header["__metadata__"]["flexlora_sha256"])
+        del record["layout"]
+        header["__metadata__"]["flexlora_sha256"] = json.dumps(record)
+        _write(path, header, body)
+    with pytest.raises(ValueError, match="record has no layout hash"):
+        load_checkpoint(tmp_path)
+
+
 def test_round_files_are_independent_copies_so_truncation_in_place_falls_back(tmp_path):
     _save(tmp_path, 1)
     _save(tmp_path, 2)
