@@ -129,6 +129,11 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="write an atomic checkpoint here after every round")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--overwrite", action="store_true", help="start over an existing checkpoint in --checkpoint-dir")
+    p.add_argument("--resume-round", type=number(int, lo=1, hi=10**9), default=None,
+                   help="with --resume: start from this kept round's checkpoint (the last good state)")
+    p.add_argument("--sanity-ratio", type=number(float, lo=0, hi=1e30), default=d.sanity_ratio,
+                   help="do not commit a round whose global norm grows more than this x the median accepted "
+                        "reply norm (default %(default)s; 0: off)")
     p.add_argument("--keep-checkpoints", type=number(int, lo=1, hi=1000), default=d.keep_checkpoints,
                    help="round checkpoints kept (default %(default)s)")
     p.add_argument("--fault", action="append", default=[], metavar="CLIENT=KIND",
@@ -159,9 +164,10 @@ def _run_simulate(args: argparse.Namespace) -> int:
                     model=args.model, data=args.data, suite=args.suite, local_steps=args.local_steps,
                     batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
                     client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
-                    resume=args.resume, faults=faults, threads=args.threads,
+                    resume=args.resume or args.resume_round is not None, faults=faults, threads=args.threads,
                     progress=not args.no_progress, overwrite=args.overwrite,
                     keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
+                    resume_round=args.resume_round, sanity_ratio=args.sanity_ratio or None,
                     device=args.device, shards=args.shards, **defence_settings(args))
     doc = run_simulation(cfg)
     if args.json:

@@ -22,7 +22,15 @@ from .codec import (
                     encode_update,
                     json_loads_strict,
 )
-from .messages import ClientUpdate, DecodeLimits, GlobalFactors, RankSpec, product_norm
+from .messages import (
+    CONTRIBUTION_LIMIT,
+    MAX_ROUND_REPLIES,
+    ClientUpdate,
+    DecodeLimits,
+    GlobalFactors,
+    RankSpec,
+    product_norm,
+)
 from .naming import (
                     LORA_A_SUFFIX,
                     LORA_B_SUFFIX,
@@ -41,5 +49,6 @@ __all__ = ["LORA_A_SUFFIX", "LORA_B_SUFFIX", "SCHEMA_VERSION", "METADATA_KEY", "
            "factor_keys", "group_factor_halves", "join_factors", "module_names", "rank_for_module", "scaling",
            "short_name", "split_factors", "RankSpec", "ClientUpdate", "GlobalFactors", "DecodeLimits",
            "encode_update", "decode_update", "encode_global", "decode_global", "json_loads_strict", "product_norm",
+           "CONTRIBUTION_LIMIT", "MAX_ROUND_REPLIES",
            "QUERY_KEY", "PROBE_KEY", "TRAIN_KEY", "UPDATE_KEY", "METRICS_KEY", "NodeProbe", "TrainOrder",
            "parse_rank_pattern"]

@@ -16,7 +16,8 @@ import numpy as np
 
 from .naming import PATTERN_KEY_RE, factor_keys, module_names, pattern_matches, rank_for_module, scaling, short_name
 
-__all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors", "product_norm", "check_rank_pattern"]
+__all__ = ["RankSpec", "DecodeLimits", "ClientUpdate", "GlobalFactors", "product_norm", "check_rank_pattern",
+           "CONTRIBUTION_LIMIT", "MAX_ROUND_REPLIES"]
 
 _MODULE_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 _MAX_STR = 256
@@ -74,15 +75,21 @@ class DecodeLimits:
     # (1e8 keeps every float32 product and Gram matrix of a round far from overflow; trained
     # LoRA deltas are orders of magnitude smaller, so operators may lower it)
     max_delta_norm: float = 1e8
+    # each part of a contribution bounded on its own, not only their products (a reply with
+    # B = 0 and alpha = 1e300 has every product 0): per module the LoRA scaling s
+    # (alpha / r, or alpha / sqrt(r) with rsLoRA) and the Frobenius norm of each factor
+    max_scaling: float = 1e4
+    max_factor_norm: float = 1e10
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_header_bytes", "max_rank", "max_modules", "max_dim", "max_num_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DecodeLimits.{name} must be a positive int, got {value!r}")
-        value = self.max_delta_norm
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ValueError(f"DecodeLimits.max_delta_norm must be a finite positive number, got {value!r}")
+        for name in ("max_delta_norm", "max_scaling", "max_factor_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"DecodeLimits.{name} must be a finite positive number, got {value!r}")
 
 
 def _check_int(name: str, value, *, minimum: int, maximum: int | None = None) -> int:
@@ -131,6 +138,14 @@ def check_rank_pattern(value, max_rank: int) -> dict[str, int]:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+# The most replies one round may aggregate with the guarantee below (raFLoRA's partition
+# weights amplify a reply's factors by at most this count before the aggregator normalises).
+MAX_ROUND_REPLIES = 1 << 20
+# Per module, ``num_examples * s * ||B||_F * ||A||_F`` (float64) of one reply must not exceed
+# this: any MAX_ROUND_REPLIES accepted replies, each amplified by MAX_ROUND_REPLIES, still sum
+# to at most float32's max / 16, so an accepted reply can never make a later one overflow
+# (about 1.2e24; trained replies are around 1e14 even with 10^9 claimed examples).
+CONTRIBUTION_LIMIT = _F32_MAX / 2.0**48
 
 
 def product_norm(b: np.ndarray, a: np.ndarray) -> float:
@@ -153,10 +168,12 @@ def _check_alpha_pattern(value) -> dict[str, float]:
 
 
 def _check_delta_norms(obj, limits: DecodeLimits) -> None:
-    """Reject norm bombs: per module the delta ``s ||B A||_F`` the update stands for (float64,
-    exact, see :func:`product_norm`) must not exceed ``limits.max_delta_norm``, and for an update
-    the contribution the aggregator accumulates before normalising, ``n s ||B A||_F`` with ``n``
-    its num_examples (and each factor's weighted norm), must be finite in float32."""
+    """Reject norm bombs, per module, in float64: the delta ``s ||B A||_F`` the update stands for
+    (exact, see :func:`product_norm`) against ``limits.max_delta_norm``; the weighted contribution
+    ``n s ||B||_F ||A||_F`` (``n`` its num_examples) against :data:`CONTRIBUTION_LIMIT`; and each
+    part on its own (``s`` against ``max_scaling``, ``||B||_F`` and ``||A||_F`` against
+    ``max_factor_norm``), so that a zero or cancelling product cannot carry a huge scaling or
+    factor into the float32 aggregation."""
     weight = float(getattr(obj, "num_examples", 1))
     for module in module_names(obj.factors):
         a_key, b_key = factor_keys(module)
@@ -167,12 +184,21 @@ def _check_delta_norms(obj, limits: DecodeLimits) -> None:
         if not norm <= limits.max_delta_norm:
             raise ValueError(f"module {module!r}: scaling * ||B A||_F = {norm:.3g} exceeds "
                              f"DecodeLimits.max_delta_norm={limits.max_delta_norm:g}")
-        nb = float(np.linalg.norm(np.asarray(b, np.float64)))
-        na = float(np.linalg.norm(np.asarray(a, np.float64)))
-        contribution = weight * norm
-        if not (contribution < _F32_MAX and weight * s * nb < _F32_MAX and na < _F32_MAX):
-            raise ValueError(f"module {module!r}: the weighted contribution num_examples * scaling * B A "
-                             f"(num_examples={weight:g}, scaling={s:.3g}) is not finite in float32")
+        with np.errstate(over="ignore", invalid="ignore"):
+            nb = float(np.linalg.norm(np.asarray(b, np.float64)))
+            na = float(np.linalg.norm(np.asarray(a, np.float64)))
+            contribution = weight * s * nb * na
+        if not contribution <= CONTRIBUTION_LIMIT:
+            raise ValueError(f"module {module!r}: the weighted contribution num_examples * scaling * ||B|| * ||A|| "
+                             f"= {contribution:.3g} (num_examples={weight:g}, scaling={s:.3g}) is not finite in "
+                             f"float32 with room for later replies (limit {CONTRIBUTION_LIMIT:.3g})")
+        if not s <= limits.max_scaling:
+            raise ValueError(f"module {module!r}: LoRA scaling {s:.3g} (alpha={obj.module_alpha(module):.3g}) "
+                             f"exceeds DecodeLimits.max_scaling={limits.max_scaling:g}")
+        for key, value in ((b_key, nb), (a_key, na)):
+            if not value <= limits.max_factor_norm:
+                raise ValueError(f"{key}: Frobenius norm {value:.3g} exceeds "
+                                 f"DecodeLimits.max_factor_norm={limits.max_factor_norm:g}")
 
 
 def _check_factors(factors, *, rank: int, rank_pattern: Mapping[str, int], target_modules,
@@ -262,7 +288,8 @@ class _RankedFactors:
             ratio = self.module_alpha(module) / float(self.alpha)
             if ratio != 1.0:
                 b_key = factor_keys(module)[1]
-                out[b_key] = (np.asarray(out[b_key], np.float32) * np.float32(ratio)).astype(np.float32)
+                # in float64: the ratio is applied before anything is rounded to float32
+                out[b_key] = (np.asarray(out[b_key], np.float64) * ratio).astype(np.float32)
         return out
 
     def modules(self) -> list[str]:

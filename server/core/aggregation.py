@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from edge_client.wire import rank_for_module, scaling, split_factors
+from edge_client.wire import MAX_ROUND_REPLIES, rank_for_module, scaling, split_factors
 from server.core import linalg
 from server.core.adapter import GlobalAdapter
 from server.core.validate import METHODS, as_count, as_matrix, as_method, as_rank, as_threads
@@ -356,12 +356,15 @@ class Aggregator(AggregatorBase):
 def check_finite_contribution(who: str, module: str, B: np.ndarray, A: np.ndarray, ws: float) -> None:
     """Finite but huge entries would overflow float32 in the native core (a LAPACK error far
     from the cause): refuse them up front, naming the client and the module."""
-    limit = float(np.finfo(np.float32).max) / 16
+    # room for MAX_ROUND_REPLIES such clients in one float32 accumulator (x16 margin), so an
+    # accepted client never makes a later one overflow; the weight x scaling is bounded on its
+    # own too (B = 0 with a huge alpha has a zero product but an infinite float32 weight)
+    limit = float(np.finfo(np.float32).max) / 16 / MAX_ROUND_REPLIES
     with np.errstate(over="ignore", invalid="ignore"):
         nb = float(np.linalg.norm(np.asarray(B, np.float64)))
         na = float(np.linalg.norm(np.asarray(A, np.float64)))
         bound = abs(ws) * nb * na
-    if not (bound < limit and nb < limit and na < limit):
+    if not (bound < limit and nb < limit and na < limit and abs(ws) < limit):
         raise ValueError(f"{who}: module {module!r}: weight * scaling * ||B|| * ||A|| = {bound:.3g} is too "
                          f"large (or not finite) for float32 aggregation")
 

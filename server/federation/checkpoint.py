@@ -8,10 +8,17 @@ fsynced, then ``os.replace``d over the previous one, so a crash at any moment le
 the old or the new checkpoint, never a torn one.
 
 Besides the newest (``checkpoint.safetensors``) the last ``keep`` rounds stay as
-``checkpoint-rNNNNNN.safetensors`` (hard links where the file system allows). The metadata key
-``flexlora_sha256`` holds the SHA-256 of the JSON document and of the tensor data; a file whose
-hashes do not match is refused on load, and :func:`load_checkpoint` falls back to the newest
-good round file and says so (``Checkpoint.fallback``). :func:`lock_directory` takes an exclusive
+``checkpoint-rNNNNNN.safetensors``, each an independent copy (never a hard link, so damage to
+one file in place cannot reach another). The metadata key ``flexlora_sha256`` holds the SHA-256
+of the JSON document, of the tensor layout (the safetensors header without its metadata) and of
+the tensor data; a file whose record is missing or does not match is refused on load, and
+:func:`load_checkpoint` falls back to the newest good round file and says so
+(``Checkpoint.fallback``). The hashes detect damage, not tampering: anyone who can write the
+directory can recompute them. For tamper evidence the operator sets a secret key in the
+environment variable ``FLEXLORA_CHECKPOINT_KEY`` (at least 16 characters, kept outside the
+checkpoint directory): every file then carries ``flexlora_hmac``, an HMAC-SHA256 under that key
+of the hash record, and with the key set a file without a valid MAC is refused; a file with a MAC
+is refused when no key is set (it cannot be verified). :func:`lock_directory` takes an exclusive
 ``flock`` on ``<dir>/.lock`` so that two runs never write one directory.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -33,13 +41,17 @@ import numpy as np
 import safetensors.numpy
 
 __all__ = ["CHECKPOINT_NAME", "Checkpoint", "CheckpointLocked", "save_checkpoint", "load_checkpoint",
-           "lock_directory", "check_writable", "has_checkpoint", "DEFAULT_KEEP"]
+           "lock_directory", "check_writable", "has_checkpoint", "DEFAULT_KEEP", "KEY_ENV", "checkpoint_key"]
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 LOCK_NAME = ".lock"
 DEFAULT_KEEP = 3
 _KEY = "flexlora_checkpoint"
 _HASH_KEY = "flexlora_sha256"
+_MAC_KEY = "flexlora_hmac"
+KEY_ENV = "FLEXLORA_CHECKPOINT_KEY"
+_MIN_KEY_CHARS = 16
+_MAC_CONTEXT = b"flexlora-checkpoint-hmac-v1\0"
 _SCHEMA = 1
 _ROUND_RE = re.compile(r"checkpoint-r(\d{6,})\.safetensors")
 log = logging.getLogger("flexlora.checkpoint")
@@ -92,12 +104,30 @@ def check_writable(directory: str | Path) -> None:
     os.unlink(tmp)
 
 
-def _hashes(data: bytes) -> tuple[str, str]:
-    """SHA-256 of (the JSON document, the tensor data section) of serialized ``data``."""
+def checkpoint_key() -> bytes | None:
+    """The operator's checkpoint MAC key from ``$FLEXLORA_CHECKPOINT_KEY`` (None when unset)."""
+    raw = os.environ.get(KEY_ENV)
+    if not raw:
+        return None
+    if len(raw) < _MIN_KEY_CHARS:
+        raise ValueError(f"{KEY_ENV} is {len(raw)} characters long; a checkpoint key needs at least "
+                         f"{_MIN_KEY_CHARS} (a secret kept outside the checkpoint directory)")
+    return raw.encode()
+
+
+def _hashes(data: bytes) -> dict[str, str]:
+    """SHA-256 of the JSON document, the tensor layout and the tensor data of serialized ``data``."""
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + n])
     doc = (header.get("__metadata__") or {}).get(_KEY, "")
-    return hashlib.sha256(doc.encode()).hexdigest(), hashlib.sha256(data[8 + n:]).hexdigest()
+    layout = json.dumps({k: v for k, v in header.items() if k != "__metadata__"}, sort_keys=True)
+    return {"doc": hashlib.sha256(doc.encode()).hexdigest(),
+            "layout": hashlib.sha256(layout.encode()).hexdigest(),
+            "data": hashlib.sha256(data[8 + n:]).hexdigest()}
+
+
+def _mac(key: bytes, record: str) -> str:
+    return hmac.new(key, _MAC_CONTEXT + record.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(kw_only=True)
@@ -118,9 +148,12 @@ def save_checkpoint(directory: str | Path, *, meta: Mapping, strategy_tensors: M
     tensors = {f"strategy/{k}": np.ascontiguousarray(v) for k, v in strategy_tensors.items()}
     tensors.update({f"runtime/{k}": np.ascontiguousarray(v) for k, v in (runtime_tensors or {}).items()})
     doc = json.dumps({"schema": _SCHEMA, **meta}, sort_keys=True)
-    doc_hash, data_hash = _hashes(safetensors.numpy.save(tensors, metadata={_KEY: doc}))
-    data = safetensors.numpy.save(tensors, metadata={
-        _KEY: doc, _HASH_KEY: json.dumps({"doc": doc_hash, "data": data_hash})})
+    record = json.dumps(_hashes(safetensors.numpy.save(tensors, metadata={_KEY: doc})), sort_keys=True)
+    metadata = {_KEY: doc, _HASH_KEY: record}
+    key = checkpoint_key()
+    if key is not None:
+        metadata[_MAC_KEY] = _mac(key, record)
+    data = safetensors.numpy.save(tensors, metadata=metadata)
     rnd = meta.get("round")
     round_file = directory / _round_name(rnd) if isinstance(rnd, int) and keep >= 1 else None
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
@@ -149,21 +182,52 @@ def save_checkpoint(directory: str | Path, *, meta: Mapping, strategy_tensors: M
 
 
 def _place_copy(tmp: str, data: bytes, target: Path) -> None:
-    """Atomically make ``target`` a copy of the temporary file ``tmp`` (a hard link if possible)."""
-    link = f"{tmp}.link"
+    """Atomically make ``target`` an independent copy of ``data`` (the bytes of ``tmp``): a file
+    of its own, never a hard link, so damaging one in place leaves the other intact."""
+    link = f"{tmp}.copy"
     try:
-        os.link(tmp, link)
-    except OSError:
         with open(link, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    try:
         os.replace(link, target)
     except BaseException:
         if os.path.exists(link):
             os.unlink(link)
         raise
+
+
+def _verify(path: Path, data: bytes, metadata: Mapping) -> None:
+    """The SHA-256 record must be present and match; with a key set the MAC must too (see the
+    module docstring). ValueError naming the file and what failed."""
+    stored = metadata.get(_HASH_KEY)
+    if stored is None:
+        raise ValueError(f"{path}: no {_HASH_KEY!r} record; a checkpoint whose checksum is missing is refused "
+                         f"(removed, or not written by flexlora)")
+    try:
+        want = json.loads(stored)
+    except ValueError:
+        raise ValueError(f"{path}: unreadable SHA-256 record; the file was altered") from None
+    got = _hashes(data)
+    missing = sorted(set(got) - set(want)) if isinstance(want, dict) else []
+    if missing:
+        raise ValueError(f"{path}: the SHA-256 record has no {', '.join(missing)} hash (altered, or written by an "
+                         f"older flexlora whose checkpoints are not verified in full); refused")
+    if not isinstance(want, dict) or any(want.get(part) != digest for part, digest in got.items()):
+        bad = [part for part, digest in got.items() if not isinstance(want, dict) or want.get(part) != digest]
+        raise ValueError(f"{path}: SHA-256 mismatch ({', '.join(bad)}); the file was altered or damaged")
+    key = checkpoint_key()
+    mac = metadata.get(_MAC_KEY)
+    if key is None:
+        if mac is not None:
+            raise ValueError(f"{path}: the checkpoint carries an HMAC ({_MAC_KEY!r}) but {KEY_ENV} is not set; "
+                             f"set it to the key the run was started with to verify it")
+        return
+    if mac is None:
+        raise ValueError(f"{path}: no {_MAC_KEY!r} record but {KEY_ENV} is set; the file was not written with "
+                         f"this key or its MAC was removed")
+    if not isinstance(mac, str) or not hmac.compare_digest(mac, _mac(key, stored)):
+        raise ValueError(f"{path}: HMAC mismatch; the file was altered or written with another {KEY_ENV}")
 
 
 def _read_file(path: Path) -> Checkpoint:
@@ -177,15 +241,7 @@ def _read_file(path: Path) -> Checkpoint:
         raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
     if raw is None:
         raise ValueError(f"{path}: no {_KEY!r} metadata; not a flexlora checkpoint")
-    stored = metadata.get(_HASH_KEY)
-    if stored is not None:
-        try:
-            want = json.loads(stored)
-        except ValueError:
-            raise ValueError(f"{path}: unreadable SHA-256 record; the file was altered") from None
-        doc_hash, data_hash = _hashes(data)
-        if not isinstance(want, dict) or want.get("doc") != doc_hash or want.get("data") != data_hash:
-            raise ValueError(f"{path}: SHA-256 mismatch; the file was altered or damaged")
+    _verify(path, data, metadata)
     try:
         meta = json.loads(raw)
     except ValueError:
@@ -199,12 +255,20 @@ def _read_file(path: Path) -> Checkpoint:
                       path=path)
 
 
-def load_checkpoint(directory: str | Path) -> Checkpoint | None:
+def load_checkpoint(directory: str | Path, *, round: int | None = None) -> Checkpoint | None:
     """The newest good checkpoint in ``directory``, or None when there is none yet.
 
     A damaged or altered newest file is skipped for the newest good round file (logged, and said
-    in ``Checkpoint.fallback``); ValueError when every file is bad."""
+    in ``Checkpoint.fallback``); ValueError when every file is bad. With ``round`` only that
+    round's file is read (to resume from an earlier, known-good state); ValueError if it is not
+    kept or not good."""
     directory = Path(directory)
+    if round is not None:
+        path = directory / _round_name(round)
+        if not path.exists():
+            kept = sorted(int(_ROUND_RE.fullmatch(p.name).group(1)) for p in _round_files(directory))
+            raise ValueError(f"{directory} keeps no checkpoint of round {round}; it keeps rounds {kept}")
+        return _read_file(path)
     candidates = [p for p in [directory / CHECKPOINT_NAME, *_round_files(directory)] if p.exists()]
     if not candidates:
         return None

@@ -153,7 +153,7 @@ class Federation:
                            checkpoint_dir=checkpoint_dir, identity=cfg.identity(), base_model=self.base.fingerprint,
                            runtime_state=runtime_state, runtime=runtime, logger=logger,
                            max_norm_growth=cfg.max_norm_growth, overwrite=overwrite,
-                           keep_checkpoints=cfg.keep_checkpoints)
+                           keep_checkpoints=cfg.keep_checkpoints, sanity_ratio=cfg.sanity_ratio)
 
 
 def build_federation(cfg: RunConfig, *, base: SharedBase | None = None,

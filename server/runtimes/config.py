@@ -108,6 +108,7 @@ class RunConfig:
     resume: bool = False
     overwrite: bool = False                   # start over an existing checkpoint (else refuse)
     keep_checkpoints: int = 3                 # round checkpoints kept in checkpoint_dir
+    resume_round: int | None = None           # resume from this kept round's file (a known-good state)
     faults: dict[str, str] = field(default_factory=dict)   # client id -> fault (tests, demos, red team)
     threads: int | None = None
     progress: bool = True
@@ -123,6 +124,9 @@ class RunConfig:
     max_weight_share: float | None = None     # cap on any client's share of the aggregation weight
     trim_fraction: float = 0.0                # drop this fraction of clients farthest from the rest
     max_norm_growth: float | None = None      # a round whose global norm grows more is not committed
+    # on by default: a round whose global norm grows more than this x the median accepted reply
+    # norm is not committed (None: off); see server/federation/rounds.py
+    sanity_ratio: float | None = 100.0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "num_clients", "num_heldout", "heldout_examples", "local_steps", "batch_size",
@@ -151,6 +155,10 @@ class RunConfig:
                                  f"got {self.clients_per_round}")
         if not (isinstance(self.collapse_threshold, (int, float)) and 0 < self.collapse_threshold <= 1):
             raise ValueError(f"collapse_threshold must be in (0, 1], got {self.collapse_threshold!r}")
+        if self.resume_round is not None and (not self.resume or isinstance(self.resume_round, bool)
+                                              or not isinstance(self.resume_round, int) or self.resume_round < 1):
+            raise ValueError(f"resume_round must be an int >= 1 and needs resume, got {self.resume_round!r}")
+        _positive(self, "sanity_ratio", optional=True)
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume needs checkpoint_dir")
         if self.resume and self.overwrite:

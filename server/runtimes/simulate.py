@@ -93,7 +93,7 @@ def run_simulation(cfg: RunConfig, *, stop_after: int | None = None) -> dict:
         engine = fed.engine(runtime="embedded", checkpoint_dir=cfg.checkpoint_dir, runtime_state=transport,
                             logger=log, overwrite=cfg.overwrite)
         try:
-            resumed = bool(cfg.resume and engine.restore())
+            resumed = bool(cfg.resume and engine.restore(cfg.resume_round))
             engine.start()
         except ResumeError as exc:
             engine.close()

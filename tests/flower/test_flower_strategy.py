@@ -154,9 +154,11 @@ def test_invalid_reply_is_rejected_with_its_reason_and_the_round_goes_on(fault, 
 def test_below_min_clients_the_round_fails_and_state_is_untouched():
     grid, nodes, strategy = _setup({"client-000": "nan", "client-001": "truncated"}, min_clients=2)
     wrapper = FlexLoRAFlowerStrategy(strategy, nodes, seed=0, round_timeout_s=5.0)
-    with pytest.raises(RoundFailed, match="min_clients=2"):
-        wrapper.start(grid, num_rounds=1)
+    wrapper.start(grid, num_rounds=1)   # the failed round is recorded; the run goes on (issue 21)
+    assert "min_clients=2" in wrapper.last_entry["failed"] and wrapper.last_entry["clients"] == 0
     assert strategy.rounds_completed == 0 and strategy.global_delta() == {}
+    with pytest.raises(RoundFailed, match="3 rounds in a row failed"):
+        FlexLoRAFlowerStrategy(strategy, nodes, seed=0, round_timeout_s=5.0).start(grid, num_rounds=3)
 
 
 def test_protocol_records_validate():

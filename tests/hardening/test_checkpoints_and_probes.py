@@ -34,7 +34,7 @@ def test_rotation_keeps_the_last_n(tmp_path):
 def test_a_flipped_bit_is_detected_and_resume_falls_back(tmp_path, where, caplog):
     for rnd in (1, 2, 3):
         _save(tmp_path, rnd)
-    # hard links: the newest round file is the same bytes as checkpoint.safetensors
+    # the newest round file holds the same bytes as checkpoint.safetensors: damage both
     path = tmp_path / CHECKPOINT_NAME
     data = bytearray(path.read_bytes())
     i = int(where * (len(data) - 1))

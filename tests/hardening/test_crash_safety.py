@@ -64,6 +64,10 @@ def test_a_damaged_checkpoint_is_refused_with_a_value_error(tmp_path, damage):
     else:
         data[5] ^= 0xFF
     path.write_bytes(bytes(data))
+    # the round file is an independent copy: in-place damage to the newest file does not reach it
+    ck = load_checkpoint(tmp_path)
+    assert ck.meta["round"] == 2 and ck.fallback and ck.path.name == "checkpoint-r000002.safetensors"
+    (tmp_path / "checkpoint-r000002.safetensors").write_bytes(bytes(data))
     with pytest.raises(ValueError):
         load_checkpoint(tmp_path)
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from server.cli import main
@@ -75,10 +76,15 @@ def test_below_min_clients_fails_clearly_and_keeps_last_checkpoint(tmp_path):
     before = (ck / CHECKPOINT_NAME).read_bytes()
     bad = {f"client-00{i}": "nan" for i in range(3)}
     cfg = RunConfig(rounds=2, checkpoint_dir=str(ck), resume=True, min_clients=2, faults=bad, **SMALL)
-    with pytest.raises(SimulationError, match="1 valid replies, min_clients=2"):
-        run_simulation(cfg)
-    assert (ck / CHECKPOINT_NAME).read_bytes() == before
-    assert load_checkpoint(ck).meta["round"] == 1
+    # the failed round is recorded, not committed, and the run goes on (issue 21)
+    doc = run_simulation(cfg)
+    assert "1 valid replies, min_clients=2" in doc["rounds"][-1]["failed"]
+    after, kept = load_checkpoint(ck), load_checkpoint(ck, round=1)
+    assert after.meta["round"] == 2 and after.meta["history"][-1]["failed"]
+    assert after.strategy_tensors.keys() == kept.strategy_tensors.keys()
+    for key, value in kept.strategy_tensors.items():
+        np.testing.assert_array_equal(after.strategy_tensors[key], value)
+    assert (ck / "checkpoint-r000001.safetensors").read_bytes() == before
 
 
 def test_resume_refuses_other_settings(tmp_path):

@@ -87,7 +87,10 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT_NAME, "checkpoint-r000001.safetensors",
                                                                "checkpoint-r000002.safetensors"])
     assert load_checkpoint(tmp_path / "none") is None
-    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")     # the same file as round 2's (a hard link)
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"garbage")     # in place: round 2's file is an independent copy
+    fallback = load_checkpoint(tmp_path)
+    assert fallback.meta["round"] == 2 and "not a readable checkpoint" in fallback.fallback
+    (tmp_path / "checkpoint-r000002.safetensors").write_bytes(b"garbage")
     fallback = load_checkpoint(tmp_path)
     assert fallback.meta["round"] == 1 and "not a readable checkpoint" in fallback.fallback
     (tmp_path / "checkpoint-r000001.safetensors").write_bytes(b"garbage")

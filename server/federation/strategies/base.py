@@ -40,8 +40,16 @@ from edge_client.wire import (
     scaling,
     split_factors,
 )
-from server.federation.strategies import robust
-from server.federation.strategies.robust import RobustConfig
+from server.federation.strategies.robust import (
+    RobustConfig,
+    change_of,
+    class_report,
+    clip_multipliers_by_class,
+    effective_norms,
+    squared_distances,
+    trim_by_class,
+)
+from server.federation.strategies.robust import cap_shares as _cap_shares
 
 __all__ = ["RankSpec", "RobustConfig", "StrategyConfig", "RoundFailed", "RoundResult", "RoundAggregation",
            "Strategy", "FactorStrategy", "factor_keys", "split_factors", "join_factors"]
@@ -166,20 +174,24 @@ class RoundAggregation(ABC):
         """Trim, clip and cap the buffered updates (settings in ``config.robust``), then add them."""
         cfg = self.strategy.config.robust
         factored = [{m: (u.module_scaling(m), *u.pair(m)) for m in u.modules()} for u in updates]
+        # like with like: rank classes (alpha / r makes low-rank updates larger), and what each
+        # client changed (its reply minus what it was sent) for the distances
+        classes = [RankSpec(rank=u.rank, rank_pattern=u.rank_pattern).label() for u in updates]
         keep = list(range(len(updates)))
         report: dict = {}
         if cfg.trim_fraction > 0 and len(updates) > 1:
-            keep = robust.trim_by_distance(robust.squared_distances(factored), cfg.trim_fraction)
+            changes = [change_of(f, self._sent(u)) for f, u in zip(factored, updates)]
+            keep = trim_by_class(squared_distances(changes), cfg.trim_fraction, classes)
             report["trimmed"] = [updates[i].client_id for i in range(len(updates)) if i not in keep]
         kept = [updates[i] for i in keep]
         mult = np.ones(len(kept))
         if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
-            mult = robust.clip_multipliers(robust.effective_norms([factored[i] for i in keep]), clip_norm=cfg.clip_norm,
-                                    clip_adaptive=cfg.clip_adaptive)
+            mult = clip_multipliers_by_class(effective_norms([factored[i] for i in keep]), [classes[i] for i in keep],
+                                             clip_norm=cfg.clip_norm, clip_adaptive=cfg.clip_adaptive)
             report["clipped"] = [u.client_id for u, c in zip(kept, mult) if c < 1]
         weights = [float(u.num_examples) for u in kept]
         if cfg.max_weight_share is not None:
-            capped = robust.cap_shares(weights, cfg.max_weight_share)
+            capped = _cap_shares(weights, cfg.max_weight_share)
             total = float(sum(capped))
             # integer weights the strategies understand: shares kept to 1e-6
             weights = [max(1, round(w / total * 1_000_000)) for w in capped]
@@ -198,9 +210,21 @@ class RoundAggregation(ABC):
                 self._add(v)
             except Exception as exc:  # noqa: BLE001 - one update never ends the round
                 report.setdefault("failed", {})[u.client_id] = str(exc)
-        if report:
-            logging.getLogger("flexlora.robust").info("round %d: robust aggregation %s", self.round, report)
+        report["by_rank"] = class_report(classes, report, [u.client_id for u in updates])
+        logging.getLogger("flexlora.robust").info("round %d: robust aggregation %s", self.round, report)
         self.robust_report = report
+
+    def _sent(self, update: ClientUpdate) -> dict | None:
+        """What the strategy sent ``update``'s client this round, factored (None: nothing, or a
+        strategy whose clients merge it into their base and send only their change)."""
+        if self.strategy.merge_into_base:
+            return None
+        try:
+            msg = self.strategy.configure(client_id=update.client_id, round=self.round,
+                                          spec=RankSpec(rank=update.rank, rank_pattern=update.rank_pattern))
+        except Exception:  # noqa: BLE001 - a statistic only: fall back to the reply itself
+            return None
+        return None if msg is None else {m: (msg.module_scaling(m), *msg.pair(m)) for m in msg.modules()}
 
     @abstractmethod
     def _add(self, update: ClientUpdate) -> None: ...
@@ -243,9 +267,23 @@ class Strategy(ABC):
         """Decode and validate one reply against what was assigned; ValueError says why."""
         update = decode_update(data, limits=self.config.limits, expected_base_model=self.config.base_model)
         self.check_ranks(update, spec)
+        self.check_scaling(update)
         if self.config.module_shapes is not None:
             self.check_shapes(update, self.config.module_shapes)
         return update
+
+    def check_scaling(self, update: ClientUpdate) -> None:
+        """The run sets the LoRA scaling: a reply must echo ``alpha`` and rsLoRA as sent, so a client
+        cannot choose its own multiplier. (peft's per-module ``alpha_pattern``, which our trainer
+        never sends, stays accepted: each module's scaling is bounded by ``DecodeLimits.max_scaling``
+        and folded into ``B`` in float64 before the aggregator stores float32.)"""
+        alpha, rslora = float(self.config.alpha), bool(self.config.rslora)
+        if update.alpha != alpha:
+            raise ValueError(f"client {update.client_id!r}: alpha {update.alpha:.6g} differs from the run's "
+                             f"alpha {alpha:.6g}; replies must train at the scaling the server sets")
+        if update.rslora != rslora:
+            raise ValueError(f"client {update.client_id!r}: rslora={update.rslora} differs from the run's "
+                             f"rslora={rslora}")
 
     @staticmethod
     def check_shapes(update: ClientUpdate, shapes: Mapping[str, tuple[int, int]]) -> None:

@@ -26,16 +26,20 @@ rank covers the partition. Any extra term of the paper (e.g. a damping or server
 rate) is not implemented.
 
 Streaming: ``w_i`` depends on every reply, so a round keeps the replies' factors (the memory
-of the aggregator's exact route) and, at ``finalize``, hands them, each ``B_k`` column-scaled by
-``1 / w_i``, to the native ``server.core.aggregation.Aggregator`` (which normalises by the total
-weight, hence the factor ``T / W_i`` with ``W_i`` the weight of partition i's contributors).
+of the aggregator's exact route) and, at ``finalize``, hands them to the native
+``server.core.aggregation.Aggregator`` with equal weights (it normalises by their count ``K``
+per module), each ``B_k`` column-scaled in float64 by ``s_k r_k K n_k / W_i`` (``W_i`` the
+examples of partition i's contributors, ``n_k / W_i <= 1``). The scale never depends on another
+reply's claimed ``num_examples``, only on the count of replies, so each reply is checked at
+``add`` against what finalize will form for any round of up to ``MAX_ROUND_REPLIES`` replies:
+nothing a reply carries can make ``finalize`` fail.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from edge_client.wire import ClientUpdate, factor_keys
+from edge_client.wire import MAX_ROUND_REPLIES, ClientUpdate, factor_keys
 from server.core.adapter import SPLITS
 from server.federation.strategies.base import RoundAggregation, split_factors
 from server.federation.strategies.flexlora import FlexLoRA
@@ -49,23 +53,31 @@ class _RaRound(RoundAggregation):
         self._updates: list[tuple[str, int, dict[str, tuple[np.ndarray, np.ndarray, float]]]] = []
 
     def _add(self, update: ClientUpdate) -> None:
+        from server.core.aggregation import check_finite_contribution
+        if len(self._updates) >= MAX_ROUND_REPLIES:
+            raise ValueError(f"client {update.client_id!r}: round {self.round} already holds "
+                             f"{MAX_ROUND_REPLIES} replies, the most raFLoRA aggregates in one round")
         pairs = {m: (np.array(b, np.float32), np.array(a, np.float32), update.module_scaling(m))
                  for m, (b, a) in split_factors(update.factors).items()}
         # shapes are checked against earlier replies now, so a bad reply is rejected at add and
         # never fails the round at finalize
         seen = {m: (b.shape[0], a.shape[1]) for _c, _n, p in self._updates for m, (b, a, _s) in p.items()}
-        for m, (b, a, _s) in pairs.items():
+        for m, (b, a, s) in pairs.items():
             if b.shape[1] != a.shape[0]:
                 raise ValueError(f"client {update.client_id!r}: module {m!r} has B {b.shape} and A {a.shape}")
             if m in seen and (b.shape[0], a.shape[1]) != seen[m]:
                 raise ValueError(f"client {update.client_id!r}: module {m!r} is {b.shape[0]}x{a.shape[1]}, "
                                  f"other clients sent {seen[m][0]}x{seen[m][1]}")
+            # what finalize hands the aggregator, at its largest (K = MAX_ROUND_REPLIES, n / W_i = 1)
+            r = b.shape[1]
+            check_finite_contribution(f"client {update.client_id!r}", m,
+                                      b.astype(np.float64) * (s * r * MAX_ROUND_REPLIES), a, 1.0 / r)
         self._updates.append((update.client_id, update.num_examples, pairs))
 
     def _finalize(self) -> None:
-        # per module: W_i = weight of the clients whose rank in that module is >= i; T = total
+        # per module: W_i = examples of the clients whose rank in that module is >= i; K = clients
         weights: dict[str, np.ndarray] = {}
-        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
         for _cid, n, pairs in self._updates:
             for m, (b, _a, _s) in pairs.items():
                 r = b.shape[1]
@@ -73,17 +85,17 @@ class _RaRound(RoundAggregation):
                 if w.size < r:
                     w = weights[m] = np.concatenate([w, np.zeros(r - w.size)])
                 w[:r] += n
-                totals[m] = totals.get(m, 0.0) + n
+                counts[m] = counts.get(m, 0) + 1
         agg = self.strategy.new_aggregator(self.round)
         for cid, n, pairs in self._updates:
             factors = {}
             for m, (b, a, s) in pairs.items():
                 r = b.shape[1]
-                col = totals[m] / weights[m][:r]
+                col = (s * r * counts[m]) * (n / weights[m][:r])
                 a_key, b_key = factor_keys(m)
                 factors[a_key] = a
-                factors[b_key] = (b.astype(np.float64) * (s * r * col)).astype(np.float32)
-            agg.add(factors, num_examples=n, alpha=1.0, rslora=False, client_id=cid)
+                factors[b_key] = (b.astype(np.float64) * col).astype(np.float32)
+            agg.add(factors, num_examples=1, alpha=1.0, rslora=False, client_id=cid)
         try:
             self.strategy.adapter = agg.finalize()
         finally:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["RobustConfig", "FactoredUpdate", "effective_norms", "inner_products", "squared_distances",
-           "clip_multipliers", "cap_shares", "trim_by_distance"]
+           "clip_multipliers", "cap_shares", "trim_by_distance", "change_of", "class_scores", "trim_by_class",
+           "clip_multipliers_by_class", "class_report"]
 
 # one client's effective update: module -> (scaling, B, A)
 FactoredUpdate = Mapping[str, tuple[float, np.ndarray, np.ndarray]]
@@ -157,3 +158,95 @@ def trim_by_distance(sq_dist: np.ndarray, fraction: float) -> list[int]:
     order = sorted(range(n), key=lambda i: (-score[i], -i))
     dropped = set(order[:drop])
     return [i for i in range(n) if i not in dropped]
+
+
+# ------------------------------------------------------------------ like with like (issue 21, class 4)
+#
+# ``s = alpha / r`` makes a low-rank client's update larger than a high-rank one's for the same
+# training, so a distance or a median over all clients singles out the low-rank devices
+# (distance trimming becomes norm trimming). The statistics below are on what each client
+# *changed* (its reply minus the factors it was sent) and are normalised within its rank class.
+
+# a class smaller than this borrows the statistics of the whole round: for trimming scores a
+# class of two has a median (one client), for the clipping bound three (a median an attacker
+# in a class of two cannot drag up)
+MIN_CLASS_TRIM = 2
+MIN_CLASS_CLIP = 3
+
+
+def change_of(update: FactoredUpdate, sent: FactoredUpdate | None) -> FactoredUpdate:
+    """What a client changed, factored: per module ``s B A - s' B' A'`` as
+    ``(1, [s B | -s' B'], [A ; A'])`` (modules it was not sent are its update as is)."""
+    if not sent:
+        return update
+    out = {}
+    for m, (s, b, a) in update.items():
+        if m not in sent:
+            out[m] = (s, b, a)
+            continue
+        s2, b2, a2 = sent[m]
+        out[m] = (1.0, np.concatenate([_f64(b) * s, _f64(b2) * -s2], axis=1),
+                  np.concatenate([_f64(a), _f64(a2)], axis=0))
+    return out
+
+
+def _class_reference(values: np.ndarray, classes: Sequence[str], min_class: int) -> np.ndarray:
+    """Per client, the median of ``values`` over its rank class (the round's median for classes
+    below ``min_class`` clients)."""
+    values = np.asarray(values, dtype=np.float64)
+    overall = float(np.median(values)) if values.size else 0.0
+    ref = np.empty_like(values)
+    for c in set(classes):
+        idx = [i for i, k in enumerate(classes) if k == c]
+        ref[idx] = float(np.median(values[idx])) if len(idx) >= min_class else overall
+    return ref
+
+
+def class_scores(sq_dist: np.ndarray, classes: Sequence[str]) -> np.ndarray:
+    """Each client's mean squared distance to the others divided by its rank class's median
+    of that score: 1 is typical for the class, whatever the class's update size."""
+    d = np.asarray(sq_dist, dtype=np.float64)
+    n = d.shape[0]
+    score = d.sum(axis=1) / max(n - 1, 1)
+    ref = _class_reference(score, classes, MIN_CLASS_TRIM)
+    return np.divide(score, ref, out=np.zeros_like(score), where=ref > 0)
+
+
+def trim_by_class(sq_dist: np.ndarray, fraction: float, classes: Sequence[str]) -> list[int]:
+    """Like :func:`trim_by_distance`, ranking by :func:`class_scores` (normalised per rank class)."""
+    n = np.asarray(sq_dist).shape[0]
+    drop = min(int(math.floor(fraction * n)), max(n - 1, 0))
+    if drop <= 0:
+        return list(range(n))
+    score = class_scores(sq_dist, classes)
+    order = sorted(range(n), key=lambda i: (-score[i], -i))
+    dropped = set(order[:drop])
+    return [i for i in range(n) if i not in dropped]
+
+
+def clip_multipliers_by_class(norms: Sequence[float], classes: Sequence[str], *, clip_norm: float | None = None,
+                              clip_adaptive: float | None = None) -> np.ndarray:
+    """:func:`clip_multipliers` with the adaptive bound taken per rank class (``clip_adaptive x``
+    the class's median norm; the round's median for classes below ``MIN_CLASS_CLIP``)."""
+    norms = np.asarray(norms, dtype=np.float64)
+    bound = np.full(norms.shape, math.inf)
+    if clip_norm is not None:
+        bound = np.minimum(bound, float(clip_norm))
+    if clip_adaptive is not None and norms.size:
+        bound = np.minimum(bound, float(clip_adaptive) * _class_reference(norms, classes, MIN_CLASS_CLIP))
+    out = np.ones_like(norms)
+    over = norms > bound
+    out[over] = bound[over] / norms[over]
+    return out
+
+
+def class_report(classes: Sequence[str], report: Mapping[str, Sequence[str]], ids: Sequence[str]) -> dict:
+    """Per rank class: clients, and how many of them were trimmed, clipped, capped."""
+    out: dict[str, dict[str, int]] = {}
+    of = dict(zip(ids, classes))
+    for c in classes:
+        out.setdefault(c, {"clients": 0, "trimmed": 0, "clipped": 0, "capped": 0})["clients"] += 1
+    for what in ("trimmed", "clipped", "capped"):
+        for cid in report.get(what, []):
+            out[of[cid]][what] += 1
+    return out

@@ -118,7 +118,7 @@ _SIM_KEYS = {  # run config key -> RunConfig field (the embedded runtime's defau
     "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints",
     "split": "split", "carry": "carry", "device": "device", "suite": "suite", "shards": "shards"}
 _OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
-             "max-norm-growth": "max_norm_growth"}   # 0.0 = None (off) there
+             "max-norm-growth": "max_norm_growth", "sanity-ratio": "sanity_ratio"}   # 0.0 = None (off) there
 
 
 def run_config_defaults() -> dict:
