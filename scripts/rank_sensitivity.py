@@ -1,7 +1,12 @@
-"""Rank-sensitivity curve on the rank suite (issue 12): held-out loss against LoRA rank,
-trained centrally (one client holding every training client's data) on the base model.
+"""Rank-sensitivity curve (issues 12 and 20): held-out loss against LoRA rank, trained centrally
+(one client holding every training client's data) on the base model.
 
     python scripts/rank_sensitivity.py --ranks 1,2,4,8,16,32 --steps 300 --out results/experiments/rank_sensitivity.json
+    python scripts/rank_sensitivity.py --model smollm2-135m --suite real --ranks 1,4,16,64 --steps 150 \
+        --lr 2e-4 --batch-size 4 --threads 2 --out results/real/rank_sensitivity.json
+
+``--suite rank`` (the tiny model's rank suite) or ``real`` (the real-facts multi-task suite:
+losses on the training examples, on held-out examples of seen tasks and on unseen tasks).
 
 Prints machine info and, per rank, the median over ``--repeats`` seeds of the held-out
 response-token loss of unseen clients (the grid's primary metric), with the base model's loss.
@@ -34,6 +39,11 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-examples", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", default=None, help="base model (default: the shipped tiny model), e.g. smollm2-135m")
+    p.add_argument("--suite", choices=("rank", "real"), default="rank")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--train-eval", type=int, default=256, help="real suite: training examples scored for the fit")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -45,31 +55,47 @@ def main(argv=None) -> int:
     from server.workloads.rank_suite import build_rank_suite
 
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+    from server.bench.machine import cpu_model
+    print(f"machine: {cpu_model()} cpus={os.cpu_count()} "
           f"torch={torch.__version__} threads={args.threads}", flush=True)
-    suite = build_rank_suite(num_clients=args.num_clients, num_heldout=args.num_heldout,
-                             heldout_examples=args.heldout_examples, seed=args.seed,
-                             num_families=args.num_families, examples_per_client=args.examples_per_client)
-    train = [ex for c in suite.train for ex in c.examples]
-    heldout = suite.heldout_examples()
-    model, tok = load_base(None)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, target_modules=tuple(TARGET_MODULES))
-    base_loss = LocalTrainer(model, tok, config=cfg).evaluate_loss(heldout)
-    print(f"train examples {len(train)}, held-out examples {len(heldout)} "
-          f"({len(suite.heldout)} unseen clients); base model held-out loss {base_loss:.4f}", flush=True)
+    model, tok = load_base(args.model)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+                      max_length=args.max_length, target_modules=tuple(TARGET_MODULES))
+    if args.suite == "real":
+        from server.workloads.real_suite import RealSuiteConfig, real_suite
+        real = real_suite(RealSuiteConfig(num_clients=args.num_clients, num_unseen_tasks=args.num_heldout,
+                                          unseen_examples=args.heldout_examples, seed=args.seed))
+        train = [ex for c in real.train for ex in c.examples]
+        sets = {"heldout_loss": [ex for c in real.heldout_unseen for ex in c.examples],
+                "seen_loss": [ex for c in real.heldout_seen for ex in c.examples],
+                "train_loss": train[:: max(1, len(train) // args.train_eval)][: args.train_eval]}
+    else:
+        suite = build_rank_suite(num_clients=args.num_clients, num_heldout=args.num_heldout,
+                                 heldout_examples=args.heldout_examples, seed=args.seed,
+                                 num_families=args.num_families, examples_per_client=args.examples_per_client)
+        train = [ex for c in suite.train for ex in c.examples]
+        sets = {"heldout_loss": suite.heldout_examples()}
+    base = LocalTrainer(model, tok, config=cfg)
+    base_losses = {k: base.evaluate_loss(v) for k, v in sets.items()}
+    base_loss = base_losses["heldout_loss"]
+    print(f"train examples {len(train)}, " + ", ".join(f"{k} over {len(v)}" for k, v in sets.items())
+          + "; base model " + ", ".join(f"{k} {v:.4f}" for k, v in base_losses.items()), flush=True)
     rows = []
     for r in (int(x) for x in args.ranks.split(",")):
-        losses, secs = [], []
+        per: dict[str, list[float]] = {k: [] for k in sets}
+        secs = []
         for rep in range(args.repeats):
             t0 = time.perf_counter()
             tr = LocalTrainer(model, tok, config=cfg, spec=RankSpec(rank=r))
             tr.train(train, seed=1000 * rep + args.seed)
-            losses.append(tr.evaluate_loss(heldout))
+            for k, v in sets.items():
+                per[k].append(tr.evaluate_loss(v))
             secs.append(time.perf_counter() - t0)
-        rows.append({"rank": r, "heldout_loss": statistics.median(losses), "losses": losses,
-                     "seconds": statistics.median(secs)})
-        print(f"rank {r:>3}: held-out loss {rows[-1]['heldout_loss']:.4f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
-    doc = {"args": vars(args), "base_heldout_loss": base_loss, "rows": rows,
+        rows.append({"rank": r, **{k: statistics.median(v) for k, v in per.items()},
+                     "losses": per["heldout_loss"], "seconds": statistics.median(secs)})
+        print(f"rank {r:>3}: " + ", ".join(f"{k} {rows[-1][k]:.4f}" for k in sets)
+              + f"  ({rows[-1]['seconds']:.1f} s)", flush=True)
+    doc = {"args": vars(args), "base_heldout_loss": base_loss, "base_losses": base_losses, "rows": rows,
            "machine": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__}}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -130,6 +131,9 @@ class ShardedAggregator:
         self._own_spool = spool_dir is None
         self.spool = Path(tempfile.mkdtemp(prefix="flexlora-spool-") if spool_dir is None else spool_dir)
         self.spool.mkdir(parents=True, exist_ok=True)
+        if self._own_spool:   # an abandoned round (never finalized or closed) leaves no folder behind;
+            # its actors end with their handles (Ray stops an actor nothing refers to)
+            weakref.finalize(self, shutil.rmtree, str(self.spool), True)
         import ray
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,

@@ -151,8 +151,13 @@ def results_summary(doc: Mapping) -> str:
     agg = sum(r["aggregation_s"] for r in doc["rounds"])
     lines.append(f"server aggregation {agg:.3f} s in total; peak RSS {doc['peak_rss_bytes'] / 2**20:.0f} MiB"
                  f" (setup: model, rank policy){during}; wall {doc['wall_s']:.1f} s")
-    if doc["rounds"] and b:
-        last = doc["rounds"][-1]["rougeL"]
-        lines.append(f"held-out Rouge-L {b['rougeL']:.4f} (base) -> {last:.4f} after round "
-                     f"{doc['rounds'][-1]['round']} ({last - b['rougeL']:+.4f})")
+    done = [r for r in doc["rounds"] if "rougeL" in r]
+    if done and b:
+        last = done[-1]
+        loss = ""
+        if "heldout_loss" in b and "heldout_loss" in last:
+            loss = (f"held-out loss {b['heldout_loss']:.4f} (base) -> {last['heldout_loss']:.4f} "
+                    f"({last['heldout_loss'] - b['heldout_loss']:+.4f}); ")
+        lines.append(f"after round {last['round']}: {loss}Rouge-L {b['rougeL']:.4f} -> {last['rougeL']:.4f} "
+                     f"({last['rougeL'] - b['rougeL']:+.4f})")
     return "\n".join(lines)

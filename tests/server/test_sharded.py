@@ -107,3 +107,33 @@ def test_a_refused_client_reaches_no_shard(cluster):
         got = sharded.finalize()
         assert sharded.num_clients == 4 and "bad" not in sharded.client_ids
     _same(got, _single(clients))
+
+
+@pytest.mark.parametrize("name", ["flexlora", "raflora"])
+def test_a_sharded_strategy_round_equals_the_in_process_one(cluster, name):
+    """`--shards N` reaches the strategy: the same global adapter as the in-process aggregator."""
+    from edge_client.wire import ClientUpdate
+    from server.federation.strategies import StrategyConfig, build_strategy
+
+    rng = np.random.default_rng(4)
+    updates = [ClientUpdate(client_id=f"c{k}", factors=_client(rng, r), num_examples=5 + k, rank=r, alpha=16.0,
+                            base_model="b", target_modules=["q_proj", "down_proj", "up_proj", "v_proj"])
+               for k, r in enumerate((2, 4, 8))]
+    deltas = []
+    for shards in (0, 2):
+        st = build_strategy(name, StrategyConfig(seed=1), specs=[], shards=shards)
+        st.aggregate(updates, round=1)
+        deltas.append(st.global_delta())
+    assert deltas[0].keys() == deltas[1].keys()
+    for m in deltas[0]:
+        np.testing.assert_allclose(deltas[1][m], deltas[0][m], rtol=1e-5, atol=1e-6)
+
+
+def test_run_config_shards_checks():
+    from server.runtimes.config import RunConfig
+
+    assert RunConfig(shards=2).shards == 2
+    with pytest.raises(ValueError, match="only flexlora and raflora shard"):
+        RunConfig(shards=2, strategy="hetlora")
+    with pytest.raises(ValueError, match="shards must be an int >= 0"):
+        RunConfig(shards=-1)
