@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 __all__ = ["main", "SUBCOMMANDS", "build_parser"]
 
 
+REAL_MODEL_TIMEOUT_S = 1800.0   # simulate's client timeout with --model (a real model's round takes minutes)
+
+
 class BadNumber(str):
     """A refused command-line number; :func:`main` reports the first one in one line (exit 1)."""
 
@@ -125,7 +128,9 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number(float, lo=0, hi=1e3, lo_open=True), default=d.lr)
     p.add_argument("--alpha", type=number(float, lo=0, hi=1e6, lo_open=True), default=d.alpha)
     p.add_argument("--min-clients", type=number(int, lo=1, hi=1_000_000), default=d.min_clients)
-    p.add_argument("--client-timeout", type=number(float, lo=0, hi=10**7, lo_open=True), default=d.client_timeout_s, help="seconds before a silent client is dropped")
+    p.add_argument("--client-timeout", type=number(float, lo=0, hi=10**7, lo_open=True), default=None,
+                   help=f"seconds before a silent client is dropped (default {d.client_timeout_s:g} on the shipped "
+                        f"model, {REAL_MODEL_TIMEOUT_S:g} with --model: a real model's local round takes minutes)")
     p.add_argument("--checkpoint-dir", default=None, help="write an atomic checkpoint here after every round")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     p.add_argument("--overwrite", action="store_true", help="start over an existing checkpoint in --checkpoint-dir")
@@ -158,12 +163,15 @@ def _run_simulate(args: argparse.Namespace) -> int:
         faults[cid] = kind
     if args.clients > _max_clients():
         raise ValueError(f"--clients {args.clients} exceeds what the available memory holds (about {_max_clients()})")
+    timeout = args.client_timeout
+    if timeout is None:
+        timeout = RunConfig.client_timeout_s if args.model is None else REAL_MODEL_TIMEOUT_S
     cfg = RunConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
                     clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
                     seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
                     model=args.model, data=args.data, suite=args.suite, local_steps=args.local_steps,
                     batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
-                    client_timeout_s=args.client_timeout, checkpoint_dir=args.checkpoint_dir,
+                    client_timeout_s=timeout, checkpoint_dir=args.checkpoint_dir,
                     resume=args.resume or args.resume_round is not None, faults=faults, threads=args.threads,
                     progress=not args.no_progress, overwrite=args.overwrite,
                     keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
