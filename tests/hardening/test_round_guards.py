@@ -10,8 +10,8 @@ from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/harde
 
 from edge_client.wire import DecodeLimits, encode_update
 from server.federation.strategies import STRATEGIES, RankSpec, StrategyConfig, make_strategy
-from server.runtimes.simulate import SimulationConfig, run_simulation
 from server.runtimes import simulate as rt
+from server.runtimes.simulate import SimulationConfig, run_simulation
 
 SMALL = dict(rounds=1, num_clients=3, num_heldout=1, local_steps=1, batch_size=2, rank_distribution="uniform",
              threads=1, progress=False, eval_max_new_tokens=2)
