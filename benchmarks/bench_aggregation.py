@@ -197,15 +197,17 @@ def flops(modules, rank, route):
 
 
 def sketch_flops(m, n, R, rank):
-    """One-pass sketch (server.core.linalg.StreamingSketch at the default sizes): per client
-    A [Omega | Xi^T] and [Psi; Phi] B (2 r (n + m)(k + s)), then B (A Omega), (Psi B) A,
+    """One-pass sketch (server.core.linalg.StreamingSketch at the default sizes, sparse sign
+    test maps with zeta = min(l, 8) nonzeros per column): per client the maps applied to the
+    factors, A Omega, Psi B, Phi B, A Xi^T (4 r zeta (m + n)), then B (A Omega), (Psi B) A,
     (Phi B)(A Xi^T) (2 r (m k + k n + s^2)); finalize: two Householder QRs (4 d k^2),
-    Phi Q and Xi P (2 s k (m + n)), QRs of s x k (4 s k^2 each), Q1^T Z Q2 (2 k s^2 + 2 k^2 s),
-    SVD of k x k (22 k^3), U and V (2 (m + n) k rank)."""
+    Phi Q and Xi P (2 zeta k (m + n)), QRs of s x k (4 s k^2 each), Q1^T Z Q2
+    (2 k s^2 + 2 k^2 s), SVD of k x k (22 k^3), U and V (2 (m + n) k rank)."""
     from server.core import linalg
     k, s = linalg.sketch_sizes(rank, m, n)
-    upd = 2 * R * ((m + n) * (k + s) + m * k + k * n + s * s)
-    fin = 4 * (m + n) * k * k + 2 * s * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
+    zeta = min(k, 8)
+    upd = 2 * R * ((m + n) * k + s * s) + 4 * R * min(s, 8) * (m + n)
+    fin = 4 * (m + n) * k * k + 2 * zeta * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
         + 22 * k**3 + 2 * (m + n) * k * rank
     return upd + fin
 
