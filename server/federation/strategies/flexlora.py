@@ -103,12 +103,27 @@ class _FlexRound(RoundAggregation):
     def __init__(self, strategy: "FlexLoRA", round: int) -> None:
         super().__init__(strategy, round)
         from server.core.aggregation import Aggregator  # native core; imported when first needed
-        self._agg = Aggregator(strategy.max_rank, method=strategy.method, seed=strategy.config.seed + round)
+        # max_round_bytes is the aggregator's budget when it can keep to one (auto/sketch route
+        # choice and sketch sizes); robust buffering holds raw updates, so the round checks then
+        budget = strategy.config.max_round_bytes
+        self.budget_in_aggregator = budget is not None and strategy.method in ("auto", "sketch") \
+            and self._pending is None
+        self._agg = Aggregator(strategy.max_rank, method=strategy.method, seed=strategy.config.seed + round,
+                               max_state_bytes=budget if self.budget_in_aggregator else None)
 
     def held_bytes(self) -> int:
         return self._agg.state_bytes()
 
     def _add(self, update: ClientUpdate) -> None:
+        try:
+            self._add_to_aggregator(update)
+        except ValueError as e:
+            if self.budget_in_aggregator and str(e).startswith("max_state_bytes="):
+                raise ValueError(f"client {update.client_id!r}: round {self.round}: max_round_bytes="
+                                 f"{self.strategy.config.max_round_bytes} is the aggregator's budget: {e}") from None
+            raise
+
+    def _add_to_aggregator(self, update: ClientUpdate) -> None:
         adapter = self.strategy.adapter
         if not self.strategy.carry or adapter is None:
             self._agg.add_update(update)
