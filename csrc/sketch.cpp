@@ -56,15 +56,27 @@ SparseSign SparseSign::psi(const SketchTests& t) { return SparseSign(t, kPsi, t.
 SparseSign SparseSign::phi(const SketchTests& t) { return SparseSign(t, kPhi, t.s, t.d_out); }
 SparseSign SparseSign::xi(const SketchTests& t) { return SparseSign(t, kXi, t.s, t.d_in); }
 
-void SparseSign::apply(const float* X, int ncols, size_t xr, size_t xc, float* out, size_t orow,
-                       size_t ocol) const {
+void SparseSign::apply_rows(const float* X, int r, float* out) const {
+  for (int q = 0; q < r; ++q) {
+    const float* x = X + static_cast<size_t>(q) * cols;
+    float* o = out + static_cast<size_t>(q) * rows;
+    for (int j = 0; j < cols; ++j) {
+      const float v = x[j];
+      const int* rj = row.data() + static_cast<size_t>(j) * zeta;
+      const float* gj = sign.data() + static_cast<size_t>(j) * zeta;
+      for (int z = 0; z < zeta; ++z) o[rj[z]] += gj[z] * v;
+    }
+  }
+}
+
+void SparseSign::apply_cols(const float* X, int r, float* out) const {
   for (int i = 0; i < cols; ++i) {
-    const float* x = X + i * xr;
+    const float* x = X + static_cast<size_t>(i) * r;
     for (int z = 0; z < zeta; ++z) {
       const size_t zi = static_cast<size_t>(i) * zeta + z;
-      float* o = out + static_cast<size_t>(row[zi]) * orow;
+      float* o = out + static_cast<size_t>(row[zi]) * r;
       const float g = sign[zi];
-      for (int q = 0; q < ncols; ++q) o[q * ocol] += g * x[q * xc];
+      for (int q = 0; q < r; ++q) o[q] += g * x[q];
     }
   }
 }
@@ -81,8 +93,8 @@ void sketch_update_one(const SketchTests& t, SketchState& st, const FactorSet& f
                    xi = SparseSign::xi(t);
   int rmax = 0;
   for (int c = 0; c < f.num_clients; ++c) rmax = std::max(rmax, f.ranks[c]);
-  std::vector<float> AO(static_cast<size_t>(k) * rmax), PB(static_cast<size_t>(k) * rmax),
-      FB(static_cast<size_t>(s) * rmax), XA(static_cast<size_t>(s) * rmax);
+  std::vector<float> AO(static_cast<size_t>(k) * rmax), PBt(static_cast<size_t>(k) * rmax),
+      FBt(static_cast<size_t>(s) * rmax), XA(static_cast<size_t>(s) * rmax);
   for (int c = 0; c < f.num_clients; ++c) {
     const int r = f.ranks[c];
     const float w = f.weights[c];
@@ -90,17 +102,16 @@ void sketch_update_one(const SketchTests& t, SketchState& st, const FactorSet& f
     const float* Bt = f.B[c];
     const float* At = f.A[c];
     std::fill(AO.begin(), AO.begin() + static_cast<size_t>(k) * r, 0.0f);
-    std::fill(PB.begin(), PB.begin() + static_cast<size_t>(k) * r, 0.0f);
-    std::fill(FB.begin(), FB.begin() + static_cast<size_t>(s) * r, 0.0f);
+    std::fill(PBt.begin(), PBt.begin() + static_cast<size_t>(k) * r, 0.0f);
+    std::fill(FBt.begin(), FBt.begin() + static_cast<size_t>(s) * r, 0.0f);
     std::fill(XA.begin(), XA.begin() + static_cast<size_t>(s) * r, 0.0f);
-    // A^T (n x r): element (j, q) at At[q n + j]; B (m x r): element (i, q) at Bt[i r + q]
-    omega.apply(At, r, 1, n, AO.data(), 1, k);   // AO = G_Omega A^T = (A Omega)^T  (k x r)
-    psi.apply(Bt, r, r, 1, PB.data(), 1, k);     // PB = Psi B                      (k x r)
-    phi.apply(Bt, r, r, 1, FB.data(), 1, s);     // FB = Phi B                      (s x r)
-    xi.apply(At, r, 1, n, XA.data(), 1, s);      // XA = G_Xi A^T = (A Xi^T)^T      (s x r)
+    omega.apply_rows(At, r, AO.data());   // AO = G_Omega A^T = (A Omega)^T, (k x r) col-major
+    xi.apply_rows(At, r, XA.data());      // XA = G_Xi A^T = (A Xi^T)^T,     (s x r) col-major
+    psi.apply_cols(Bt, r, PBt.data());    // Psi B row-major = PBt (r x k) col-major, ld r
+    phi.apply_cols(Bt, r, FBt.data());    // Phi B row-major = FBt (r x s) col-major, ld r
     gemm(false, false, k, m, r, w, AO.data(), k, Bt, r, 1.0f, st.Y, k);
-    gemm(false, true, n, k, r, w, At, n, PB.data(), k, 1.0f, st.W, n);
-    gemm(false, true, s, s, r, w, FB.data(), s, XA.data(), s, 1.0f, st.Z, s);
+    gemm(false, false, n, k, r, w, At, n, PBt.data(), r, 1.0f, st.W, n);
+    gemm(true, true, s, s, r, w, FBt.data(), r, XA.data(), s, 1.0f, st.Z, s);
   }
 }
 
@@ -121,8 +132,8 @@ void sketch_finalize_one(const SketchFinalize& task, SvdOutput& out) {
   thin_qr(P, nullptr);
   // Phi Q (s x k) = QR1 R1, Xi P (s x k) = QR2 R2; C = R1^{-1} QR1^T Z QR2 R2^{-T}
   Mat PhiQ(s, k), XiP(s, k), R1, R2;
-  SparseSign::phi(t).apply(Q.p(), k, 1, m, PhiQ.p(), 1, s);
-  SparseSign::xi(t).apply(P.p(), k, 1, n, XiP.p(), 1, s);
+  SparseSign::phi(t).apply_rows(Q.p(), k, PhiQ.p());  // Q col-major (m x k) = Q^T row-major
+  SparseSign::xi(t).apply_rows(P.p(), k, XiP.p());
   thin_qr(PhiQ, &R1);
   thin_qr(XiP, &R2);
   Mat T = Mat::uninit(k, s), C = Mat::uninit(k, k);

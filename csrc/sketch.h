@@ -21,10 +21,12 @@ struct SparseSign {
   static SparseSign psi(const SketchTests& t);    // Psi (k x d_out)
   static SparseSign phi(const SketchTests& t);    // Phi (s x d_out)
   static SparseSign xi(const SketchTests& t);     // Xi (s x d_in)
-  // out (rows x ncols) += G X for X (cols x ncols); element (i, q) of X at X[i xr + q xc],
-  // of out at out[i orow + q ocol].
-  void apply(const float* X, int ncols, size_t xr, size_t xc, float* out, size_t orow,
-             size_t ocol) const;
+  // out (rows x r, column-major, ld rows) += G X^T for X (r x cols) row-major: G applied to
+  // each row of X (each contiguous; the writes land in one column of out, which stays in cache).
+  void apply_rows(const float* X, int r, float* out) const;
+  // out (rows x r, row-major) += G X for X (cols x r) row-major: whole rows of X added to
+  // rows of out, both contiguous.
+  void apply_cols(const float* X, int r, float* out) const;
 };
 
 void sketch_update_one(const SketchTests& t, SketchState& st, const FactorSet& f);
