@@ -163,7 +163,8 @@ class AggregatorBase:
         return sorted(self._modules)
 
     def state_bytes(self) -> int:
-        """Bytes of factors and dense accumulators (and sketches) held now."""
+        """Bytes of factors, dense accumulators and sketches held now: all the state (the
+        sketches' test maps are regenerated, not stored)."""
         return sum(st.held_bytes() for st in self._modules.values())
 
     def _svd_tasks(self, names: list[str]) -> list[tuple]:
@@ -320,11 +321,6 @@ class Aggregator(AggregatorBase):
         return sizes
 
     # ------------------------------------------------------------------ results
-    def state_bytes(self) -> int:
-        """Bytes of factors, dense accumulators and sketches held now (the sketches' test
-        maps are regenerated, not stored)."""
-        return sum(st.held_bytes() for st in self._modules.values())
-
     def routes_planned(self) -> dict[str, str]:
         """Per module: 'dense (folded)' or the route auto would take with the factors so far."""
         out = {}
