@@ -135,8 +135,8 @@ def main(argv=None):
         p = proj[name]
         print(f"# projected state, {name} ({wl['models'][name]['layers']} layers, this mix, {args.clients} "
               f"clients): factors {p['factors'] / 2**30:.1f} GiB, dense {p['dense'] / 2**30:.1f} GiB, "
-              f"auto {p['auto'] / 2**30:.1f} GiB, sketch {p['sketch'] / 2**30:.2f} GiB (incl. shared test matrices)",
-              flush=True)
+              f"auto {p['auto'] / 2**30:.1f} GiB, sketch {p['sketch'] / 2**30:.2f} GiB at the default k = 2 rank + 1 "
+              "(under --max-state-bytes the sketches are sized to use the budget instead)", flush=True)
 
     check = [m for m in args.check.split(",") if m]
     shapes = module_shapes(model)
