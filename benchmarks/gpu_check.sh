@@ -49,11 +49,19 @@ timeout 300 cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release 
 rc=$?
 tail -n 25 "$OUTDIR/build.log"
 [ $rc -eq 0 ] || { echo "BUILD FAILED (rc $rc)"; exit 4; }
-# In place for this run only (the device machine's tree is a throwaway copy); removed on exit.
+# In place for this run only; whatever server/ held before (an in-place build) is put back on exit.
+SAVED=$(mktemp -d)
+cp server/_core.*.so server/_cuda.*.so "$SAVED"/ 2>/dev/null
+trap 'rm -f "$ROOT"/server/_core.*.so "$ROOT"/server/_cuda.*.so; cp "$SAVED"/*.so "$ROOT"/server/ 2>/dev/null; rm -rf "$SAVED"' EXIT
 cp "$BUILD"/_core*.so "$BUILD"/_cuda*.so server/
-trap 'rm -f "$ROOT"/server/_core.*.so "$ROOT"/server/_cuda.*.so' EXIT
 export LD_LIBRARY_PATH=$($PY -c "import scipy_openblas32 as s; print(s.get_lib_dir())")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+where=$($PY -c "import os, server; print(os.path.dirname(os.path.abspath(server.__file__)))")
+if [ "$where" != "$ROOT/server" ]; then
+  echo "$PY imports server from $where, not $ROOT/server (an editable install of another checkout?):"
+  echo "run with PYTHON set to an interpreter that imports this tree"
+  exit 3
+fi
 $PY -c "from server.core import cuda; print('cuda.available():', cuda.available())"
 
 step "tests/cuda"
