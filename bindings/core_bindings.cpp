@@ -176,8 +176,8 @@ FArray weighted_sum(const py::sequence& Bs, const py::sequence& As,
 
 // ---------------------------------------------------------------- streaming sketch
 // numpy (row-major) shapes of the csrc column-major buffers (see SketchTests/SketchState):
-// Omega (d_in, k), Psi (k, d_out), Phi (s, d_out), Xi (s, d_in); Y (d_out, k) = dW Omega,
-// W (k, d_in) = Psi dW, Z (s, s) = (Phi dW Xi^T)^T.
+// Y (d_out, k) = dW Omega, W (k, d_in) = Psi dW, Z (s, s) = (Phi dW Xi^T)^T. The test maps
+// are not passed: the core regenerates them from (d_out, d_in, k, s, seed).
 FArray shaped(const py::handle& obj, const std::string& what, py::ssize_t r, py::ssize_t c,
               bool writeable) {
   FArray a = checked_matrix(obj, what);
@@ -195,44 +195,27 @@ struct SketchHolder {
   float* Y = nullptr;
   float* W = nullptr;
   float* Z = nullptr;
-  SketchHolder(const py::tuple& dims, const py::tuple& t, const py::tuple& st, bool writeable,
-               const std::string& prefix) {
+  // dims = (d_out, d_in, k, s, seed): the sparse sign test maps are regenerated from them
+  SketchHolder(const py::tuple& dims, const py::tuple& st, bool writeable, const std::string& prefix) {
+    if (dims.size() != 5 || st.size() != 3)
+      throw py::value_error(prefix + "dims must be (d_out, d_in, k, s, seed), state (Y, W, Z)");
     tests.d_out = dims[0].cast<int>();
     tests.d_in = dims[1].cast<int>();
     tests.k = dims[2].cast<int>();
     tests.s = dims[3].cast<int>();
+    tests.seed = dims[4].cast<uint64_t>();
     const int m = tests.d_out, n = tests.d_in, k = tests.k, s = tests.s;
     if (m < 1 || n < 1 || k < 1 || k > std::min(m, n) || s < k)
       throw py::value_error(prefix + "sketch sizes need 1 <= k <= min(d_out, d_in) and s >= k");
-    if (t.size() != 4 || st.size() != 3)
-      throw py::value_error(prefix + "tests must be (Omega, Psi, Phi, Xi), state (Y, W, Z)");
-    keep = {shaped(t[0], prefix + "Omega", n, k, false), shaped(t[1], prefix + "Psi", k, m, false),
-            shaped(t[2], prefix + "Phi", s, m, false), shaped(t[3], prefix + "Xi", s, n, false),
-            shaped(st[0], prefix + "Y", m, k, writeable), shaped(st[1], prefix + "W", k, n, writeable),
+    keep = {shaped(st[0], prefix + "Y", m, k, writeable), shaped(st[1], prefix + "W", k, n, writeable),
             shaped(st[2], prefix + "Z", s, s, writeable)};
-    tests.Omega = keep[0].data();
-    tests.Psi = keep[1].data();
-    tests.Phi = keep[2].data();
-    tests.Xi = keep[3].data();
-    Y = keep[4].mutable_data();
-    W = keep[5].mutable_data();
-    Z = keep[6].mutable_data();
+    Y = keep[0].mutable_data();
+    W = keep[1].mutable_data();
+    Z = keep[2].mutable_data();
   }
 };
 
-py::tuple sketch_tests(int d_out, int d_in, int k, int s, uint64_t seed) {
-  if (d_out < 1 || d_in < 1 || k < 1 || k > std::min(d_out, d_in) || s < k)
-    throw py::value_error("sketch sizes need 1 <= k <= min(d_out, d_in) and s >= k");
-  FArray Om({d_in, k}), Ps({k, d_out}), Ph({s, d_out}), Xi({s, d_in});
-  float *a = Om.mutable_data(), *b = Ps.mutable_data(), *c = Ph.mutable_data(), *d = Xi.mutable_data();
-  {
-    py::gil_scoped_release release;
-    flexlora::sketch_fill_tests(d_out, d_in, k, s, seed, a, b, c, d);
-  }
-  return py::make_tuple(Om, Ps, Ph, Xi);
-}
-
-// tasks: list of (dims (d_out, d_in, k, s), tests, state, Bs, As, weights)
+// tasks: list of (dims (d_out, d_in, k, s, seed), state, Bs, As, weights)
 void sketch_update(const py::list& tasks, int threads) {
   std::vector<std::unique_ptr<SketchHolder>> sk;
   std::vector<std::unique_ptr<FactorHolder>> fh;
@@ -240,11 +223,11 @@ void sketch_update(const py::list& tasks, int threads) {
   for (size_t i = 0; i < batch.size(); ++i) {
     const std::string prefix = "layers[" + std::to_string(i) + "].";
     auto item = py::reinterpret_borrow<py::tuple>(tasks[i]);
-    if (item.size() != 6) throw py::value_error(prefix + " must be (dims, tests, state, Bs, As, weights)");
+    if (item.size() != 5) throw py::value_error(prefix + " must be (dims, state, Bs, As, weights)");
     sk.push_back(std::make_unique<SketchHolder>(item[0].cast<py::tuple>(), item[1].cast<py::tuple>(),
-                                                item[2].cast<py::tuple>(), true, prefix));
-    fh.push_back(std::make_unique<FactorHolder>(item[3].cast<py::sequence>(), item[4].cast<py::sequence>(),
-                                                item[5].cast<std::vector<float>>(), prefix));
+                                                true, prefix));
+    fh.push_back(std::make_unique<FactorHolder>(item[2].cast<py::sequence>(), item[3].cast<py::sequence>(),
+                                                item[4].cast<std::vector<float>>(), prefix));
     if (fh.back()->set.d_out != sk.back()->tests.d_out || fh.back()->set.d_in != sk.back()->tests.d_in)
       throw py::value_error(prefix + "factors are " + std::to_string(fh.back()->set.d_out) + "x" +
                             std::to_string(fh.back()->set.d_in) + ", the sketch is " +
@@ -259,7 +242,7 @@ void sketch_update(const py::list& tasks, int threads) {
   flexlora::sketch_update_batched(batch, threads);
 }
 
-// tasks: list of (dims, tests, state, scale, rank) -> list of (U, S, Vt, "sketch")
+// tasks: list of (dims, state, scale, rank) -> list of (U, S, Vt, "sketch")
 py::list sketch_finalize(const py::list& tasks, int threads) {
   std::vector<std::unique_ptr<SketchHolder>> sk;
   std::vector<Outputs> outs;
@@ -268,16 +251,16 @@ py::list sketch_finalize(const py::list& tasks, int threads) {
   for (size_t i = 0; i < batch.size(); ++i) {
     const std::string prefix = "layers[" + std::to_string(i) + "].";
     auto item = py::reinterpret_borrow<py::tuple>(tasks[i]);
-    if (item.size() != 5) throw py::value_error(prefix + " must be (dims, tests, state, scale, rank)");
+    if (item.size() != 4) throw py::value_error(prefix + " must be (dims, state, scale, rank)");
     sk.push_back(std::make_unique<SketchHolder>(item[0].cast<py::tuple>(), item[1].cast<py::tuple>(),
-                                                item[2].cast<py::tuple>(), false, prefix));
+                                                false, prefix));
     auto& t = batch[i];
     t.tests = sk.back()->tests;
     t.Y = sk.back()->Y;
     t.W = sk.back()->W;
     t.Z = sk.back()->Z;
-    t.scale = item[3].cast<float>();
-    t.rank = item[4].cast<int>();
+    t.scale = item[2].cast<float>();
+    t.rank = item[3].cast<int>();
     if (t.rank < 1) throw py::value_error(prefix + "rank must be >= 1");
     outs.emplace_back(t.tests.d_out, t.tests.d_in, t.rank);
     t.out = outs.back().view();
@@ -325,12 +308,11 @@ PYBIND11_MODULE(_core, m) {
   m.def("plan", &plan, py::arg("d_out"), py::arg("d_in"), py::arg("total_rank"), py::arg("rank"),
         py::arg("oversample") = 10, py::arg("power_iters") = 2, py::arg("dense_exact") = false,
         py::arg("method") = "auto");
-  m.def("sketch_tests", &sketch_tests, py::arg("d_out"), py::arg("d_in"), py::arg("k"), py::arg("s"),
-        py::arg("seed"), "Gaussian test matrices (Omega (d_in,k), Psi (k,d_out), Phi (s,d_out), Xi (s,d_in)).");
   m.def("sketch_update", &sketch_update, py::arg("tasks"), py::arg("threads"),
-        "Adds clients to sketches in place; task = (dims, tests, (Y, W, Z), Bs, As, weights).");
+        "Adds clients to sketches in place; task = ((d_out, d_in, k, s, seed), (Y, W, Z), Bs, As, weights).");
   m.def("sketch_finalize", &sketch_finalize, py::arg("tasks"), py::arg("threads"),
-        "Truncated SVDs from sketches; task = (dims, tests, (Y, W, Z), scale, rank). Returns [(U, S, Vt, 'sketch')].");
+        "Truncated SVDs from sketches; task = ((d_out, d_in, k, s, seed), (Y, W, Z), scale, rank). Returns [(U, S, Vt, 'sketch')].");
+  m.attr("kSketchZeta") = flexlora::kSketchZeta;
   m.def("set_num_threads", &flexlora::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &flexlora::get_num_threads);
   m.def("hardware_threads", &flexlora::hardware_threads);

@@ -149,6 +149,11 @@ void accumulate(const py::list& items, bool tf32, uintptr_t stream) {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "FlexLoRA CUDA backend (private; use server.cuda)";
   m.def("device_count", &flexlora::cuda::device_count);
+  m.def("probe", [] {
+    const auto p = flexlora::cuda::probe_devices();
+    return py::make_tuple(p.count, p.runtime_version, p.driver_version, p.error);
+  }, "(device count, CUDA runtime version built with, driver's CUDA version or 0, the "
+     "runtime's error when the count is 0); never raises.");
   m.def("device_info", [] {
     py::gil_scoped_release release;
     return flexlora::cuda::device_info();

@@ -256,27 +256,16 @@ void lowrank_svd_batched(std::vector<BatchTask>& tasks, int threads) {
             [&](int i) { return task_cost(tasks[i]); }, [&](int i) { run_task(tasks[i]); });
 }
 
-void sketch_fill_tests(int d_out, int d_in, int k, int s, uint64_t seed, float* Omega,
-                       float* Psi, float* Phi, float* Xi) {
-  // one stream per test matrix; the shape is part of the key so that modules of different
-  // shapes never share numbers by accident
-  const uint64_t key = seed * 0x100000001B3ULL ^ (static_cast<uint64_t>(d_out) << 32) ^
-                       static_cast<uint64_t>(d_in) ^ (static_cast<uint64_t>(k) << 48) ^
-                       (static_cast<uint64_t>(s) << 20);
-  gaussian_fill(Omega, static_cast<size_t>(k) * d_in, key + 1);
-  gaussian_fill(Psi, static_cast<size_t>(k) * d_out, key + 2);
-  gaussian_fill(Phi, static_cast<size_t>(s) * d_out, key + 3);
-  gaussian_fill(Xi, static_cast<size_t>(s) * d_in, key + 4);
-}
-
 void sketch_update_batched(std::vector<SketchUpdate>& tasks, int threads) {
   for (auto& t : tasks) check_factors(t.factors);
   run_tasks(
       static_cast<int>(tasks.size()), threads,
       [&](int i) {
         const auto& t = tasks[i];
-        return static_cast<double>(t.factors.total_rank()) * (t.tests.d_out + t.tests.d_in) *
-               (2.0 * t.tests.k + t.tests.s);
+        // two GEMMs of width k over (d_out + d_in), the core GEMM, the sparse maps
+        return static_cast<double>(t.factors.total_rank()) *
+               ((t.tests.d_out + t.tests.d_in) * (t.tests.k + 4.0 * kSketchZeta) +
+                double(t.tests.s) * t.tests.s);
       },
       [&](int i) { sketch_update_one(tasks[i].tests, tasks[i].state, tasks[i].factors); });
 }
@@ -286,7 +275,8 @@ void sketch_finalize_batched(std::vector<SketchFinalize>& tasks, int threads) {
       static_cast<int>(tasks.size()), threads,
       [&](int i) {
         const auto& t = tasks[i].tests;
-        return static_cast<double>(t.k) * t.k * (t.d_out + t.d_in + t.s);
+        return static_cast<double>(t.k) * t.k * (t.d_out + t.d_in + t.s) +
+               double(t.s) * t.s * t.k;
       },
       [&](int i) {
         if (tasks[i].rank < 1) throw std::invalid_argument("rank must be >= 1");

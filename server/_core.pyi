@@ -20,13 +20,12 @@ def hardware_threads() -> int: ...
 def blas_config() -> str: ...
 kAutoEnergyTol: float
 kAutoMaxPowerIters: int
-# Streaming sketch (server.core.linalg.StreamingSketch). dims = (d_out, d_in, k, s);
-# tests = (Omega (d_in, k), Psi (k, d_out), Phi (s, d_out), Xi (s, d_in));
+# Streaming sketch (server.core.linalg.StreamingSketch). dims = (d_out, d_in, k, s, seed): the
+# sparse sign test maps are regenerated from them, never passed or stored;
 # state = (Y (d_out, k), W (k, d_in), Z (s, s)), updated in place.
-def sketch_tests(d_out: int, d_in: int, k: int, s: int, seed: int) -> tuple[F32, F32, F32, F32]: ...
-def sketch_update(tasks: Sequence[tuple[tuple[int, int, int, int], tuple[F32, F32, F32, F32],
-                                        tuple[F32, F32, F32], Sequence[F32], Sequence[F32], Sequence[float]]],
+kSketchZeta: int
+def sketch_update(tasks: Sequence[tuple[tuple[int, int, int, int, int], tuple[F32, F32, F32],
+                                        Sequence[F32], Sequence[F32], Sequence[float]]],
                   threads: int) -> None: ...
-def sketch_finalize(tasks: Sequence[tuple[tuple[int, int, int, int], tuple[F32, F32, F32, F32],
-                                          tuple[F32, F32, F32], float, int]],
+def sketch_finalize(tasks: Sequence[tuple[tuple[int, int, int, int, int], tuple[F32, F32, F32], float, int]],
                     threads: int) -> list[tuple[F32, F32, F32, str]]: ...

@@ -82,7 +82,7 @@ def add_defence_arguments(p: argparse.ArgumentParser, d) -> None:
     g.add_argument("--max-reply-bytes", type=number(int, lo=1024, hi=2**40), default=None,
                    help="decoder: largest reply in bytes (default 2 GiB)")
     g.add_argument("--max-round-bytes", type=number(int, lo=1, hi=2**50), default=d.max_round_bytes,
-                   help="aggregator memory budget per round in bytes")
+                   help="aggregator memory budget per round in bytes (flexlora: sketches sized to fit it)")
 
 
 def defence_settings(args: argparse.Namespace) -> dict:

@@ -53,6 +53,18 @@ void accumulate(const std::vector<Accumulate>& items, const DeviceOptions& dev, 
 std::string device_info();
 // Number of visible devices (0 when there is no driver or no GPU; never throws).
 int device_count();
+// What the CUDA runtime linked into the backend sees, for a caller that must say why there is
+// no device: the device count, the runtime version it was built with (13000 = 13.0), the
+// installed driver's CUDA version (0 without a driver), and the runtime's message when the
+// count is 0 ("no CUDA-capable device is detected", "CUDA driver version is insufficient
+// for CUDA runtime version", ...; empty otherwise). Never throws.
+struct DeviceProbe {
+  int count = 0;
+  int runtime_version = 0;
+  int driver_version = 0;
+  std::string error;
+};
+DeviceProbe probe_devices();
 // Frees the cached cuBLAS/cuSOLVER handles and worker streams (tests; process exit).
 void release_resources();
 

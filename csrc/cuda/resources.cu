@@ -179,6 +179,21 @@ int device_count() {
   return n;
 }
 
+DeviceProbe probe_devices() {
+  DeviceProbe p;
+  cudaRuntimeGetVersion(&p.runtime_version);
+  cudaDriverGetVersion(&p.driver_version);  // 0 when no driver is installed
+  const cudaError_t e = cudaGetDeviceCount(&p.count);
+  if (e != cudaSuccess) {
+    p.count = 0;
+    p.error = cudaGetErrorString(e);
+    cudaGetLastError();  // leave no error behind for later calls
+  } else if (p.count == 0) {
+    p.error = "the CUDA runtime reports 0 devices";
+  }
+  return p;
+}
+
 std::string device_info() {
   int device = 0;
   FLEXLORA_CUDA_CHECK(cudaGetDevice(&device));

@@ -123,16 +123,20 @@ void weighted_sum(const FactorSet& f, float* out, float beta, int threads);
 // approximation with an application to scientific simulation", SISC 2019): range sketch
 // Y = dW Omega, co-range sketch W = Psi dW, core sketch Z = Phi dW Xi^T, each updated from
 // one client's factors as it arrives (never forming dW); memory k (d_out + d_in) + s^2
-// floats per module, flat in the number of clients. The Gaussian test matrices depend only
-// on (d_out, d_in, k, s, seed), so modules of one shape share them.
+// floats per module, flat in the number of clients.
+//
+// The four test matrices are sparse sign maps (SISC 2019, sec. 3.3): column j of an
+// (l x d) map has zeta = min(l, kSketchZeta) nonzeros, +1 or -1, in distinct rows, drawn by a
+// counter-based generator from (seed, map, shape, j). They are regenerated where they are
+// applied and never stored, so a sketch's memory is its state only, and applying one costs
+// zeta flops per entry of the other operand instead of l.
+constexpr int kSketchZeta = 8;
 struct SketchTests {
   int d_out = 0, d_in = 0;
   int k = 0;                           // range and co-range sketch size (k <= min(d_out, d_in))
   int s = 0;                           // core sketch size (k <= s)
-  const float* Omega = nullptr;        // (k x d_in) column-major: Omega^T
-  const float* Psi = nullptr;          // (d_out x k) column-major: Psi^T
-  const float* Phi = nullptr;          // (d_out x s) column-major: Phi^T
-  const float* Xi = nullptr;           // (d_in x s) column-major: Xi^T
+  uint64_t seed = 0;                   // the maps: Omega^T (k x d_in), Psi (k x d_out),
+                                       // Phi (s x d_out), Xi (s x d_in)
 };
 
 // The sketch state of one module (caller-owned buffers, zeroed before the first update).
@@ -148,9 +152,6 @@ struct SketchUpdate {
   SketchState state;
   FactorSet factors;
 };
-// Fills the test matrices of SketchTests (caller-allocated, sizes as documented) from seed.
-void sketch_fill_tests(int d_out, int d_in, int k, int s, uint64_t seed, float* Omega,
-                       float* Psi, float* Phi, float* Xi);
 // Many modules' updates in one call, modules in parallel (as lowrank_svd_batched).
 void sketch_update_batched(std::vector<SketchUpdate>& tasks, int threads);
 

@@ -110,8 +110,9 @@ def arpack(m: int, n: int, products: int) -> float:
 def sketch_one_pass(d_out: int, d_in: int, total_rank: int, rank: int, sketch: int, core: int) -> float:
     """The one-pass sketch route: all clients' updates (total rank R) plus finalize (see above)."""
     m, n, R, k, s = d_out, d_in, total_rank, sketch, core
-    update = 2 * R * ((m + n) * (k + s) + m * k + k * n + s * s)
-    finalize = 4 * (m + n) * k * k + 2 * s * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
+    zeta = min(k, 8)   # nonzeros per column of the sparse sign test maps
+    update = 2 * R * ((m + n) * k + s * s) + 4 * R * min(s, 8) * (m + n)
+    finalize = 4 * (m + n) * k * k + 2 * zeta * k * (m + n) + 8 * s * k * k + 2 * k * s * s + 2 * k * k * s \
         + 22 * k ** 3 + 2 * (m + n) * k * rank
     return update + finalize
 

@@ -19,8 +19,13 @@ Clients are added one at a time; each module keeps only what its route needs:
 * ``max_state_bytes`` (with ``auto``): when a client brings modules whose worst-case state
   on the other routes (the dense accumulator, ``4 d_out d_in`` bytes; factors fold into it
   at the break-even rank) would push the projected total past the budget, those modules go
-  to the sketch route instead; modules already held keep their route. A budget that even
-  the sketches cannot meet is an error when the first client arrives.
+  to the sketch route instead; modules already held keep their route. The sketches are then
+  sized by the budget, not by the default ``k = 2 rank + 1``: the bytes the held modules do
+  not reserve go to the new sketches (:func:`server.core.linalg.sketch_sizes_for_budget`,
+  the largest common ``k``), so the state is what the budget buys (with ``method="sketch"``
+  too). The state never exceeds the budget. A budget that even the smallest sketches
+  (``k = max_rank``) cannot meet is an error when the first client arrives. An explicit
+  ``sketch_size`` / ``core_size`` overrides the sizing.
 
 Weights: client ``k`` contributes ``p_k s_k B_k A_k`` with ``p_k = weight_k / sum(weight)``
 (weight defaults to ``num_examples``) and ``s_k = alpha_k / r`` (``alpha_k / sqrt(r)`` with
@@ -158,7 +163,8 @@ class AggregatorBase:
         return sorted(self._modules)
 
     def state_bytes(self) -> int:
-        """Bytes of factors and dense accumulators (and sketches) held now."""
+        """Bytes of factors, dense accumulators and sketches held now: all the state (the
+        sketches' test maps are regenerated, not stored)."""
         return sum(st.held_bytes() for st in self._modules.values())
 
     def _svd_tasks(self, names: list[str]) -> list[tuple]:
@@ -226,7 +232,7 @@ class Aggregator(AggregatorBase):
         pairs = split_factors(factors, who, convert=as_matrix, required=True)
         check_client_modules(who, pairs, self._modules, max_rank=self.max_rank, rank=rank,
                              rank_pattern=rank_pattern)
-        sketch_new = self._sketch_new_modules(pairs)
+        sketch_new = self._sketch_new_modules(pairs)  # {module: (k, s)} of new sketched modules
         # prepare: every check and allocation (a dense fold included) on new objects ...
         staged = []
         for module, (B, A) in pairs.items():
@@ -258,13 +264,15 @@ class Aggregator(AggregatorBase):
                                          [[x[3]] for x in sketched], threads=self.threads, validated=True)
         self._finish_client(w, client_id)
 
-    def _prepare_module(self, module: str, B: np.ndarray, A: np.ndarray, ws: float, sketch_new: bool) -> tuple:
+    def _prepare_module(self, module: str, B: np.ndarray, A: np.ndarray, ws: float,
+                        sketch_new: Mapping[str, tuple[int, int]]) -> tuple:
         """What adding ``ws B @ A`` to ``module`` will do, computed without touching the state:
         ``(module, B, A, ws, new sketch or None, freshly folded dense accumulator or None)``."""
         st = self._modules.get(module)
-        if st is None and sketch_new:
-            sketch = linalg.StreamingSketch(B.shape[0], A.shape[1], self.max_rank, sketch_size=self.sketch_size,
-                                            core_size=self.core_size, seed=self.seed)
+        if st is None and module in sketch_new:
+            k, s = sketch_new[module]
+            sketch = linalg.StreamingSketch(B.shape[0], A.shape[1], self.max_rank, sketch_size=k, core_size=s,
+                                            seed=self.seed)
             return module, B, A, ws, sketch, None
         if st is not None and (st.sketch is not None or st.dense is not None):
             return module, B, A, ws, None, None
@@ -282,36 +290,37 @@ class Aggregator(AggregatorBase):
             return module, B, A, ws, None, fold
         return module, B, A, ws, None, None
 
-    def _sketch_new_modules(self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> bool:
-        """Whether the modules this client brings for the first time go to the sketch route."""
-        if self.method == "sketch":
-            return True
-        new = [(B.shape[0], A.shape[1]) for m, (B, A) in pairs.items() if m not in self._modules]
-        if self.max_state_bytes is None or not new:
-            return False
+    def _sketch_new_modules(self, pairs: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, tuple[int, int]]:
+        """The modules this client brings for the first time that go to the sketch route, with
+        their sketch sizes ``(k, s)``: sized by the budget when there is one (the bytes the
+        held modules do not reserve), else the defaults or ``sketch_size`` / ``core_size``."""
+        new = {m: (B.shape[0], A.shape[1]) for m, (B, A) in pairs.items() if m not in self._modules}
+        if not new or (self.method != "sketch" and self.max_state_bytes is None):
+            return {}
+        if self.max_state_bytes is None or self.sketch_size is not None:
+            sizes = {m: linalg.sketch_sizes(self.max_rank, d_out, d_in, self.sketch_size, self.core_size)
+                     for m, (d_out, d_in) in new.items()}
+            if self.max_state_bytes is None:
+                return sizes
         held = sum(4 * st.d_out * st.d_in if st.sketch is None else st.sketch.nbytes
                    for st in self._modules.values())
-        if held + sum(4 * m * n for m, n in new) <= self.max_state_bytes:
-            return False
-        shapes = {(st.d_out, st.d_in) for st in self._modules.values() if st.sketch is not None}
-        need = held + sum(linalg.StreamingSketch.projected_bytes(m, n, self.max_rank, self.sketch_size,
-                                                                 self.core_size) for m, n in new)
-        need += sum(linalg.StreamingSketch.test_bytes(m, n, self.max_rank, self.sketch_size, self.core_size)
-                    for m, n in set(new) - shapes)
+        if self.method != "sketch" and held + sum(4 * m * n for m, n in new.values()) <= self.max_state_bytes:
+            return {}
+        free = self.max_state_bytes - held
+        if self.sketch_size is None:
+            try:
+                sizes = dict(zip(new, linalg.sketch_sizes_for_budget(self.max_rank, list(new.values()), free)))
+            except ValueError as e:
+                raise ValueError(f"max_state_bytes={self.max_state_bytes} is below what even the sketch route "
+                                 f"needs for these modules ({held} bytes held, {free} free: {e}); raise it "
+                                 "or lower max_rank") from None
+        need = held + sum(linalg.sketch_state_bytes(d_out, d_in, *sizes[m]) for m, (d_out, d_in) in new.items())
         if need > self.max_state_bytes:
             raise ValueError(f"max_state_bytes={self.max_state_bytes} is below what even the sketch route "
                              f"needs for these modules ({need} bytes); raise it or lower max_rank/sketch_size")
-        return True
+        return sizes
 
     # ------------------------------------------------------------------ results
-    def state_bytes(self) -> int:
-        """Bytes of factors, dense accumulators and sketches held now (sketch test matrices
-        counted once per shape: modules of one shape share them)."""
-        tests = {(st.d_out, st.d_in): linalg.StreamingSketch.test_bytes(
-                     st.d_out, st.d_in, self.max_rank, self.sketch_size, self.core_size)
-                 for st in self._modules.values() if st.sketch is not None}
-        return sum(st.held_bytes() for st in self._modules.values()) + sum(tests.values())
-
     def routes_planned(self) -> dict[str, str]:
         """Per module: 'dense (folded)' or the route auto would take with the factors so far."""
         out = {}

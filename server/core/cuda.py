@@ -58,23 +58,31 @@ def _ext():
 
 def available() -> tuple[bool, str]:
     """``(True, device description)`` when the CUDA backend can run here, else
-    ``(False, reason)``. Never raises."""
+    ``(False, reason)``: the backend is not built, its CUDA runtime finds no device (and the
+    runtime's own words why), or torch cannot reach one. Never raises."""
     try:
         ext = _ext()
     except RuntimeError as e:
         return False, str(e)
+    try:
+        count, runtime, driver, error = ext.probe()
+        if count < 1:
+            built = f"CUDA {runtime // 1000}.{runtime % 1000 // 10}"
+            drv = f"the driver supports CUDA {driver // 1000}.{driver % 1000 // 10}" if driver \
+                else "no CUDA driver is installed"
+            return False, (f"server._cuda ({built}) finds no GPU: {error} ({drv})")
+    except Exception as e:  # a broken driver must not break the caller
+        return False, f"CUDA probe failed: {e}"
     try:
         import torch
     except ImportError:
         return False, "torch is not installed (the CUDA backend works on torch CUDA tensors)"
     try:
         if not torch.cuda.is_available():
-            return False, f"torch {torch.__version__} sees no CUDA device"
-        if ext.device_count() < 1:
-            return False, ("server._cuda's CUDA runtime finds no device (driver older than the "
-                           "CUDA version it was built with?)")
+            return False, (f"server._cuda sees {count} GPU(s) but torch {torch.__version__} "
+                           "sees none (a CPU-only torch build?)")
         return True, str(ext.device_info())
-    except Exception as e:  # a broken driver must not break the caller
+    except Exception as e:
         return False, f"CUDA probe failed: {e}"
 
 

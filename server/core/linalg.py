@@ -19,7 +19,9 @@ Routes (``method``):
 * ``"dense"``: dW by one GEMM over the concatenated factors, then the randomized SVD of dW.
 * ``"sketch"``: one pass, bounded memory (:class:`StreamingSketch`): range, co-range and
   core sketches of dW updated from each client's factors, dW never formed; approximate
-  (error against the optimum depends on the sketch sizes, see :func:`sketch_sizes`).
+  (error against the optimum depends on the sketch sizes, see :func:`sketch_sizes`; under a
+  memory budget, :func:`sketch_sizes_for_budget`). The test maps are sparse sign maps
+  regenerated from ``seed``, never stored.
   ``auto`` never picks it here; :class:`server.core.aggregation.Aggregator` does under
   ``max_state_bytes`` when the other routes would not fit.
 * ``"auto"``: the cheapest route by the cost model of :func:`plan`; exact unless an
@@ -81,8 +83,9 @@ from server.core.validate import (  # noqa: E402
 
 __all__ = ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum", "plan", "Plan",
            "set_num_threads", "get_num_threads", "METHODS", "EXACT_PREFERENCE",
-           "AUTO_ENERGY_TOL", "AUTO_MAX_POWER_ITERS", "StreamingSketch", "sketch_sizes",
-           "sketch_update_batched", "sketch_finalize_batched", "route_state_bytes", "blas_config", "svd_prepared"]
+           "AUTO_ENERGY_TOL", "AUTO_MAX_POWER_ITERS", "StreamingSketch", "sketch_sizes", "sketch_sizes_for_budget",
+           "sketch_state_bytes", "sketch_update_batched", "sketch_finalize_batched", "route_state_bytes",
+           "blas_config", "svd_prepared"]
 
 EXACT_PREFERENCE: float = float(_core.kExactPreference)
 AUTO_ENERGY_TOL: float = float(_core.kAutoEnergyTol)
@@ -258,15 +261,40 @@ def sketch_sizes(rank: int, d_out: int, d_in: int, sketch_size: int | None = Non
     return k, s
 
 
-_TESTS: dict[tuple, tuple] = {}
+def sketch_state_bytes(d_out: int, d_in: int, k: int, s: int) -> int:
+    """Bytes of one sketch's state: ``Y`` (d_out x k), ``W`` (k x d_in), ``Z`` (s x s), float32."""
+    return 4 * (k * (d_out + d_in) + s * s)
 
 
-def _sketch_tests(d_out: int, d_in: int, k: int, s: int, seed: int) -> tuple:
-    """Gaussian test matrices shared by every sketch of one (shape, sizes, seed)."""
-    key = (d_out, d_in, k, s, int(seed) % (1 << 64))
-    if key not in _TESTS:
-        _TESTS[key] = _core.sketch_tests(d_out, d_in, k, s, key[-1])
-    return _TESTS[key]
+def sketch_sizes_for_budget(rank: int, shapes: Sequence[tuple[int, int]],
+                            budget_bytes: int) -> list[tuple[int, int]]:
+    """``(k, s)`` for each module shape in ``shapes`` so that their sketches together use
+    ``budget_bytes``: the largest common range size ``k`` (each module's capped at
+    ``min(d_out, d_in)``, where its sketch is exact) with ``s = 2 k + 1`` (Tropp et al., SISC
+    2019, sec. 5.4: the storage ``k (d_out + d_in) + s^2`` split between range and core in
+    these proportions), the total at most ``budget_bytes``. The test maps take no memory
+    (regenerated). ValueError when even ``k = rank`` (the fewest that can return ``rank``
+    directions) does not fit."""
+    rank = as_rank(rank)
+    shapes = [(as_rank(m, "d_out"), as_rank(n, "d_in")) for m, n in shapes]
+    if not shapes:
+        return []
+
+    def sizes(k: int) -> list[tuple[int, int]]:
+        return [(min(k, m, n), 2 * min(k, m, n) + 1) for m, n in shapes]
+
+    def total(k: int) -> int:
+        return sum(sketch_state_bytes(m, n, kk, ss) for (m, n), (kk, ss) in zip(shapes, sizes(k)))
+
+    lo, hi = rank, max(min(m, n) for m, n in shapes)
+    if total(min(lo, hi)) > budget_bytes:
+        raise ValueError(f"a memory budget of {budget_bytes} bytes is below what the sketch route needs for "
+                         f"{len(shapes)} module(s) at the smallest sketch (k = rank = {rank}): "
+                         f"{total(min(lo, hi))} bytes")
+    while lo < hi:  # largest k with total(k) <= budget (total is non-decreasing in k)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if total(mid) <= budget_bytes else (lo, mid - 1)
+    return sizes(lo)
 
 
 class StreamingSketch:
@@ -274,9 +302,11 @@ class StreamingSketch:
     Yurtsever, Udell, Cevher, SIMAX 2017 and SISC 2019): ``Y = dW Omega`` (d_out x k),
     ``W = Psi dW`` (k x d_in) and ``Z = Phi dW Xi^T`` (s x s), updated in place from each
     client's factors (:meth:`add`), never forming dW. State: ``k (d_out + d_in) + s^2``
-    floats, flat in the number of clients; the test matrices are shared by all sketches of
-    one shape and seed. :meth:`finalize` returns the rank-``rank`` approximation
-    ``Q C P^T`` truncated by an SVD of the small core ``C``."""
+    floats, flat in the number of clients and all the memory it takes: the test maps are
+    sparse sign maps (8 nonzeros +-1 per column) that the native core regenerates from
+    ``(seed, shape, k, s)`` wherever it applies them, so sketches of one shape and seed
+    share them without storing them. :meth:`finalize` returns the rank-``rank``
+    approximation ``Q C P^T`` truncated by an SVD of the small core ``C``."""
 
     def __init__(self, d_out: int, d_in: int, rank: int, *, sketch_size: int | None = None,
                  core_size: int | None = None, seed: int = 0) -> None:
@@ -285,32 +315,26 @@ class StreamingSketch:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
         self.k, self.s = sketch_sizes(self.rank, self.d_out, self.d_in, sketch_size, core_size)
-        self.seed = int(seed)
-        self.tests = _sketch_tests(self.d_out, self.d_in, self.k, self.s, self.seed)
+        self.seed = int(seed) % (1 << 64)
         self.Y = np.zeros((self.d_out, self.k), np.float32)
         self.W = np.zeros((self.k, self.d_in), np.float32)
         self.Z = np.zeros((self.s, self.s), np.float32)
 
     @property
-    def dims(self) -> tuple[int, int, int, int]:
-        return self.d_out, self.d_in, self.k, self.s
+    def dims(self) -> tuple[int, int, int, int, int]:
+        """What the native core needs besides the state: sizes and the seed of the maps."""
+        return self.d_out, self.d_in, self.k, self.s, self.seed
 
     @property
     def nbytes(self) -> int:
-        """Bytes of this sketch's state (the shared test matrices not included)."""
+        """Bytes of this sketch: its state, all of it (the test maps are not stored)."""
         return self.Y.nbytes + self.W.nbytes + self.Z.nbytes
 
     @staticmethod
     def projected_bytes(d_out: int, d_in: int, rank: int, sketch_size: int | None = None,
                         core_size: int | None = None) -> int:
         k, s = sketch_sizes(rank, d_out, d_in, sketch_size, core_size)
-        return 4 * (k * (d_out + d_in) + s * s)
-
-    @staticmethod
-    def test_bytes(d_out: int, d_in: int, rank: int, sketch_size: int | None = None,
-                   core_size: int | None = None) -> int:
-        k, s = sketch_sizes(rank, d_out, d_in, sketch_size, core_size)
-        return 4 * (k + s) * (d_out + d_in)
+        return sketch_state_bytes(d_out, d_in, k, s)
 
     def add(self, Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float],
             *, threads: int | None = None) -> None:
@@ -341,7 +365,7 @@ def sketch_update_batched(sketches: Sequence[StreamingSketch],
         if (Bm[0].shape[0], Am[0].shape[1]) != (sk.d_out, sk.d_in):
             raise ValueError(f"layers[{i}] is {Bm[0].shape[0]}x{Am[0].shape[1]}, its sketch is "
                              f"{sk.d_out}x{sk.d_in}")
-        tasks.append((sk.dims, sk.tests, (sk.Y, sk.W, sk.Z), Bm, Am, wl))
+        tasks.append((sk.dims, (sk.Y, sk.W, sk.Z), Bm, Am, wl))
     if tasks:
         _core.sketch_update(tasks, as_threads(threads))
 
@@ -357,7 +381,7 @@ def sketch_finalize_batched(sketches: Sequence[StreamingSketch],
         ranks = [sk.rank for sk in sketches]
     ranks = per_layer_ranks(ranks, len(sketches))
     scales = [1.0] * len(sketches) if scales is None else [float(x) for x in scales]
-    tasks = [(sk.dims, sk.tests, (sk.Y, sk.W, sk.Z), sc, r)
+    tasks = [(sk.dims, (sk.Y, sk.W, sk.Z), sc, r)
              for sk, r, sc in zip(sketches, ranks, scales)]
     return [tuple(r[:3]) for r in _core.sketch_finalize(tasks, as_threads(threads))]
 
@@ -377,8 +401,8 @@ def route_state_bytes(d_out: int, d_in: int, total_rank: int, rank: int, *,
     """Bytes the streaming aggregator holds for one module on each route at the end of a
     round with concatenated rank ``total_rank``: ``factors`` (exact/randomized keep the
     factors, ``R (d_out + d_in)`` floats), ``dense`` (one accumulator), ``auto`` (factors
-    up to the break-even rank, then the accumulator), ``sketch`` (state only; the shared
-    test matrices are :meth:`StreamingSketch.test_bytes` once per shape)."""
+    up to the break-even rank, then the accumulator), ``sketch`` (all it holds: the test
+    maps are regenerated, not stored)."""
     factors = 4 * total_rank * (d_out + d_in)
     dense = 4 * d_out * d_in
     auto = factors if total_rank <= (d_out * d_in) // (d_out + d_in) else dense

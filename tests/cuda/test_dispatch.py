@@ -57,3 +57,24 @@ def test_linalg_functions_without_backend_raise_clear_error():
     B, A = np.ones((4, 2), np.float32), np.ones((2, 3), np.float32)
     with pytest.raises(RuntimeError, match="FLEXLORA_CUDA|device|driver|torch"):
         cuda.lowrank_svd([B], [A], [1.0], 1)
+
+
+# The CPU names the CUDA facade does not take: CPU threads, and the sketch route (no GPU sketch).
+CPU_ONLY = {"threads", "sketch_size", "core_size"}
+GPU_ONLY = {"tf32", "streams", "check_finite"}
+
+
+@pytest.mark.parametrize("name", ["lowrank_svd", "lowrank_svd_batched", "dense_svd", "weighted_sum"])
+def test_cuda_facade_has_the_linalg_signature(name):
+    """server.core.cuda mirrors server.core.linalg: the same parameters, in the same order, of
+    the same kind and default, apart from the CPU-only and GPU-only options named above."""
+    import inspect
+
+    from server.core import linalg
+    cpu = [p for p in inspect.signature(getattr(linalg, name)).parameters.values() if p.name not in CPU_ONLY]
+    gpu = [p for p in inspect.signature(getattr(cuda, name)).parameters.values() if p.name not in GPU_ONLY]
+    assert [(p.name, p.kind, p.default) for p in gpu] == [(p.name, p.kind, p.default) for p in cpu], (
+        f"server.core.cuda.{name}{inspect.signature(getattr(cuda, name))} differs from "
+        f"server.core.linalg.{name}{inspect.signature(getattr(linalg, name))}")
+    extra = {p.name for p in inspect.signature(getattr(cuda, name)).parameters.values()} - {p.name for p in cpu}
+    assert extra <= GPU_ONLY

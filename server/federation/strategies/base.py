@@ -68,8 +68,12 @@ class StrategyConfig:
     module_shapes: Mapping[str, tuple[int, int]] | None = None   # module -> (d_out, d_in); None: not checked
     seed: int = 0
     limits: DecodeLimits | None = None   # decoder bounds for replies (None: DecodeLimits() defaults)
-    # per-round aggregator memory budget: bytes the round's aggregator holds plus the next
-    # update's factor bytes must not exceed it, else that reply is rejected (None: no budget)
+    # per-round aggregator memory budget, the one memory setting of a round (None: no budget).
+    # FlexLoRA on method "auto"/"sketch" (without robust buffering) hands it to its Aggregator as
+    # max_state_bytes: modules whose dense state would not fit go to the one-pass sketch route,
+    # sized to use the budget, and no reply is refused for memory (only when even the smallest
+    # sketches cannot fit). Other strategies: bytes the round's aggregator holds plus the next
+    # update's factor bytes must not exceed it, else that reply is rejected.
     max_round_bytes: int | None = None
     # robust aggregation (clipping, weight-share cap, trimming; see .robust); None: off
     robust: RobustConfig | None = None
@@ -117,6 +121,9 @@ class RoundAggregation(ABC):
         # with robust aggregation on, valid updates wait here until finalize (see .robust)
         self._pending: list[ClientUpdate] | None = [] if robust is not None and robust.enabled else None
         self.robust_report: dict = {}
+        # True when this round's aggregator keeps itself within max_round_bytes (it chooses
+        # routes and sketch sizes by it): add() then refuses no reply for memory itself
+        self.budget_in_aggregator = False
 
     def held_bytes(self) -> int:
         """Bytes the aggregator holds now (default: every added update's factors, an upper
@@ -130,7 +137,7 @@ class RoundAggregation(ABC):
             raise ValueError(f"client {update.client_id!r} already replied in round {self.round}")
         new = int(sum(np.asarray(v).nbytes for v in update.factors.values()))
         budget = self.strategy.config.max_round_bytes
-        if budget is not None:
+        if budget is not None and not self.budget_in_aggregator:
             held = int(self.held_bytes())
             if held + new > budget:
                 raise ValueError(f"client {update.client_id!r}: round {self.round} aggregator holds {held} bytes, "

@@ -55,12 +55,26 @@ __all__ = ["FlexLoRA"]
 class _FlexRound(RoundAggregation):
     def __init__(self, strategy: "FlexLoRA", round: int) -> None:
         super().__init__(strategy, round)
-        self._agg = strategy.new_aggregator(round)
+        # max_round_bytes is the aggregator's budget when it can keep to one (auto/sketch route
+        # choice and sketch sizes); robust buffering holds raw updates, so the round checks then
+        budget = strategy.config.max_round_bytes
+        self.budget_in_aggregator = budget is not None and strategy.method in ("auto", "sketch") \
+            and self._pending is None and strategy.device == "cpu"
+        self._agg = strategy.new_aggregator(round, max_state_bytes=budget if self.budget_in_aggregator else None)
 
     def held_bytes(self) -> int:
         return self._agg.state_bytes()
 
     def _add(self, update: ClientUpdate) -> None:
+        try:
+            self._add_to_aggregator(update)
+        except ValueError as e:
+            if self.budget_in_aggregator and str(e).startswith("max_state_bytes="):
+                raise ValueError(f"client {update.client_id!r}: round {self.round}: max_round_bytes="
+                                 f"{self.strategy.config.max_round_bytes} is the aggregator's budget: {e}") from None
+            raise
+
+    def _add_to_aggregator(self, update: ClientUpdate) -> None:
         adapter = self.strategy.adapter
         if not self.strategy.carry or adapter is None:
             self._agg.add_update(update)
@@ -116,19 +130,22 @@ class FlexLoRA(Strategy):
         self.shards = int(shards)
         self.adapter = None  # server.core.adapter.GlobalAdapter after the first round
 
-    def new_aggregator(self, round: int):
+    def new_aggregator(self, round: int, *, max_state_bytes: int | None = None):
         """The round's streaming aggregator: the native CPU core, or the CUDA backend with
         ``device="cuda[:N]"`` (same weighting, same result up to float32 rounding), or with
-        ``shards=N`` the modules over N Ray actors (the same result; :mod:`server.core.sharded`)."""
+        ``shards=N`` the modules over N Ray actors (the same result; :mod:`server.core.sharded`).
+        ``max_state_bytes``: the round's memory budget, which sizes the sketches (CPU routes;
+        sharded, split evenly over the shards)."""
+        seed = self.config.seed + round
         if self.shards:
             from server.core.sharded import ShardedAggregator
-            return ShardedAggregator(self.max_rank, shards=self.shards, method=self.method,
-                                     seed=self.config.seed + round)
+            return ShardedAggregator(self.max_rank, shards=self.shards, method=self.method, seed=seed,
+                                     max_state_bytes=max_state_bytes)
         if self.device == "cpu":
             from server.core.aggregation import Aggregator  # native core; imported when first needed
-            return Aggregator(self.max_rank, method=self.method, seed=self.config.seed + round)
+            return Aggregator(self.max_rank, method=self.method, seed=seed, max_state_bytes=max_state_bytes)
         from server.core.cuda_aggregation import CudaAggregator
-        return CudaAggregator(self.max_rank, method=self.method, seed=self.config.seed + round, device=self.device)
+        return CudaAggregator(self.max_rank, method=self.method, seed=seed, device=self.device)
 
     def configure(self, *, client_id: str, spec: RankSpec, round: int) -> GlobalFactors | None:
         if self.adapter is None:
