@@ -34,19 +34,28 @@ not send are normalised over the clients that sent them.
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
 
-from edge_client.wire import MAX_ROUND_REPLIES, rank_for_module, scaling, split_factors
+from edge_client.wire import scaling, split_factors
 from server.core import linalg
 from server.core.adapter import GlobalAdapter
-from server.core.validate import METHODS, as_count, as_matrix, as_method, as_rank, as_threads
+from server.core.validate import (
+    METHODS,
+    as_count,
+    as_matrix,
+    as_method,
+    as_rank,
+    as_threads,
+    check_client_args,
+    check_client_modules,
+    check_finite_contribution,
+)
 
-__all__ = ["Aggregator", "AggregatorBase", "ModuleState", "GlobalAdapter", "check_client_args",
+__all__ = ["Aggregator", "AggregatorBase", "ClientLedger", "ModuleState", "GlobalAdapter", "check_client_args",
            "check_client_modules", "check_finite_contribution"]
 
 
@@ -71,7 +80,34 @@ class ModuleState:
             (self.sketch.nbytes if self.sketch is not None else 0)
 
 
-class AggregatorBase:
+class ClientLedger:
+    """What every streaming aggregator (CPU, CUDA, sharded) counts of the clients it accepted, and
+    how it takes a whole ``ClientUpdate``."""
+
+    def __init__(self) -> None:
+        self.num_clients = 0
+        self.total_weight = 0.0
+        self.client_ids: list[str] = []
+
+    def add(self, factors: Mapping[str, Any], **kwargs) -> None:
+        raise NotImplementedError
+
+    def add_update(self, update: Any) -> None:
+        """Add an ``edge_client.wire.ClientUpdate`` (or any object with its fields); an
+        ``alpha_pattern`` is folded into the factors, so one ``alpha`` scales them."""
+        factors = update.factors_at_alpha() if hasattr(update, "factors_at_alpha") else update.factors
+        self.add(factors, num_examples=update.num_examples, alpha=update.alpha,
+                 rank=update.rank, rank_pattern=update.rank_pattern or None,
+                 rslora=update.rslora, client_id=update.client_id)
+
+    def _finish_client(self, w: float, client_id: str | None) -> None:
+        self.num_clients += 1
+        self.total_weight += float(w)
+        if client_id is not None:
+            self.client_ids.append(str(client_id))
+
+
+class AggregatorBase(ClientLedger):
     """What the CPU :class:`Aggregator` and :class:`server.core.cuda_aggregation.CudaAggregator`
     share: arguments, per-client bookkeeping, the ``auto`` fold of factors into a dense
     accumulator past ``dense_threshold``, and the finalize tasks. The backends differ only
@@ -98,10 +134,8 @@ class AggregatorBase:
         as_threads(threads)
         self.dense_threshold = None if dense_threshold is None else \
             as_count(dense_threshold, "dense_threshold")
+        super().__init__()
         self._modules: dict[str, ModuleState] = {}
-        self.num_clients = 0
-        self.total_weight = 0.0
-        self.client_ids: list[str] = []
 
     # hooks (see the class docstring)
     def _keep(self, x: Any) -> Any:
@@ -115,13 +149,6 @@ class AggregatorBase:
 
     def _accumulate(self, st: ModuleState, B: Any, A: Any, w: float) -> Any:
         raise NotImplementedError
-
-    def add_update(self, update: Any) -> None:
-        """Add an ``edge_client.wire.ClientUpdate`` (or any object with its fields)."""
-        factors = update.factors_at_alpha() if hasattr(update, "factors_at_alpha") else update.factors
-        self.add(factors, num_examples=update.num_examples, alpha=update.alpha,
-                 rank=update.rank, rank_pattern=update.rank_pattern or None,
-                 rslora=update.rslora, client_id=update.client_id)
 
     def _threshold(self, st: ModuleState) -> int:
         if self.dense_threshold is not None:
@@ -151,12 +178,6 @@ class AggregatorBase:
         st.As.append(self._keep(A))
         st.ws.append(w)
         return None
-
-    def _finish_client(self, w: float, client_id: str | None) -> None:
-        self.num_clients += 1
-        self.total_weight += float(w)
-        if client_id is not None:
-            self.client_ids.append(str(client_id))
 
     @property
     def modules(self) -> list[str]:
@@ -360,51 +381,3 @@ class Aggregator(AggregatorBase):
         modules = {n: results[n][:3] for n in names}
         routes = {n: results[n][3] for n in names}
         return GlobalAdapter(modules=modules, max_rank=self.max_rank, routes=routes)
-
-
-def check_finite_contribution(who: str, module: str, B: np.ndarray, A: np.ndarray, ws: float) -> None:
-    """Finite but huge entries would overflow float32 in the native core (a LAPACK error far
-    from the cause): refuse them up front, naming the client and the module."""
-    # room for MAX_ROUND_REPLIES such clients in one float32 accumulator (x16 margin), so an
-    # accepted client never makes a later one overflow; the weight x scaling is bounded on its
-    # own too (B = 0 with a huge alpha has a zero product but an infinite float32 weight)
-    limit = float(np.finfo(np.float32).max) / 16 / MAX_ROUND_REPLIES
-    with np.errstate(over="ignore", invalid="ignore"):
-        nb = float(np.linalg.norm(np.asarray(B, np.float64)))
-        na = float(np.linalg.norm(np.asarray(A, np.float64)))
-        bound = abs(ws) * nb * na
-    if not (bound < limit and nb < limit and na < limit and abs(ws) < limit):
-        raise ValueError(f"{who}: module {module!r}: weight * scaling * ||B|| * ||A|| = {bound:.3g} is too "
-                         f"large (or not finite) for float32 aggregation")
-
-
-def check_client_args(who: str, *, num_examples: Any, alpha: Any, weight: Any) -> float:
-    """Validated scalar arguments of one client's ``add``; returns its weight (the number of
-    examples unless ``weight`` is given). Shared by the CPU and CUDA aggregators."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
-            or num_examples < 1:
-        raise ValueError(f"num_examples of {who} must be an integer >= 1, got {num_examples!r}")
-    if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"alpha of {who} must be a finite number > 0, got {alpha!r}")
-    w = float(num_examples) if weight is None else weight
-    if not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
-        raise ValueError(f"weight of {who} must be finite and >= 0, got {weight!r}")
-    return w
-
-
-def check_client_modules(who: str, pairs: Mapping[str, tuple[Any, Any]], modules: Mapping[str, Any], *,
-                         max_rank: int, rank: int | None, rank_pattern: Mapping[str, int] | None) -> None:
-    """Each module's rank against ``rank``/``rank_pattern`` (when given) and its shape against
-    what earlier clients sent (``modules[name].d_out/.d_in``)."""
-    if rank is not None or rank_pattern:
-        default = max_rank if rank is None else as_rank(rank, "rank")
-        for module, (B, _A) in pairs.items():
-            expected = rank_for_module(module, default, rank_pattern)
-            if B.shape[1] != expected:
-                raise ValueError(f"{who}: module {module!r} has rank {B.shape[1]} but "
-                                 f"rank/rank_pattern say {expected}")
-    for module, (B, A) in pairs.items():
-        state = modules.get(module)
-        if state is not None and (B.shape[0], A.shape[1]) != (state.d_out, state.d_in):
-            raise ValueError(f"{who}: module {module!r} is {B.shape[0]}x{A.shape[1]}, "
-                             f"other clients sent {state.d_out}x{state.d_in}")

@@ -3,7 +3,8 @@
 Every function takes and returns numpy float32 arrays and runs in the native core
 (``server._core``, C++ over OpenBLAS + OpenMP) with the GIL released. ``dW`` below is
 ``sum_k weights[k] * Bs[k] @ As[k]`` with ``Bs[k]`` (d_out x r_k) and ``As[k]``
-(r_k x d_in); ``R = sum_k r_k``.
+(r_k x d_in); ``R = sum_k r_k``. (About 400 lines on purpose: the one Python door to the
+native core, every route and the sketch's sizing beside the planner that chooses between them.)
 
 Routes (``method``):
 

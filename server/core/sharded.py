@@ -34,7 +34,13 @@ import numpy as np
 
 from edge_client.wire import scaling, split_factors
 from server.core.adapter import GlobalAdapter
-from server.core.aggregation import Aggregator, check_client_args, check_client_modules, check_finite_contribution
+from server.core.aggregation import (
+    Aggregator,
+    ClientLedger,
+    check_client_args,
+    check_client_modules,
+    check_finite_contribution,
+)
 from server.core.validate import as_matrix, as_rank
 
 __all__ = ["ShardedAggregator", "ray_available", "least_loaded", "plan_shards"]
@@ -99,7 +105,7 @@ class _Shard:
                 "state_bytes": self.agg.state_bytes(), "modules": len(self.agg.modules)}
 
 
-class ShardedAggregator:
+class ShardedAggregator(ClientLedger):
     """The streaming aggregator's interface (``add``, ``add_update``, ``finalize``,
     ``state_bytes``) over ``shards`` Ray actors; see the module docstring.
 
@@ -114,6 +120,7 @@ class ShardedAggregator:
                  sketch_size: int | None = None, core_size: int | None = None,
                  spool_dir: str | os.PathLike | None = None, actor_options: Mapping[str, Any] | None = None,
                  max_rebuilds: int = 3) -> None:
+        super().__init__()
         ok, why = ray_available()
         if not ok:
             raise ValueError(f"ShardedAggregator needs Ray: {why}")
@@ -145,9 +152,6 @@ class ShardedAggregator:
         self._shape: dict[str, tuple[int, int]] = {}   # module -> (d_out, d_in)
         self._load = [0] * shards                      # projected state bytes per shard
         self._spooled: list[Path] = []                 # accepted clients, in order
-        self.num_clients = 0
-        self.total_weight = 0.0
-        self.client_ids: list[str] = []
 
     # ------------------------------------------------------------------ actors and the spool
     def _actor(self, shard: int):
@@ -206,11 +210,6 @@ class ShardedAggregator:
         return out
 
     # ------------------------------------------------------------------ adding clients
-    def add_update(self, update: Any) -> None:
-        factors = update.factors_at_alpha() if hasattr(update, "factors_at_alpha") else update.factors
-        self.add(factors, num_examples=update.num_examples, alpha=update.alpha, rank=update.rank,
-                 rank_pattern=update.rank_pattern or None, rslora=update.rslora, client_id=update.client_id)
-
     def add(self, factors: Mapping[str, np.ndarray], *, num_examples: int, alpha: float,
             rank: int | None = None, rank_pattern: Mapping[str, int] | None = None,
             rslora: bool = False, client_id: str | None = None, weight: float | None = None) -> None:
@@ -256,10 +255,7 @@ class ShardedAggregator:
             self._owner[module] = shard
             self._shape[module] = (pairs[module][0].shape[0], pairs[module][1].shape[1])
         self._spooled.append(path)
-        self.num_clients += 1
-        self.total_weight += float(w)
-        if client_id is not None:
-            self.client_ids.append(str(client_id))
+        self._finish_client(w, client_id)
 
     # ------------------------------------------------------------------ results
     @property

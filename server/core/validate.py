@@ -5,10 +5,13 @@ are converted to C-contiguous float32 once here so the native core never sees an
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from edge_client.wire import MAX_ROUND_REPLIES, rank_for_module
 
 METHODS = ("auto", "exact", "randomized", "dense", "sketch")
 GPU_METHODS = ("auto", "exact", "randomized", "dense")  # the CUDA backend has no sketch route
@@ -153,3 +156,52 @@ def per_layer_weights(weights: Any, n: int) -> list:
             raise ValueError(f"weights has {len(items)} per-layer entries, expected {n}")
         return list(items)
     return [weights] * n
+
+
+# ---------------------------------------------------------------------------- one client of a round
+def check_finite_contribution(who: str, module: str, B: np.ndarray, A: np.ndarray, ws: float) -> None:
+    """Finite but huge entries would overflow float32 in the native core (a LAPACK error far
+    from the cause): refuse them up front, naming the client and the module."""
+    # room for MAX_ROUND_REPLIES such clients in one float32 accumulator (x16 margin), so an
+    # accepted client never makes a later one overflow; the weight x scaling is bounded on its
+    # own too (B = 0 with a huge alpha has a zero product but an infinite float32 weight)
+    limit = float(np.finfo(np.float32).max) / 16 / MAX_ROUND_REPLIES
+    with np.errstate(over="ignore", invalid="ignore"):
+        nb = float(np.linalg.norm(np.asarray(B, np.float64)))
+        na = float(np.linalg.norm(np.asarray(A, np.float64)))
+        bound = abs(ws) * nb * na
+    if not (bound < limit and nb < limit and na < limit and abs(ws) < limit):
+        raise ValueError(f"{who}: module {module!r}: weight * scaling * ||B|| * ||A|| = {bound:.3g} is too "
+                         f"large (or not finite) for float32 aggregation")
+
+
+def check_client_args(who: str, *, num_examples: Any, alpha: Any, weight: Any) -> float:
+    """Validated scalar arguments of one client's ``add``; returns its weight (the number of
+    examples unless ``weight`` is given). Shared by the CPU, CUDA and sharded aggregators."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, numbers.Integral) \
+            or num_examples < 1:
+        raise ValueError(f"num_examples of {who} must be an integer >= 1, got {num_examples!r}")
+    if not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha of {who} must be a finite number > 0, got {alpha!r}")
+    w = float(num_examples) if weight is None else weight
+    if not isinstance(w, numbers.Real) or not math.isfinite(w) or w < 0:
+        raise ValueError(f"weight of {who} must be finite and >= 0, got {weight!r}")
+    return w
+
+
+def check_client_modules(who: str, pairs: Mapping[str, tuple[Any, Any]], modules: Mapping[str, Any], *,
+                         max_rank: int, rank: int | None, rank_pattern: Mapping[str, int] | None) -> None:
+    """Each module's rank against ``rank``/``rank_pattern`` (when given) and its shape against
+    what earlier clients sent (``modules[name].d_out/.d_in``)."""
+    if rank is not None or rank_pattern:
+        default = max_rank if rank is None else as_rank(rank, "rank")
+        for module, (B, _A) in pairs.items():
+            expected = rank_for_module(module, default, rank_pattern)
+            if B.shape[1] != expected:
+                raise ValueError(f"{who}: module {module!r} has rank {B.shape[1]} but "
+                                 f"rank/rank_pattern say {expected}")
+    for module, (B, A) in pairs.items():
+        state = modules.get(module)
+        if state is not None and (B.shape[0], A.shape[1]) != (state.d_out, state.d_in):
+            raise ValueError(f"{who}: module {module!r} is {B.shape[0]}x{A.shape[1]}, "
+                             f"other clients sent {state.d_out}x{state.d_in}")
