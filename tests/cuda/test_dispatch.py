@@ -59,8 +59,9 @@ def test_linalg_functions_without_backend_raise_clear_error():
         cuda.lowrank_svd([B], [A], [1.0], 1)
 
 
-# The CPU names the CUDA facade does not take: CPU threads, and the sketch route (no GPU sketch).
-CPU_ONLY = {"threads", "sketch_size", "core_size"}
+# The CPU names the CUDA facade does not take: CPU threads, the sketch route (no GPU sketch), and
+# the streaming aggregator's skip of checks it already made (the GPU's is check_finite=False).
+CPU_ONLY = {"threads", "sketch_size", "core_size", "validated"}
 GPU_ONLY = {"tf32", "streams", "check_finite"}
 
 
