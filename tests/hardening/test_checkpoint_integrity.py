@@ -48,12 +48,17 @@ def _files(d):
     return [d / CHECKPOINT_NAME, *sorted(d.glob("checkpoint-r*.safetensors"))]
 
 
+def _drop_record(directory, record: str) -> None:
+    """Remove one metadata record from every checkpoint file, as someone who can write there would."""
+    for path in _files(directory):
+        header, body = _split(path)
+        del header["__metadata__"][record]
+        _write(path, header, body)
+
+
 def test_a_checkpoint_without_its_checksum_record_is_refused(tmp_path):
     _save(tmp_path, 1)
-    for path in _files(tmp_path):
-        header, body = _split(path)
-        del header["__metadata__"]["flexlora_sha256"]
-        _write(path, header, body)
+    _drop_record(tmp_path, "flexlora_sha256")
     with pytest.raises(ValueError, match="no 'flexlora_sha256' record"):
         load_checkpoint(tmp_path)
 
@@ -108,10 +113,7 @@ def test_hmac_makes_rewriting_the_directory_evident(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="HMAC mismatch"):
         load_checkpoint(tmp_path)
     # ... or also removes the MAC
-    for path in _files(tmp_path):
-        header, body = _split(path)
-        del header["__metadata__"]["flexlora_hmac"]
-        _write(path, header, body)
+    _drop_record(tmp_path, "flexlora_hmac")
     with pytest.raises(ValueError, match="no 'flexlora_hmac' record"):
         load_checkpoint(tmp_path)
     # ... or signs it with a key of its own
