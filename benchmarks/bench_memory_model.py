@@ -6,6 +6,8 @@ pick r or the next lower allowed rank, never above.
 
     python benchmarks/bench_memory_model.py            # 3 models x 3 ranks x 2 seq lens
     python benchmarks/bench_memory_model.py --quick    # 1 model, for a smoke run
+    python benchmarks/bench_memory_model.py --models smollm2-135m --ranks 8,64,200 --modes float32,bfloat16
+                                                       # a registered real model (edge_client.models)
 """
 from __future__ import annotations
 
@@ -32,6 +34,9 @@ BATCH = 2
 
 
 def _config(name):
+    if name not in MODELS:   # a registered real model (or a local folder)
+        from edge_client.models import load_config
+        return load_config(name)
     from edge_client.testing import tiny_llama_config
     m = MODELS[name]
     return tiny_llama_config(vocab_size=VOCAB, hidden=m["hidden"], layers=m["layers"], heads=m["heads"],
@@ -49,9 +54,13 @@ def child(args) -> None:
     from edge_client.testing import synthetic_records, tiny_llama_config, train_tokenizer  # noqa: F401
     from edge_client.trainer import LocalTrainer, TrainConfig
 
-    tok = train_tokenizer()
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(_config(args.model), dtype=getattr(torch, args.dtype))
+    if args.model in MODELS:
+        tok = train_tokenizer()
+        model = AutoModelForCausalLM.from_config(_config(args.model), dtype=getattr(torch, args.dtype))
+    else:
+        from edge_client.trainer import load_model
+        model, tok = load_model(args.model, dtype=args.dtype)
     words = "one two three four five six seven eight nine ten".split()
     long_output = " ".join(words[i % 10] for i in range(4 * args.seq_len))
     records = [{"instruction": "Count.", "input": "", "output": long_output}] * (BATCH * args.steps)

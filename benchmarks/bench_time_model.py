@@ -6,6 +6,7 @@ here), which a single process per point would put straight into the table. Goal:
 
     python benchmarks/bench_time_model.py                 # 2 models x 3 ranks x 2 seq lens
     python benchmarks/bench_time_model.py --quick         # 1 model, 2 ranks, 2 seq lens
+    python benchmarks/bench_time_model.py --model smollm2-135m --ranks 8,64,192   # a registered real model
 """
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def main() -> int:
     ap.add_argument("--rank", type=int)
     ap.add_argument("--seq", type=int)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--model", default=None, help="a registered model name or folder instead of the tiny ones")
+    ap.add_argument("--ranks", default=None, help="comma list (default 4,32,128; --quick 4,64)")
     args = ap.parse_args()
     if args.worker:
         worker(args)
@@ -84,16 +87,20 @@ def main() -> int:
 
     print(f"# {cpu_model()}, {os.cpu_count()} CPUs visible, torch threads {THREADS}, "
           f"batch {BATCH}, median over {REPEATS} fresh processes of the median of {STEPS} steps after {WARMUP} warm-up, calibration at seq {CALIBRATION_SEQS} (rank 4) + seq {CALIBRATION_SEQS[-1]} (rank 128)")
-    models = list(MODELS)[:1] if args.quick else list(MODELS)
-    ranks = (4, 64) if args.quick else (4, 32, 128)
+    models = [args.model] if args.model else list(MODELS)[:1] if args.quick else list(MODELS)
+    ranks = tuple(int(r) for r in args.ranks.split(",")) if args.ranks else (4, 64) if args.quick else (4, 32, 128)
     seqs = (64, 192)
     tmp = tempfile.mkdtemp(prefix="bench-time-")
     rows = []
     print("| model | rank | seq | predicted ms/step | measured ms/step | error |")
     print("|---|---|---|---|---|---|")
     for name in models:
-        arch, kw = MODELS[name]
-        path = save_tiny_model(arch, os.path.join(tmp, name), **kw)
+        if name in MODELS:
+            arch, kw = MODELS[name]
+            path = save_tiny_model(arch, os.path.join(tmp, name), **kw)
+        else:   # a registered real model: its converted folder (edge_client.models)
+            from edge_client.models import resolve_model
+            path = resolve_model(name)
         tm = calibrated(path)
         config = AutoConfig.from_pretrained(path)
         for r in ranks:
