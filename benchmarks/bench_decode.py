@@ -5,6 +5,7 @@ parameters, one thread everywhere. Also reports the int8 file size and logit dif
 cache decoding vs torch (max |logit| over every decoded position) and int8 vs float32.
 
     python benchmarks/bench_decode.py [--repeats 3] [--new 32]
+    python benchmarks/bench_decode.py --model smollm2-135m --repeats 1   # a registered real model
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--prompts", default="16,200")
+    ap.add_argument("--model", default=None, help="a registered model name or folder (default: a tiny LLaMA)")
     args = ap.parse_args()
     import torch
 
@@ -33,7 +35,11 @@ def main() -> int:
     from edge_client.testing import tiny_model_and_tokenizer
     from server.bench.machine import cpu_model
 
-    model, _ = tiny_model_and_tokenizer(hidden=256, layers=4, heads=4)
+    if args.model:
+        from edge_client.trainer import load_model
+        model, _ = load_model(args.model)
+    else:
+        model, _ = tiny_model_and_tokenizer(hidden=256, layers=4, heads=4)
     params = sum(p.numel() for p in model.parameters())
     tmp = tempfile.mkdtemp(prefix="bench-decode-")
     full = export_onnx(model, os.path.join(tmp, "full.onnx"))
@@ -43,7 +49,7 @@ def main() -> int:
     ref.config.use_cache = True
     lm_full, lm_kv, lm_q8 = OnnxLM(full, threads=1), OnnxKVLM(kv, threads=1), OnnxKVLM(q8, threads=1)
     print(f"# {cpu_model()}, {os.cpu_count()} CPUs visible, 1 thread (torch and "
-          f"onnxruntime), tiny LLaMA h256 l4, {params / 1e6:.2f} M parameters, {args.new} new tokens, greedy, "
+          f"onnxruntime), {args.model or 'tiny LLaMA h256 l4'}, {params / 1e6:.2f} M parameters, {args.new} new tokens, greedy, "
           f"median of {args.repeats} (spread)")
     print(f"# sizes: float32 {os.path.getsize(kv) / 2**20:.1f} MiB, int8 {os.path.getsize(q8) / 2**20:.1f} MiB")
     rng = np.random.default_rng(0)
