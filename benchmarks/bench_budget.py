@@ -16,11 +16,22 @@ SVD. For every route: the smallest budget with err/opt <= --target (1.05). The s
 by bisection on k between the budget fractions of the curve that bracket it. Times are medians
 of --repeats runs of the route on that one module (threads: --threads).
 Writes results/bench_budget.{json,md}.
+
+    python benchmarks/bench_budget.py --updates DIR --out results/bench_budget_real
+
+measures on real client updates instead (a folder from ``benchmarks/collect_updates.py``): the
+replies of one round (``--round``, default the last) go through the server's own
+``Aggregator.add_update`` (its weights n_k s_k, alpha patterns and rsLoRA as the server applies
+them), and every module of ``--layers`` (default: the first, middle and last layer) is measured
+at the rank the server truncates it to for its largest client (the largest client rank of that
+module). The tables then give per module shape the worst module (the largest smallest-budget,
+the largest err/opt) and the sketch curve's median and worst err/opt per budget fraction.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-from _measure import machine  # noqa: E402
-from bench_aggregation import WORKLOADS, first_of_each_shape, make_round  # noqa: E402
+sys.path.insert(0, str(ROOT.parent))
+from server.bench.machine import short_info  # noqa: E402
+from server.bench.rounds import first_of_each_shape, make_round  # noqa: E402
+from server.workloads.catalog import load_workloads  # noqa: E402
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
 
@@ -134,6 +146,95 @@ def update_cost(shapes, client_ranks, rank, repeats, threads):
     return out
 
 
+def real_modules(folder, round_, layers):
+    """``(rows of (module tuple, rank)), info``: one round's updates from ``folder`` (written by
+    benchmarks/collect_updates.py), aggregated by the server's Aggregator (exact route: every
+    client's factors and weight kept), the modules of the chosen layers."""
+    import re
+
+    from edge_client.wire import decode_update
+    from server.core.aggregation import Aggregator
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rounds = sorted({f["round"] for f in manifest["files"]})
+    if not rounds:
+        raise SystemExit(f"{folder}: the manifest lists no updates")
+    round_ = rounds[-1] if round_ is None else round_
+    files = [f for f in manifest["files"] if f["round"] == round_]
+    if not files:
+        raise SystemExit(f"{folder}: no updates from round {round_} (rounds: {rounds})")
+    agg = Aggregator(10**6, method="exact")
+    ranks: dict[str, list[int]] = {}
+    for f in files:
+        u = decode_update((folder / f["path"]).read_bytes())
+        agg.add_update(u)
+        for key, b in u.factors.items():
+            if key.endswith(".lora_B.weight"):
+                ranks.setdefault(key[: -len(".lora_B.weight")], []).append(int(b.shape[1]))
+    layer_of = {m: int(re.search(r"layers\.(\d+)\.", m).group(1)) for m in agg.modules}
+    n_layers = max(layer_of.values()) + 1
+    want = sorted({0, n_layers // 2, n_layers - 1}) if layers is None else [int(x) for x in layers.split(",")]
+    rows = []
+    for m in agg.modules:
+        if layer_of[m] not in want:
+            continue
+        st = agg._modules[m]
+        rank = min(max(ranks[m]), st.d_out, st.d_in)
+        rows.append(((m, list(st.Bs), list(st.As), list(st.ws)), rank))
+    info = {"folder": str(folder), "round": round_, "clients": len(files), "layers": want,
+            "model": manifest.get("model"), "command": manifest.get("command"),
+            "client_ranks": sorted(f["rank"] for f in files)}
+    return rows, info
+
+
+def real_markdown(info, args, rows, real):
+    import collections
+    lines = [f"Machine: {info['cpu']}, {args.threads or info['cores']} threads. Real client updates: "
+             f"{real['model']}, round {real['round']} of `{real['command']}`: {real['clients']} clients, ranks "
+             f"{real['client_ranks']}; layers {real['layers']}; each module truncated at its largest client rank; "
+             f"target err/opt <= {args.target}.", "",
+             "Smallest budget (MB of aggregator state per module) that reaches the target, worst module of each "
+             "shape (exact and randomized keep the factors, dense one accumulator, sketch what the budget buys):", "",
+             "| shape | modules | rank | R | dense MB | exact MB (worst err/opt) | randomized MB (worst err/opt) "
+             "| dense MB (worst err/opt) | sketch MB (k) | cheapest |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    by_shape = collections.defaultdict(list)
+    for r in rows:
+        by_shape[r["shape"]].append(r)
+    for shape, rs in by_shape.items():
+        def worst(route):
+            budgets = [x["routes"][route]["budget_for_target"] for x in rs]
+            e = max(x["routes"][route]["err_over_opt"] for x in rs)
+            return (None if any(b is None for b in budgets) else max(budgets)), e
+        cells, cands = [], {}
+        for route in ("exact", "randomized", "dense"):
+            b, e = worst(route)
+            cells.append(f"{mb(b)} ({e:.4f})")
+            if b is not None:
+                cands[route] = b
+        sk = [x["routes"]["sketch"]["budget_for_target"] for x in rs]
+        skb = None if any(b is None for b in sk) else max(sk)
+        if skb is not None:
+            cands["sketch"] = skb
+        kk = max((x["routes"]["sketch"]["k_for_target"] or 0) for x in rs)
+        cheapest = min(cands, key=cands.get) if cands else "-"
+        lines.append(f"| {shape} | {len(rs)} | {rs[0]['rank']} | {max(x['R'] for x in rs)} | {mb(rs[0]['dense_bytes'])} | "
+                     + " | ".join(cells) + f" | {mb(skb)} ({kk if skb is not None else '-'}) | {cheapest} |")
+    lines += ["", "Sketch route on the real updates: err/opt against the budget (fraction of the dense state), "
+              "median and worst over the shape's modules:", "",
+              "| shape | fraction: k, median err/opt, worst err/opt |", "| --- | --- |"]
+    for shape, rs in by_shape.items():
+        fr = collections.defaultdict(list)
+        ks = {}
+        for x in rs:
+            for p in x["routes"]["sketch"]["curve"]:
+                fr[p["fraction_of_dense"]].append(p["err_over_opt"])
+                ks[p["fraction_of_dense"]] = p["k"]
+        pts = ", ".join(f"{f:g}: k={ks[f]} {statistics.median(v):.3f} / {max(v):.3f}" for f, v in sorted(fr.items()))
+        lines.append(f"| {shape} | {pts} |")
+    return "\n".join(lines) + "\n"
+
+
 def mb(x):
     return "-" if x is None else f"{x / 2**20:.1f}"
 
@@ -177,14 +278,39 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT.parent / "results" / "bench_budget"))
     ap.add_argument("--update-cost", type=int, default=0, metavar="REPEATS",
                     help="only time one client's sketch update at the default sizes (median of REPEATS) and exit")
+    ap.add_argument("--updates", default=None, metavar="DIR",
+                    help="measure on real client updates (a folder from benchmarks/collect_updates.py)")
+    ap.add_argument("--round", type=int, default=None, help="with --updates: the round (default: the last)")
+    ap.add_argument("--layers", default=None, help="with --updates: comma list of layers (default: first, middle, last)")
     args = ap.parse_args(argv)
-    wl = json.loads(WORKLOADS.read_text())
-    info = machine(args.threads)
+    wl = load_workloads()
+    info = short_info(args.threads or os.cpu_count())
     print("machine: " + json.dumps(info), flush=True)
     if args.update_cost:
         update_cost([(2048, 2048), (5504, 2048)], [8, 200], args.rank, args.update_cost, args.threads)
         return 0
     fractions = [float(x) for x in args.fractions.split(",")]
+    if args.updates:
+        mods, real = real_modules(args.updates, args.round, args.layers)
+        print("real updates: " + json.dumps(real), flush=True)
+        rows = []
+        for mod, rank in mods:
+            r = bench_module(mod, rank, args.threads, args.repeats, args.target, fractions)
+            r["rank"] = rank
+            rt = r["routes"]
+            print(f"{mod[0]} {r['shape']} rank {rank} R={r['R']}: " + ", ".join(
+                f"{k} err/opt {rt[k]['err_over_opt']:.4f}" for k in ("exact", "randomized", "dense"))
+                + "; sketch " + ", ".join(f"k={p['k']} {p['err_over_opt']:.3f}" for p in rt["sketch"]["curve"])
+                + f" -> {mb(rt['sketch']['budget_for_target'])} MB (k={rt['sketch']['k_for_target']})", flush=True)
+            rows.append(r)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps({"machine": info, "args": vars(args), "real": real,
+                                                        "rows": rows}, indent=2))
+        md = real_markdown(info, args, rows, real)
+        out.with_suffix(".md").write_text(md)
+        print(md)
+        return 0
     wanted = None if args.shapes is None else set(args.shapes.split(","))
     rows = {}
     for mix in args.mixes.split(","):

@@ -160,6 +160,7 @@ def main(argv=None):
                   f"load {os.getloadavg()[0]:.2f}", flush=True)
     stream_s = time.perf_counter() - t_round
     routes = sorted(set(agg.routes_planned().values()))
+    sketch_k = sorted({st.sketch.k for st in agg._modules.values() if st.sketch is not None})
     t0 = time.perf_counter()
     g = agg.finalize()
     finalize_s = time.perf_counter() - t0
@@ -175,7 +176,7 @@ def main(argv=None):
     client_s = time.perf_counter() - t0
     print(f"  streamed {run} clients in {stream_s:.1f} s (generate {sum(gen_times):.1f} s, add {sum(add_times):.1f} s); "
           f"finalize {finalize_s:.1f} s; client factors for {len(per_rank)} rank types {client_s:.1f} s; "
-          f"routes {routes}", flush=True)
+          f"routes {routes}" + (f", sketch k {sketch_k}" if sketch_k else ""), flush=True)
 
     errs = {}
     if run == args.clients:
@@ -195,7 +196,8 @@ def main(argv=None):
     add_med = statistics.median(add_times)
     res = {"machine": info, "args": vars(args), "model": args.model, "layers": layers,
            "clients": args.clients, "clients_run": run, "mix": args.mix, "counts": counts,
-           "routes": routes, "projected_state_bytes": proj, "stream_s": stream_s,
+           "routes": routes, "sketch_k": sketch_k[0] if len(sketch_k) == 1 else (sketch_k or None),
+           "projected_state_bytes": proj, "stream_s": stream_s,
            "generate_s": sum(gen_times), "add_s": sum(add_times), "add_median_s": add_med,
            "finalize_s": finalize_s, "client_factors_s": client_s, "per_rank_type": per_rank,
            "peak_rss_gib": vm_hwm_mb() / 1024, "state_gib": agg.state_bytes() / 2**30,
