@@ -193,8 +193,12 @@ def test_direction_scores_single_out_the_reversed_change():
     assert trim_by_direction(g[:1, :1], 0.4) == [0]
 
 
+SIZES = [1.0, 1.5, 2.0, 1.2, 1.8, 0.8, 2.5, 0.6]
+
+
 def _spread_round(**robust):
-    """Round 2 of 8 rank-4 clients whose changes share a direction; c7 sends T - 2 Delta."""
+    """Round 2 of 8 rank-4 clients whose changes share a direction and differ in size; c7, whose
+    own change is small, sends T - 2 Delta (a change of median size, pointing the other way)."""
     strat = _strategy("flexlora", **robust)
     strat.aggregate([honest(f"x{i}", i, rank=4) for i in range(3)], round=1)
     rng = np.random.default_rng(3)
@@ -206,7 +210,7 @@ def _spread_round(**robust):
         f = {}
         for m in SHAPES:
             t = msg.module_delta(m).astype(np.float64)
-            x = t + common[m] + 0.03 * rng.standard_normal(t.shape)
+            x = t + SIZES[i] * (common[m] + 0.08 * rng.standard_normal(t.shape))
             u_, s_, vt = np.linalg.svd(x, full_matrices=False)
             sc = msg.module_scaling(m)
             f[m + ".lora_A.weight"] = vt[:4].astype(np.float32)
@@ -224,6 +228,9 @@ def _spread_round(**robust):
 
 
 def test_direction_trimming_drops_the_attacker_inside_the_spread():
+    # what the distance and norm statistics see: c7 is inside the honest spread
+    assert _spread_round(trim_fraction=0.125).robust_report["trimmed"] == ["c6"]   # the largest honest change
+    assert _spread_round(clip_adaptive=2.0).robust_report["clipped"] == []
     agg = _spread_round(trim_fraction=0.125, direction_trim=0.125, clip_adaptive=2.0)
     assert "c7" in agg.robust_report["trimmed"]
     assert "c7" not in agg.robust_report.get("clipped", [])
