@@ -133,6 +133,7 @@ def report(cells: list[dict], base: dict, cmd: str) -> tuple[str, dict]:
                          f"{sum(c['attackers_trimmed'] for c, _ in rows)} / {sum(c['attackers_clipped'] for c, _ in rows)} |")
         lines.append("")
     # honest runs, each defence alone: per rank class
+    attack_lines, lines = lines, []
     lines += ["## Honest runs: trimmed / clipped / capped client-rounds per rank class\n",
               "Share of the class among client-rounds vs its share of the defence's actions (goal: at most "
               "twice its share of the clients). Summed over seeds and rounds.\n",
@@ -161,9 +162,11 @@ def report(cells: list[dict], base: dict, cmd: str) -> tuple[str, dict]:
                 ratio = a_s / cs if cs else float("nan")
                 by_class.setdefault(st, {}).setdefault(d, {})[cls] = {"client_rounds": v["clients"], what: v[what],
                                                                       "ratio": ratio}
-                lines.append(f"| {st} | {d} ({what}) | {cls} | {v['clients']} ({cs:.2f}) | {v[what]} | {a_s:.2f} | "
+                label = cls.replace("|", "\\|")
+                lines.append(f"| {st} | {d} ({what}) | {label} | {v['clients']} ({cs:.2f}) | {v[what]} | {a_s:.2f} | "
                              f"{ratio:.2f}{' **above 2**' if ratio > 2 else ''} |")
-    return "\n".join(lines) + "\n", {"summary": summary, "by_rank_class": by_class}
+    return ("\n".join(attack_lines) + "\n", "\n".join(lines) + "\n",
+            {"summary": summary, "by_rank_class": by_class})
 
 
 def main() -> int:
@@ -176,6 +179,8 @@ def main() -> int:
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--out", default=str(ROOT / "results" / "attack_cells"), help="folder: one JSON per cell")
     ap.add_argument("--report", default=str(ROOT / "results" / "attack"), help="prefix of the .md/.json report")
+    ap.add_argument("--by-rank-report", default=str(ROOT / "results" / "defences_by_rank.md"),
+                    help="the per-rank-class table of the honest runs")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -208,8 +213,12 @@ def main() -> int:
               f"{time.perf_counter() - t0:.0f} s total)", flush=True)
     done = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
     cmd = "python benchmarks/attack.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--report-only"))
-    md, doc = report(done, base, cmd.strip())
-    Path(args.report + ".md").write_text(md)
+    md, by_rank_md, doc = report(done, base, cmd.strip())
+    Path(args.report + ".md").write_text(md + "\n" + by_rank_md)
+    Path(args.by_rank_report).write_text(
+        f"# Defences per rank class, honest runs (issue 21)\n\n`{cmd.strip()}` (the honest cells of the attack "
+        f"benchmark); federation {base}; each defence alone: trim = trim_fraction 0.2, direction = "
+        f"direction_trim 0.2, clip = clip_adaptive 2.0, cap = max_weight_share 0.25.\n\n" + by_rank_md.split("\n", 2)[2])
     Path(args.report + ".json").write_text(json.dumps({"base": base, "defences": DEFENCES, **doc, "cells": done},
                                                       indent=1))
     print(md)
