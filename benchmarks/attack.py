@@ -94,6 +94,8 @@ def report(cells: list[dict], base: dict, cmd: str) -> tuple[str, dict]:
              f"(distance and direction trimming, adaptive clipping per rank class, weight-share cap; "
              f"per slot for raFLoRA, on the change for carry). {len(cells)} cells, "
              f"{sum(c['wall_s'] for c in cells) / 60:.0f} min of runs.\n",
+             (f"With {base['num_clients']} clients, ceil(20%) = 1: the 20%-attackers case is the single-attacker "
+              "case.\n" if math.ceil(0.2 * base["num_clients"]) == 1 else ""),
              "A cell is *within spread* when |its held-out loss - the clean loss of the same strategy, seed and "
              "defence setting| is below that setting's clean seed-to-seed spread (max - min over seeds).\n"]
     idx = {(c["strategy"], c["seed"], c["kind"], c["attackers"], c["defence"]): c for c in cells}
