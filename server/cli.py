@@ -73,6 +73,9 @@ def add_defence_arguments(p: argparse.ArgumentParser, d) -> None:
                    help="cap on any client's share of the aggregation weight")
     g.add_argument("--trim-fraction", type=number(float, lo=0, hi=0.49), default=d.trim_fraction,
                    help="drop this fraction of clients farthest (Gram distance) from the rest each round")
+    g.add_argument("--direction-trim", type=number(float, lo=0, hi=0.49), default=d.direction_trim,
+                   help="then drop this fraction of clients whose change points away from the others' "
+                        "(median cosine, per rank class)")
     g.add_argument("--max-norm-growth", type=number(float, lo=1, hi=1e30, lo_open=True), default=d.max_norm_growth,
                    help="do not commit a round whose global update norm grows more than this factor")
     g.add_argument("--max-num-examples", type=number(int, lo=1, hi=10**12), default=None,
@@ -89,6 +92,7 @@ def defence_settings(args: argparse.Namespace) -> dict:
     """``RunConfig`` fields from :func:`add_defence_arguments`."""
     return {"clip_norm": args.clip_norm, "clip_adaptive": args.clip_adaptive,
             "max_weight_share": args.max_weight_share, "trim_fraction": args.trim_fraction,
+            "direction_trim": args.direction_trim,
             "max_norm_growth": args.max_norm_growth, "max_round_bytes": args.max_round_bytes,
             "max_num_examples": args.max_num_examples, "max_delta_norm": args.max_delta_norm,
             "max_reply_bytes": args.max_reply_bytes}

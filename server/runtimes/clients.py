@@ -140,4 +140,4 @@ class InProcessClients:
         self.trainer.load_global(fresh_or_global(init))   # the shared base holds FLoRA's stacks (see exchange)
         update = self.trainer.train(self.examples[order.client_id], round=order.round, seed=order.seed,
                                     spec=order.spec, client_id=order.client_id)
-        return faulty_reply(update, fault) if fault else encode_update(update)
+        return faulty_reply(update, fault, init) if fault else encode_update(update)

@@ -123,6 +123,7 @@ class RunConfig:
     clip_adaptive: float | None = None        # ... or to this multiple of the round's median norm
     max_weight_share: float | None = None     # cap on any client's share of the aggregation weight
     trim_fraction: float = 0.0                # drop this fraction of clients farthest from the rest
+    direction_trim: float = 0.0               # then drop this fraction whose change points away from the others'
     max_norm_growth: float | None = None      # a round whose global norm grows more is not committed
     # on by default: a round whose global norm grows more than this x the median accepted reply
     # norm is not committed (None: off); see server/federation/rounds.py
@@ -195,7 +196,8 @@ class RunConfig:
     # --- what the parts are built from
     def robust(self) -> RobustConfig:
         return RobustConfig(clip_norm=self.clip_norm, clip_adaptive=self.clip_adaptive,
-                            max_weight_share=self.max_weight_share, trim_fraction=self.trim_fraction)
+                            max_weight_share=self.max_weight_share, trim_fraction=self.trim_fraction,
+                            direction_trim=self.direction_trim)
 
     def decode_limits(self) -> DecodeLimits | None:
         """The reply decoder's bounds (None: its defaults)."""

@@ -46,8 +46,11 @@ from server.federation.strategies.robust import (
     class_report,
     clip_multipliers_by_class,
     effective_norms,
+    inner_products,
     squared_distances,
     trim_by_class,
+    trim_by_direction,
+    weigh_slots,
 )
 from server.federation.strategies.robust import cap_shares as _cap_shares
 
@@ -178,41 +181,46 @@ class RoundAggregation(ABC):
                            client_ids=list(self.client_ids), ranks=dict(self.ranks), metrics=metrics)
 
     def _add_robustly(self, updates: list[ClientUpdate]) -> None:
-        """Trim, clip and cap the buffered updates (settings in ``config.robust``), then add them."""
+        """Trim, clip and cap the buffered updates (settings in ``config.robust``), then add them.
+
+        Every statistic is on what the strategy will actually aggregate (issue 21, class 5):
+        :meth:`_views` gives, per client, its contribution per unit of weight (plain FlexLoRA:
+        ``s B A``; raFLoRA: ``s B diag(share_i / share_1) A`` with its per-slot shares; carry:
+        the change ``s B A - T_r(G)``, since ``G_{t+1} = G_t + sum_k p_k Delta_k``) and what it
+        changed against what it was sent; :meth:`_clip` bounds that contribution and
+        :meth:`_cap` the weight the strategy will give it."""
         cfg = self.strategy.config.robust
         factored = [{m: (u.module_scaling(m), *u.pair(m)) for m in u.modules()} for u in updates]
         # like with like: rank classes (alpha / r makes low-rank updates larger), and what each
         # client changed (its reply minus what it was sent) for the distances
         classes = [RankSpec(rank=u.rank, rank_pattern=u.rank_pattern).label() for u in updates]
+        self._sent_cache: dict[str, dict | None] = {}
         keep = list(range(len(updates)))
         report: dict = {}
-        if cfg.trim_fraction > 0 and len(updates) > 1:
-            changes = [change_of(f, self._sent(u)) for f, u in zip(factored, updates)]
-            keep = trim_by_class(squared_distances(changes), cfg.trim_fraction, classes)
+        trim = cfg.trim_fraction > 0 or cfg.direction_trim > 0
+        if trim and len(updates) > 1:
+            _contrib, changes = self._views(updates, factored)
+            if cfg.trim_fraction > 0:
+                keep = trim_by_class(squared_distances(changes), cfg.trim_fraction, classes)
+            if cfg.direction_trim > 0:
+                keep = trim_by_direction(inner_products(changes), cfg.direction_trim, classes, among=keep)
             report["trimmed"] = [updates[i].client_id for i in range(len(updates)) if i not in keep]
         kept = [updates[i] for i in keep]
         mult = np.ones(len(kept))
         if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
-            mult = clip_multipliers_by_class(effective_norms([factored[i] for i in keep]), [classes[i] for i in keep],
+            contrib, _changes = self._views(kept, [factored[i] for i in keep], need_changes=False)
+            mult = clip_multipliers_by_class(effective_norms(contrib), [classes[i] for i in keep],
                                              clip_norm=cfg.clip_norm, clip_adaptive=cfg.clip_adaptive)
             report["clipped"] = [u.client_id for u, c in zip(kept, mult) if c < 1]
-        weights = [float(u.num_examples) for u in kept]
+        weights, capped_ids = self._cap(kept, cfg.max_weight_share)
         if cfg.max_weight_share is not None:
-            capped = _cap_shares(weights, cfg.max_weight_share)
-            total = float(sum(capped))
-            # integer weights the strategies understand: shares kept to 1e-6
-            weights = [max(1, round(w / total * 1_000_000)) for w in capped]
-            report["capped"] = [u.client_id for u, w, c in zip(kept, [u.num_examples for u in kept], capped)
-                                if c < w * (1 - 1e-9)]
+            report["capped"] = capped_ids
         for u, c, w in zip(kept, mult, weights):
             v = copy.copy(u)
-            if c < 1 or cfg.max_weight_share is not None:
-                v.factors = dict(u.factors)
-                if c < 1:
-                    for m in u.modules():
-                        _a_key, b_key = factor_keys(m)
-                        v.factors[b_key] = (u.factors[b_key].astype(np.float64) * c).astype(np.float32)
+            if c < 1 or w != u.num_examples:
                 v.num_examples = int(w)
+            if c < 1:
+                v = self._clip(v, float(c))
             try:
                 self._add(v)
             except Exception as exc:  # noqa: BLE001 - one update never ends the round
@@ -220,6 +228,58 @@ class RoundAggregation(ABC):
         report["by_rank"] = class_report(classes, report, [u.client_id for u in updates])
         logging.getLogger("flexlora.robust").info("round %d: robust aggregation %s", self.round, report)
         self.robust_report = report
+
+    # --- what the defences measure and bound: each strategy's actual contribution ----------
+    def _slot_weights(self, updates: list[ClientUpdate]) -> list[dict[str, np.ndarray]] | None:
+        """Per client and module, the multiplier of each rank slot relative to the client's
+        weight, when the strategy weighs slots differently (raFLoRA); None: every slot 1."""
+        return None
+
+    def _views(self, updates: list[ClientUpdate], factored: list, *, need_changes: bool = True) -> tuple[list, list]:
+        """Per client: what it contributes per unit of weight, and what it changed (its
+        contribution minus the same of what it was sent), both factored."""
+        slots = self._slot_weights(updates)
+        if slots is not None:
+            factored = [weigh_slots(f, sl) for f, sl in zip(factored, slots)]
+        if not need_changes and not self._clips_change():
+            return factored, []
+        sent = [self._sent_cached(u) for u in updates]
+        if slots is not None:
+            sent = [None if x is None else weigh_slots(x, sl) for x, sl in zip(sent, slots)]
+        changes = [change_of(f, x) for f, x in zip(factored, sent)]
+        return (changes if self._clips_change() else factored), changes
+
+    def _clips_change(self) -> bool:
+        """True when the strategy keeps what it sent and adds each client's change (carry):
+        clipping then bounds the change, not the reply."""
+        return False
+
+    def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
+        """``update`` with its contribution scaled by ``c`` (default: its B factors)."""
+        update.factors = dict(update.factors)
+        for m in update.modules():
+            _a_key, b_key = factor_keys(m)
+            update.factors[b_key] = (update.factors[b_key].astype(np.float64) * c).astype(np.float32)
+        return update
+
+    def _cap(self, kept: list[ClientUpdate], max_share: float | None) -> tuple[list[int], list[str]]:
+        """The integer weights to aggregate ``kept`` with, and the ids whose weight was capped
+        (default: water-filling on the claimed examples, shares kept to 1e-6)."""
+        if max_share is None:
+            return [u.num_examples for u in kept], []
+        raw = [float(u.num_examples) for u in kept]
+        capped = _cap_shares(raw, max_share)
+        total = float(sum(capped))
+        weights = [max(1, round(w / total * 1_000_000)) for w in capped]
+        return weights, [u.client_id for u, w, c in zip(kept, raw, capped) if c < w * (1 - 1e-9)]
+
+    def _sent_cached(self, update: ClientUpdate) -> dict | None:
+        cache = getattr(self, "_sent_cache", None)
+        if cache is None:
+            cache = self._sent_cache = {}
+        if update.client_id not in cache:
+            cache[update.client_id] = self._sent(update)
+        return cache[update.client_id]
 
     def _sent(self, update: ClientUpdate) -> dict | None:
         """What the strategy sent ``update``'s client this round, factored (None: nothing, or a

@@ -61,6 +61,17 @@ class _FlexRound(RoundAggregation):
         self.budget_in_aggregator = budget is not None and strategy.method in ("auto", "sketch") \
             and self._pending is None and strategy.device == "cpu"
         self._agg = strategy.new_aggregator(round, max_state_bytes=budget if self.budget_in_aggregator else None)
+        self._change_mult: dict[str, float] = {}   # carry: clipped clients' multiplier on their change
+
+    def _clips_change(self) -> bool:
+        # carry forms G_t + sum_k p_k Delta_k: a client moves the global by its change only
+        return self.strategy.carry and self.strategy.adapter is not None
+
+    def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
+        if not self._clips_change():
+            return super()._clip(update, c)
+        self._change_mult[update.client_id] = c     # T_r(G) + c Delta: see _add_to_aggregator
+        return update
 
     def held_bytes(self) -> int:
         return self._agg.state_bytes()
@@ -82,13 +93,19 @@ class _FlexRound(RoundAggregation):
         # carry: the client's factors with the tail of G_t it did not receive appended (see the
         # module docstring); alpha=1, rslora=False makes the aggregator's scaling 1/r', so the
         # client's part is pre-scaled by s_k r' and the tail by r'.
+        # clipped (robust aggregation): c X_k + (1 - c) T_{r_k}(G_t) + tail = G_t + c Delta_k
+        c = self._change_mult.get(update.client_id, 1.0)
         factors = {}
         for module, (b, a) in split_factors(update.factors).items():
             s_k = update.module_scaling(module)
             r_k = a.shape[0]
-            bs, as_ = [np.asarray(b, np.float64) * s_k], [np.asarray(a, np.float64)]
+            bs, as_ = [np.asarray(b, np.float64) * (s_k * c)], [np.asarray(a, np.float64)]
             if module in adapter.modules:
                 U, S, Vt = adapter.modules[module]
+                head = np.flatnonzero(np.asarray(S[:r_k]) > 0)
+                if c != 1.0 and head.size:
+                    bs.append(np.asarray(U[:, head], np.float64) * (np.asarray(S[head], np.float64) * (1.0 - c)))
+                    as_.append(np.asarray(Vt[head], np.float64))
                 keep = np.flatnonzero(np.asarray(S[r_k:]) > 0) + r_k
                 if keep.size:
                     bs.append(np.asarray(U[:, keep], np.float64) * np.asarray(S[keep], np.float64))

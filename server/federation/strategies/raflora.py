@@ -13,7 +13,9 @@ normalised over that partition's effective contributors::
     dW = sum_i sum_{k: r_k >= i} (p_k / w_i) s_k b_{k,i} a_{k,i}^T
 
 (``b_{k,i}`` the i-th column of ``B_k``, ``a_{k,i}`` the i-th row of ``A_k``); with equal ranks
-this is FlexLoRA. Redistribution is FlexLoRA's: the rank-r_j truncated SVD of ``dW`` for
+this is FlexLoRA. With robust aggregation (issue 21, class 5) the defences measure each
+client's contribution as formed here, slot by slot, and ``max_weight_share`` caps its weight in
+every slot (``robust.slot_shares``). Redistribution is FlexLoRA's: the rank-r_j truncated SVD of ``dW`` for
 client j (``split`` as in :mod:`server.federation.strategies.flexlora`).
 
 What was and was not verified against the paper: the abstract (arXiv listing and HTML) states
@@ -43,6 +45,7 @@ from edge_client.wire import MAX_ROUND_REPLIES, ClientUpdate, factor_keys
 from server.core.adapter import SPLITS
 from server.federation.strategies.base import RoundAggregation, split_factors
 from server.federation.strategies.flexlora import FlexLoRA
+from server.federation.strategies.robust import slot_shares
 
 __all__ = ["RaFLoRA"]
 
@@ -51,6 +54,35 @@ class _RaRound(RoundAggregation):
     def __init__(self, strategy: "RaFLoRA", round: int) -> None:
         super().__init__(strategy, round)
         self._updates: list[tuple[str, int, dict[str, tuple[np.ndarray, np.ndarray, float]]]] = []
+        # robust aggregation with a weight-share cap: client -> module -> its weight per slot
+        self._shares: dict[str, dict[str, np.ndarray]] = {}
+
+    def _slot_table(self, updates: list[ClientUpdate], max_share: float | None) -> list[dict[str, np.ndarray]]:
+        """Per client and module, the weight raFLoRA gives each of its slots (capped per slot)."""
+        out: list[dict[str, np.ndarray]] = [{} for _ in updates]
+        for m in sorted({m for u in updates for m in u.modules()}):
+            idx = [k for k, u in enumerate(updates) if m in u.modules()]
+            ranks = [updates[k].pair(m)[1].shape[0] for k in idx]
+            shares = slot_shares(ranks, [float(updates[k].num_examples) for k in idx], max_share)
+            for k, sh in zip(idx, shares):
+                out[k][m] = sh
+        return out
+
+    def _slot_weights(self, updates: list[ClientUpdate]) -> list[dict[str, np.ndarray]]:
+        # per unit of weight: each slot's share over the client's share in slot 1
+        table = self._slot_table(updates, self.strategy.config.robust.max_weight_share)
+        return [{m: sh / sh[0] for m, sh in t.items()} for t in table]
+
+    def _cap(self, kept: list[ClientUpdate], max_share: float | None) -> tuple[list[int], list[str]]:
+        # the cap holds in every slot (a lone high-rank client otherwise has weight 1 in its top slots)
+        if max_share is None:
+            return [u.num_examples for u in kept], []
+        capped = self._slot_table(kept, max_share)
+        plain = self._slot_table(kept, None)
+        self._shares = {u.client_id: t for u, t in zip(kept, capped)}
+        ids = [u.client_id for u, c, p in zip(kept, capped, plain)
+               if any(np.any(c[m] < p[m] * (1 - 1e-9)) for m in c)]
+        return [u.num_examples for u in kept], ids
 
     def _add(self, update: ClientUpdate) -> None:
         from server.core.aggregation import check_finite_contribution
@@ -91,7 +123,8 @@ class _RaRound(RoundAggregation):
             factors = {}
             for m, (b, a, s) in pairs.items():
                 r = b.shape[1]
-                col = (s * r * counts[m]) * (n / weights[m][:r])
+                share = self._shares[cid][m] if cid in self._shares else n / weights[m][:r]
+                col = (s * r * counts[m]) * share
                 a_key, b_key = factor_keys(m)
                 factors[a_key] = a
                 factors[b_key] = (b.astype(np.float64) * col).astype(np.float32)

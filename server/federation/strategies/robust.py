@@ -16,6 +16,8 @@ Defences (all off by default; :class:`RobustConfig`):
   fraction; the excess is spread over the others in proportion to their weights.
 * ``trim_fraction``: drop the ``floor(trim_fraction x n)`` clients whose effective updates are
   farthest (mean squared distance) from the others' before aggregating.
+* ``direction_trim``: then drop the ``floor(direction_trim x n)`` clients whose change has the
+  lowest median cosine with the other clients' changes (per rank class; issue 21, class 6).
 
 Memory: with any defence on, a round buffers every valid update's factors until ``finalize``
 (the sum over clients of ``r_k (d_out + d_in)`` floats per module, what the exact route of the
@@ -31,7 +33,8 @@ import numpy as np
 
 __all__ = ["RobustConfig", "FactoredUpdate", "effective_norms", "inner_products", "squared_distances",
            "clip_multipliers", "cap_shares", "trim_by_distance", "change_of", "class_scores", "trim_by_class",
-           "clip_multipliers_by_class", "class_report"]
+           "clip_multipliers_by_class", "class_report", "slot_shares", "weigh_slots", "direction_scores",
+           "trim_by_direction"]
 
 # one client's effective update: module -> (scaling, B, A)
 FactoredUpdate = Mapping[str, tuple[float, np.ndarray, np.ndarray]]
@@ -54,19 +57,25 @@ class RobustConfig:
     clip_adaptive: float | None = None      # bound = clip_adaptive x the round's median norm
     max_weight_share: float | None = None   # cap on any client's share of the aggregation weight
     trim_fraction: float = 0.0              # drop this fraction of clients farthest from the rest
+    direction_trim: float = 0.0             # then drop this fraction whose change points away from the others'
 
     def __post_init__(self) -> None:
         _positive("clip_norm", self.clip_norm)
         _positive("clip_adaptive", self.clip_adaptive)
         _positive("max_weight_share", self.max_weight_share, upper=1.0)
         _positive("trim_fraction", self.trim_fraction, upper=0.5, allow_zero=True)
-        if self.trim_fraction == 0.5:
-            raise ValueError("trim_fraction must be below 0.5, got 0.5")
+        _positive("direction_trim", self.direction_trim, upper=0.5, allow_zero=True)
+        for name in ("trim_fraction", "direction_trim"):
+            if getattr(self, name) == 0.5:
+                raise ValueError(f"{name} must be below 0.5, got 0.5")
+        if self.trim_fraction + self.direction_trim >= 0.5:
+            raise ValueError(f"trim_fraction + direction_trim must be below 0.5, got "
+                             f"{self.trim_fraction} + {self.direction_trim}")
 
     @property
     def enabled(self) -> bool:
         return (self.clip_norm is not None or self.clip_adaptive is not None
-                or self.max_weight_share is not None or self.trim_fraction > 0)
+                or self.max_weight_share is not None or self.trim_fraction > 0 or self.direction_trim > 0)
 
 
 def _f64(x) -> np.ndarray:
@@ -250,3 +259,98 @@ def class_report(classes: Sequence[str], report: Mapping[str, Sequence[str]], id
         for cid in report.get(what, []):
             out[of[cid]][what] += 1
     return out
+
+
+# ------------------------------------------------------------------ what is aggregated (issue 21, class 5)
+#
+# raFLoRA weighs slot i of client k by p_k / w_i (w_i the share of the clients whose rank covers
+# slot i): a lone high-rank client has weight 1 in its top slots whatever its p_k, and a reply
+# whose columns cancel in B A (so every statistic of s B A sees an honest reply) but not per
+# slot is amplified there. The defences measure and bound what the strategy will form instead.
+
+
+def slot_shares(ranks: Sequence[int], weights: Sequence[float], max_share: float | None = None) -> list[np.ndarray]:
+    """raFLoRA's weight of each client in each rank slot of one module: slot ``i`` is formed by
+    the clients whose rank is ``> i``, each with ``w_k / sum`` over them (``p_k / w_i``).
+
+    With ``max_share``, no client's weight in any slot is above it: water-filling within the
+    slot (the others keep their proportions); a slot with fewer than ``1 / max_share``
+    contributors gives each ``max_share`` (the slot's total stays below 1, where plain raFLoRA
+    would give a lone client weight 1)."""
+    ranks = [int(r) for r in ranks]
+    w = np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(ranks),):
+        raise ValueError(f"slot_shares: {len(ranks)} ranks and {w.shape} weights")
+    if np.any(~np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError("slot_shares: weights must be finite and > 0")
+    out = [np.zeros(r) for r in ranks]
+    done: dict[tuple[int, ...], np.ndarray] = {}
+    for i in range(max(ranks, default=0)):
+        idx = tuple(k for k, r in enumerate(ranks) if r > i)
+        if idx not in done:
+            sh = w[list(idx)] / w[list(idx)].sum()
+            if max_share is not None:
+                sh = np.full(len(idx), float(max_share)) if max_share * len(idx) <= 1.0 else cap_shares(sh, max_share)
+            done[idx] = sh
+        for j, k in enumerate(idx):
+            out[k][i] = done[idx][j]
+    return out
+
+
+def weigh_slots(update: FactoredUpdate, slots: Mapping[str, np.ndarray]) -> FactoredUpdate:
+    """Per module ``s B diag(m) A`` with ``m = slots[module]`` (padded with its last value when
+    ``B`` has more columns; modules without an entry unchanged)."""
+    out = {}
+    for mod, (s, b, a) in update.items():
+        m = slots.get(mod)
+        if m is None or len(m) == 0:
+            out[mod] = (s, b, a)
+            continue
+        r = _f64(b).shape[1]
+        m = np.asarray(m, np.float64)[:r]
+        if m.size < r:
+            m = np.concatenate([m, np.full(r - m.size, m[-1])])
+        out[mod] = (s, _f64(b) * m, a)
+    return out
+
+
+# ------------------------------------------------------------------ direction (issue 21, class 6)
+
+
+def direction_scores(gram: np.ndarray, classes: Sequence[str] | None = None) -> np.ndarray:
+    """Per client, the median cosine of its change with the other clients' changes (from their
+    Gram matrix): an attacker that sends the opposite of its own change, at an honest size,
+    points away from what the others changed. With ``classes``, the median over the others of
+    the client's rank class when that class has at least ``MIN_CLASS_TRIM`` other members.
+    A client with a zero change scores 0."""
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
+    norm = np.sqrt(np.maximum(np.diag(g), 0.0))
+    denom = np.outer(norm, norm)
+    cos = np.divide(g, denom, out=np.zeros_like(g), where=denom > 0)
+    out = np.zeros(n)
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        if classes is not None:
+            same = [j for j in others if classes[j] == classes[i]]
+            if len(same) >= MIN_CLASS_TRIM:
+                others = same
+        out[i] = float(np.median(cos[i, others])) if others else 0.0
+    return out
+
+
+def trim_by_direction(gram: np.ndarray, fraction: float, classes: Sequence[str] | None = None,
+                      among: Sequence[int] | None = None) -> list[int]:
+    """Indices of ``among`` (default all) kept after dropping the ``floor(fraction x n)`` with the
+    lowest :func:`direction_scores` (``n`` the clients of the round; ties: the later index goes
+    first); at least one is kept."""
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
+    among = list(range(n)) if among is None else list(among)
+    drop = min(int(math.floor(fraction * n)), max(len(among) - 1, 0))
+    if drop <= 0:
+        return among
+    score = direction_scores(g, classes)
+    order = sorted(among, key=lambda i: (score[i], -i))
+    dropped = set(order[:drop])
+    return [i for i in among if i not in dropped]

@@ -40,6 +40,7 @@ _SETTING_FLAGS = {
     # defences and decoder limits (docs/security.md)
     "clip_norm": ("clip_norm", float), "clip_adaptive": ("clip_adaptive", float),
     "max_weight_share": ("max_weight_share", float), "trim_fraction": ("trim_fraction", float),
+    "direction_trim": ("direction_trim", float),
     "max_norm_growth": ("max_norm_growth", float), "max_num_examples": ("max_num_examples", int),
     "max_delta_norm": ("max_delta_norm", float), "device": ("device", str), "shards": ("shards", int),
     "sanity_ratio": ("sanity_ratio", float),

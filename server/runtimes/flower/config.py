@@ -16,7 +16,7 @@ Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed`
 ``max-update-bytes``, ``max-header-bytes``, ``max-delta-norm`` (``DecodeLimits``) and
 ``max-round-bytes`` (the per-round aggregator memory budget; 0 = none), ``max-num-examples``.
 Defences (docs/security.md; 0 = off): ``clip-norm``, ``clip-adaptive``, ``max-weight-share``,
-``trim-fraction``, ``max-norm-growth``; ``keep-checkpoints`` round checkpoints are kept.
+``trim-fraction``, ``direction-trim``, ``max-norm-growth``; ``keep-checkpoints`` round checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ _SIM_KEYS = {  # run config key -> RunConfig field (the embedded runtime's defau
     "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
     "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
-    "target-modules": "target_modules", "trim-fraction": "trim_fraction", "keep-checkpoints": "keep_checkpoints",
+    "target-modules": "target_modules", "trim-fraction": "trim_fraction", "direction-trim": "direction_trim",
+    "keep-checkpoints": "keep_checkpoints",
     "split": "split", "carry": "carry", "device": "device", "suite": "suite", "shards": "shards"}
 _OFF_KEYS = {"clip-norm": "clip_norm", "clip-adaptive": "clip_adaptive", "max-weight-share": "max_weight_share",
              "max-norm-growth": "max_norm_growth", "sanity-ratio": "sanity_ratio"}   # 0.0 = None (off) there
@@ -165,5 +166,6 @@ def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
         split=get("split", str), carry=get("carry", bool), device=get("device", str), suite=get("suite", str),
         shards=get("shards", int),
-        trim_fraction=get("trim-fraction", float), keep_checkpoints=get("keep-checkpoints", int),
+        trim_fraction=get("trim-fraction", float), direction_trim=get("direction-trim", float),
+        keep_checkpoints=get("keep-checkpoints", int),
         **{name: get(key, float) or None for key, name in _OFF_KEYS.items()})
