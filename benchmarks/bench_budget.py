@@ -174,16 +174,20 @@ def real_modules(folder, round_, layers):
     layer_of = {m: int(re.search(r"layers\.(\d+)\.", m).group(1)) for m in agg.modules}
     n_layers = max(layer_of.values()) + 1
     want = sorted({0, n_layers // 2, n_layers - 1}) if layers is None else [int(x) for x in layers.split(",")]
-    rows = []
+    rows, skipped = [], []
     for m in agg.modules:
         if layer_of[m] not in want:
             continue
         st = agg._modules[m]
         rank = min(max(ranks[m]), st.d_out, st.d_in)
+        if rank >= min(st.d_out, st.d_in):   # no truncation: every route is exact, err/opt is 0/0
+            skipped.append(f"{m} ({st.d_out}x{st.d_in}, rank {rank})")
+            continue
         rows.append(((m, list(st.Bs), list(st.As), list(st.ws)), rank))
     info = {"folder": str(folder), "round": round_, "clients": len(files), "layers": want,
             "model": manifest.get("model"), "command": manifest.get("command"),
-            "client_ranks": sorted(f["rank"] for f in files)}
+            "client_ranks": sorted(f["rank"] for f in files),
+            "skipped_untruncated": skipped}
     return rows, info
 
 
@@ -192,7 +196,9 @@ def real_markdown(info, args, rows, real):
     lines = [f"Machine: {info['cpu']}, {args.threads or info['cores']} threads. Real client updates: "
              f"{real['model']}, round {real['round']} of `{real['command']}`: {real['clients']} clients, ranks "
              f"{real['client_ranks']}; layers {real['layers']}; each module truncated at its largest client rank; "
-             f"target err/opt <= {args.target}.", "",
+             f"target err/opt <= {args.target}."
+             + (f" Not measured: {len(real['skipped_untruncated'])} modules whose rank is their full dimension "
+                "(nothing is truncated)." if real.get("skipped_untruncated") else ""), "",
              "Smallest budget (MB of aggregator state per module) that reaches the target, worst module of each "
              "shape (exact and randomized keep the factors, dense one accumulator, sketch what the budget buys):", "",
              "| shape | modules | rank | R | dense MB | exact MB (worst err/opt) | randomized MB (worst err/opt) "

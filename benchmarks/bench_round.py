@@ -221,7 +221,8 @@ def main(argv=None):
     Path(args.out + ".json").write_text(json.dumps(res, indent=2, default=str))
     md = [f"`python benchmarks/bench_round.py {' '.join(sys.argv[1:])}` on {info['cpu']} ({info['cores']} cores), "
           f"load {info['loadavg_start'][0]:.2f} -> {res['loadavg_end'][0]:.2f}", "",
-          f"- {args.model}, {layers} layers x 7 modules, {run}/{args.clients} clients streamed ({args.mix}), routes {routes}",
+          f"- {args.model}, {layers} layers x 7 modules, {run}/{args.clients} clients streamed ({args.mix}), routes {routes}"
+          + (f", sketch k {res['sketch_k']}" if res.get("sketch_k") else ""),
           f"- wall {wall:.1f} s (generate {sum(gen_times):.1f} s, add {sum(add_times):.1f} s, finalize {finalize_s:.1f} s, "
           f"client factors {client_s:.1f} s)",
           f"- peak RSS {res['peak_rss_gib']:.2f} GiB, aggregator state {res['state_gib']:.2f} GiB"]

@@ -45,9 +45,17 @@ class Recording:
                                            "client": reply.client_id, "rank": u.rank,
                                            "num_examples": u.num_examples, "alpha": u.alpha,
                                            "bytes": len(reply.data)})
+        write_manifest(self.out, self.manifest)   # after every round: a cut-short run keeps its rounds
         print(f"round {plan.round}: wrote {sum(r.data is not None for r in replies)} updates to {folder}",
               flush=True)
         return replies
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """``OUT/manifest.json``, written atomically (a temporary file, then a rename)."""
+    tmp = out / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    tmp.replace(out / "manifest.json")
 
 
 def main(argv=None) -> int:
@@ -95,9 +103,7 @@ def main(argv=None) -> int:
     manifest["rounds"] = [{k: h.get(k) for k in ("round", "clients", "rejected", "train_loss") if k in h}
                           for h in history]
     manifest["wall_s"] = time.perf_counter() - t0
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    tmp.replace(out / "manifest.json")
+    write_manifest(out, manifest)
     print(f"{len(manifest['files'])} updates in {out} ({manifest['wall_s']:.0f} s)")
     return 0
 
