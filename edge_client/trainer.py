@@ -359,6 +359,29 @@ class LocalTrainer:
         return total / max(count, 1)
 
     @torch.no_grad()
+    def evaluate_answers(self, data: Iterable[dict] | str) -> dict[str, float]:
+        """Teacher-forced scores of the response tokens with the current adapter: ``loss`` (mean
+        per token, as :meth:`evaluate_loss`), ``token_accuracy`` (the argmax is the response token)
+        and ``exact`` (the share of records whose every response token, ``eos`` included, is the
+        argmax: greedy decoding would write exactly the answer)."""
+        records = as_records(data)
+        encoded = [tokenize_record(self.tokenizer, r, self.config.max_length) for r in records]
+        total, count, right, exact = 0.0, 0, 0, 0
+        with self.current() as model:
+            for start in range(0, len(encoded), self.config.batch_size):
+                ids, mask, labels = self._collate(encoded[start:start + self.config.batch_size])
+                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+                target = labels[:, 1:]
+                scored = target != IGNORE_INDEX
+                total += float(torch.nn.functional.cross_entropy(logits[scored], target[scored], reduction="sum"))
+                hit = (logits.argmax(-1) == target) & scored
+                right += int(hit.sum())
+                count += int(scored.sum())
+                exact += int(((hit | ~scored).all(dim=1) & scored.any(dim=1)).sum())
+        return {"loss": total / max(count, 1), "token_accuracy": right / max(count, 1),
+                "exact": exact / max(len(encoded), 1)}
+
+    @torch.no_grad()
     def generate(self, prompts: Sequence[str] | Sequence[dict], *, max_new_tokens: int = 32) -> list[str]:
         """Greedy completions with the current adapter; dict prompts are formatted as records."""
         out = []

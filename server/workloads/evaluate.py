@@ -10,7 +10,7 @@ import numpy as np
 from edge_client.data import IGNORE_INDEX, prompt_ids, tokenize_record
 from server.workloads.model import apply_delta
 
-__all__ = ["Evaluator", "evaluate", "generate", "heldout_loss", "score"]
+__all__ = ["Evaluator", "evaluate", "generate", "heldout_loss", "score", "onnx_evaluate"]
 
 
 def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -78,6 +78,30 @@ def heldout_loss(model, tokenizer, examples: Sequence[Mapping[str, str]], *, bat
             total += float(loss)
             count += int((target != IGNORE_INDEX).sum())
     return total / max(count, 1)
+
+
+def onnx_evaluate(lm, tokenizer, examples: Sequence[Mapping[str, str]], *, max_new_tokens: int = 16,
+                  max_length: int = 128) -> dict:
+    """The held-out measures of an exported graph (``edge_client.export_kv.OnnxKVLM``, or anything
+    with ``greedy(ids, n, eos_token_id)`` and ``logits(ids[batch, seq])``): greedy completions (first
+    line, as :func:`generate`) scored by :func:`score`, and the teacher-forced response loss (as
+    :func:`heldout_loss`), one example at a time. Returns the scores and the ``predictions``."""
+    preds: list[str] = []
+    total, count = 0.0, 0
+    for ex in examples:
+        out = lm.greedy(prompt_ids(tokenizer, ex), max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+        preds.append(tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip())
+        ids, labels = tokenize_record(tokenizer, ex, max_length)
+        logits = np.asarray(lm.logits(np.array([ids], np.int64))[0, :-1], np.float64)
+        target = np.array(labels[1:])
+        keep = target != IGNORE_INDEX
+        z = logits[keep]
+        top = z.max(axis=1, keepdims=True)
+        logz = top[:, 0] + np.log(np.exp(z - top).sum(axis=1))
+        total += float((logz - z[np.arange(len(z)), target[keep]]).sum())
+        count += int(keep.sum())
+    return {**score(preds, [ex["output"] for ex in examples]), "heldout_loss": total / max(count, 1),
+            "predictions": preds}
 
 
 def evaluate(model, tokenizer, examples: Sequence[Mapping[str, str]], **kw) -> dict[str, float]:

@@ -27,7 +27,8 @@ from pathlib import Path
 from server.workloads.real_tasks import KINDS, TASKS, source_versions
 from server.workloads.suite import ClientData, Suite, write_jsonl
 
-__all__ = ["RealSuiteConfig", "RealSuite", "build_real_suite", "real_suite", "export_jsonl", "split_evaluators"]
+__all__ = ["RealSuiteConfig", "RealSuite", "build_real_suite", "real_suite", "export_jsonl", "split_evaluators",
+           "FACTS_TASKS", "FactsSuiteConfig", "FactsSuite", "facts_suite"]
 
 
 def _int(name: str, value, lo: int) -> int:
@@ -201,3 +202,74 @@ def split_evaluators(model, tokenizer, base_state, suite: RealSuite, **kw) -> di
             "unseen": [r for c in suite.heldout_unseen for r in c.examples]}
     return {name: Evaluator(model, tokenizer, base_state, examples, families=True, **kw)
             for name, examples in sets.items() if examples}
+
+
+# ---------------------------------------------------------------------------------------------- facts variant
+# Knowledge look-ups whose answers are arbitrary codes or long names (not inferable from the input
+# by a rule): learning them is memorisation, the regime where adapter capacity should show.
+FACTS_TASKS = ("unicode_name", "country_numeric", "currency_numeric", "element_mass", "language_alpha3")
+
+
+@dataclass(kw_only=True)
+class FactsSuiteConfig:
+    """The memorisation variant of the suite (issue 20, rank sensitivity): a fixed set of
+    ``facts_per_task`` facts of each of ``tasks``, trained for several epochs; the measures are the
+    loss on those trained facts (memorisation), on ``heldout_per_task`` other facts of the same
+    tasks, and on the real suite's unseen tasks (same ``seed``; the facts tasks must not be among them)."""
+    tasks: tuple[str, ...] = FACTS_TASKS
+    facts_per_task: int = 24
+    heldout_per_task: int = 16
+    num_unseen_tasks: int = 6
+    unseen_examples: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _int("facts_per_task", self.facts_per_task, 1)
+        _int("heldout_per_task", self.heldout_per_task, 0)
+        _int("num_unseen_tasks", self.num_unseen_tasks, 0)
+        _int("unseen_examples", self.unseen_examples, 1)
+        _int("seed", self.seed, -2**63)
+        self.tasks = tuple(self.tasks)
+        if not self.tasks:
+            raise ValueError("FactsSuiteConfig.tasks must not be empty")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"FactsSuiteConfig.tasks has unknown tasks {unknown}; known: {sorted(TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"FactsSuiteConfig.tasks has duplicates: {list(self.tasks)}")
+        for t in self.tasks:
+            need = self.facts_per_task + self.heldout_per_task
+            if len(TASKS[t].items()) < need:
+                raise ValueError(f"FactsSuiteConfig: task {t!r} has {len(TASKS[t].items())} facts, fewer than "
+                                 f"facts_per_task + heldout_per_task = {need}")
+
+
+@dataclass(kw_only=True)
+class FactsSuite:
+    config: FactsSuiteConfig
+    train: list[dict]            # the facts trained on (every epoch sees all of them)
+    heldout_seen: list[dict]     # other facts of the same tasks, never trained on
+    heldout_unseen: list[dict]   # the real suite's unseen tasks
+
+    def unseen_tasks(self) -> list[str]:
+        return sorted({r["category"] for r in self.heldout_unseen})
+
+
+def facts_suite(config: FactsSuiteConfig | None = None) -> FactsSuite:
+    """The facts variant, a pure function of ``config``: per task a seeded draw of disjoint trained
+    and held-out facts; the unseen set is :func:`real_suite`'s at the same seed."""
+    cfg = config or FactsSuiteConfig()
+    real = real_suite(RealSuiteConfig(num_unseen_tasks=cfg.num_unseen_tasks, unseen_examples=cfg.unseen_examples,
+                                      seed=cfg.seed))
+    clash = sorted(set(cfg.tasks) & set(real.unseen_tasks()))
+    if clash:
+        raise ValueError(f"FactsSuiteConfig.tasks {clash} are unseen tasks of the real suite at seed {cfg.seed}; "
+                         "pick other tasks or another seed")
+    rng = random.Random(f"facts-suite-{cfg.seed}")
+    train, held = [], []
+    for t in cfg.tasks:
+        pool = rng.sample(TASKS[t].items(), cfg.facts_per_task + cfg.heldout_per_task)
+        train += [_record(t, p) for p in pool[:cfg.facts_per_task]]
+        held += [_record(t, p) for p in pool[cfg.facts_per_task:]]
+    return FactsSuite(config=cfg, train=train, heldout_seen=held,
+                      heldout_unseen=[r for c in real.heldout_unseen for r in c.examples])

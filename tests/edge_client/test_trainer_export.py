@@ -171,3 +171,22 @@ def test_cli_export_honours_alpha_pattern(model_dir, tmp_path, capsys):
     got = OnnxLM(str(out)).logits(ids)
     assert np.abs(ref - plain).max() > 1e-3          # the adapter changes the outputs
     assert np.abs(got - ref).max() < 1e-4            # and the export applies it at peft's per-module scale
+
+
+def test_evaluate_answers_agrees_with_loss_and_greedy_decoding(tiny_model, tokenizer):
+    records = synthetic_records(4, seed=11, task="copy")
+    tr = LocalTrainer(tiny_model, tokenizer, config=TrainConfig(batch_size=4, lr=1e-2, steps=150, max_length=96,
+                                                                target_modules=("q_proj", "v_proj", "o_proj",
+                                                                                "gate_proj", "up_proj", "down_proj")),
+                      spec=RankSpec(rank=8))
+    before = tr.evaluate_answers(records)
+    assert before["loss"] == pytest.approx(tr.evaluate_loss(records), rel=1e-5)
+    tr.train(records, seed=0)
+    after = tr.evaluate_answers(records)
+    assert after["loss"] == pytest.approx(tr.evaluate_loss(records), rel=1e-5)
+    assert after["token_accuracy"] > before["token_accuracy"] and 0 <= after["exact"] <= 1
+    # exact (every response token, eos included, is the argmax) is what greedy decoding writes
+    outs = tr.generate(records, max_new_tokens=24)
+    greedy = sum(o.strip() == r["output"] for o, r in zip(outs, records)) / len(records)
+    assert after["exact"] == greedy
+    assert after["exact"] > 0

@@ -203,3 +203,48 @@ def test_split_evaluators_report_rouge_exact_and_loss():
         expect = s.unseen_tasks() if name == "unseen" else s.seen_tasks()
         assert sorted(out["families"]) == sorted(expect)
         assert 0 <= out["rougeL"] <= 1 and out["heldout_loss"] > 0
+
+
+def test_facts_suite_splits_are_disjoint_fixed_and_exclude_unseen_tasks():
+    from server.workloads.real_suite import FACTS_TASKS, FactsSuiteConfig, facts_suite
+
+    s = facts_suite(FactsSuiteConfig(facts_per_task=5, heldout_per_task=3, unseen_examples=2))
+    assert len(s.train) == 5 * len(FACTS_TASKS) and len(s.heldout_seen) == 3 * len(FACTS_TASKS)
+    for t in FACTS_TASKS:
+        trained = {r["input"] for r in s.train if r["category"] == t}
+        held = {r["input"] for r in s.heldout_seen if r["category"] == t}
+        assert len(trained) == 5 and len(held) == 3 and not trained & held
+        assert all(dict(TASKS[t].items())[r["input"]] == r["output"] for r in s.train if r["category"] == t)
+    assert s.unseen_tasks() == real_suite(RealSuiteConfig()).unseen_tasks()
+    assert not set(s.unseen_tasks()) & set(FACTS_TASKS)
+    assert facts_suite(FactsSuiteConfig(facts_per_task=5, heldout_per_task=3, unseen_examples=2)) == s
+    other = facts_suite(FactsSuiteConfig(facts_per_task=5, heldout_per_task=3, unseen_examples=2, seed=3))
+    assert other.train != s.train
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"tasks": ("tz_offset",)}, "unseen tasks of the real suite"),       # unseen at seed 0
+    ({"tasks": ("element_mass",), "facts_per_task": 90}, "fewer than"),    # 94 elements
+    ({"tasks": ("nope",)}, "unknown tasks"),
+    ({"facts_per_task": 0}, "facts_per_task"),
+])
+def test_facts_suite_config_errors(kw, match):
+    from server.workloads.real_suite import FactsSuiteConfig, facts_suite
+
+    with pytest.raises(ValueError, match=match):
+        facts_suite(FactsSuiteConfig(**kw))
+
+
+def test_rank_sensitivity_facts_suite_on_the_tiny_model(tmp_path):
+    out = tmp_path / "facts.json"
+    cmd = [sys.executable, *(["-S"] if sys.flags.no_site else []), str(ROOT / "scripts" / "rank_sensitivity.py"),
+           "--suite", "facts", "--ranks", "1,4",
+           "--epochs", "1", "--facts-per-task", "2", "--facts-heldout", "1", "--heldout-examples", "1",
+           "--batch-size", "4", "--rslora", "--rank-lr", "4=2e-3", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    subprocess.run(cmd, check=True, capture_output=True, env=env, cwd=ROOT, timeout=600)
+    doc = json.loads(out.read_text())
+    assert [r["rank"] for r in doc["rows"]] == [1, 4] and [r["lr"] for r in doc["rows"]] == [1e-2, 2e-3]
+    assert doc["args"]["rslora"] is True and all(r["steps"] == 3 for r in doc["rows"])   # 10 facts, batch 4
+    for key in ("train_loss", "train_token_acc", "train_exact", "seen_loss", "heldout_loss", "heldout_exact"):
+        assert key in doc["base_losses"] and all(key in r for r in doc["rows"])
