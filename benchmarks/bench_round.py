@@ -65,6 +65,15 @@ def module_factors(wl, shapes, ctype, client, layer, i, target, seed):
     return {name + ".lora_B.weight": B, name + ".lora_A.weight": A}
 
 
+def round_clients(wl, mix, clients, seed):
+    """The round's clients: their types in arrival order (a seeded shuffle, not grouped by type)
+    and their numbers of examples."""
+    types = client_types(wl["rank_distributions"][mix], clients)
+    types = [types[i] for i in np.random.default_rng([seed, 1]).permutation(len(types))]
+    n_examples = np.random.default_rng(seed).integers(50, 500, len(types))
+    return types, n_examples
+
+
 def projected(wl, model, types, max_rank, sketch_size=None, core_size=None):
     """Bytes of state per route for one round of `types` clients (server.core.linalg)."""
     from server.core import linalg
@@ -106,10 +115,7 @@ def main(argv=None):
     wl = load_workloads()
     model = wl["models"][args.model]
     layers = args.layers or model["layers"]
-    types = client_types(wl["rank_distributions"][args.mix], args.clients)
-    # clients arrive in random order (a seeded shuffle), not grouped by type
-    types = [types[i] for i in np.random.default_rng([args.seed, 1]).permutation(len(types))]
-    n_examples = np.random.default_rng(args.seed).integers(50, 500, len(types))
+    types, n_examples = round_clients(wl, args.mix, args.clients, args.seed)
     alpha = float(wl["lora_alpha"])
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
             "loadavg_start": os.getloadavg(), "python": platform.python_version(),

@@ -33,19 +33,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 sys.path.insert(0, str(ROOT))
 
-from bench_round import client_factors  # noqa: E402
+from bench_round import client_factors, round_clients  # noqa: E402
 
 from server.bench.accuracy import optimum_residual  # noqa: E402
-from server.bench.cases import client_types  # noqa: E402
 from server.bench.machine import short_info  # noqa: E402
-
-
-def round_clients(wl, mix, clients, seed):
-    """bench_round.py's clients: types in a seeded order and their numbers of examples."""
-    types = client_types(wl["rank_distributions"][mix], clients)
-    types = [types[i] for i in np.random.default_rng([seed, 1]).permutation(len(types))]
-    n_examples = np.random.default_rng(seed).integers(50, 500, len(types))
-    return types, n_examples
 
 
 def reference(wl, model, types, n_examples, seed, threads):
