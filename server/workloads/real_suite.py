@@ -37,6 +37,17 @@ def _int(name: str, value, lo: int) -> int:
     return value
 
 
+def _tasks(owner: str, tasks) -> tuple[str, ...]:
+    """``tasks`` as a tuple of known task names without repeats (ValueError naming ``owner`` otherwise)."""
+    tasks = tuple(tasks)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"{owner}.tasks has unknown tasks {unknown}; known: {sorted(TASKS)}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"{owner}.tasks has duplicates: {list(tasks)}")
+    return tasks
+
+
 @dataclass(kw_only=True)
 class RealSuiteConfig:
     num_clients: int = 20
@@ -58,12 +69,7 @@ class RealSuiteConfig:
             raise ValueError("RealSuiteConfig.client_sizes must not be empty")
         for i, n in enumerate(self.client_sizes):
             _int(f"client_sizes[{i}]", n, 2)
-        self.tasks = tuple(self.tasks)
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"RealSuiteConfig.tasks has unknown tasks {unknown}; known: {sorted(TASKS)}")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"RealSuiteConfig.tasks has duplicates: {list(self.tasks)}")
+        self.tasks = _tasks("RealSuiteConfig", self.tasks)
         if self.num_unseen_tasks >= len(self.tasks):
             raise ValueError(f"RealSuiteConfig.num_unseen_tasks={self.num_unseen_tasks} leaves no task to train on "
                              f"({len(self.tasks)} tasks)")
@@ -229,14 +235,9 @@ class FactsSuiteConfig:
         _int("num_unseen_tasks", self.num_unseen_tasks, 0)
         _int("unseen_examples", self.unseen_examples, 1)
         _int("seed", self.seed, -2**63)
-        self.tasks = tuple(self.tasks)
+        self.tasks = _tasks("FactsSuiteConfig", self.tasks)
         if not self.tasks:
             raise ValueError("FactsSuiteConfig.tasks must not be empty")
-        unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"FactsSuiteConfig.tasks has unknown tasks {unknown}; known: {sorted(TASKS)}")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"FactsSuiteConfig.tasks has duplicates: {list(self.tasks)}")
         for t in self.tasks:
             need = self.facts_per_task + self.heldout_per_task
             if len(TASKS[t].items()) < need:

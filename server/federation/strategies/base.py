@@ -124,6 +124,7 @@ class RoundAggregation(ABC):
         # with robust aggregation on, valid updates wait here until finalize (see .robust)
         self._pending: list[ClientUpdate] | None = [] if robust is not None and robust.enabled else None
         self.robust_report: dict = {}
+        self._sent_cache: dict[str, dict | None] = {}   # client -> what it was sent, factored (robust statistics)
         # True when this round's aggregator keeps itself within max_round_bytes (it chooses
         # routes and sketch sizes by it): add() then refuses no reply for memory itself
         self.budget_in_aggregator = False
@@ -194,7 +195,6 @@ class RoundAggregation(ABC):
         # like with like: rank classes (alpha / r makes low-rank updates larger), and what each
         # client changed (its reply minus what it was sent) for the distances
         classes = [RankSpec(rank=u.rank, rank_pattern=u.rank_pattern).label() for u in updates]
-        self._sent_cache: dict[str, dict | None] = {}
         keep = list(range(len(updates)))
         report: dict = {}
         trim = cfg.trim_fraction > 0 or cfg.direction_trim > 0
@@ -274,12 +274,9 @@ class RoundAggregation(ABC):
         return weights, [u.client_id for u, w, c in zip(kept, raw, capped) if c < w * (1 - 1e-9)]
 
     def _sent_cached(self, update: ClientUpdate) -> dict | None:
-        cache = getattr(self, "_sent_cache", None)
-        if cache is None:
-            cache = self._sent_cache = {}
-        if update.client_id not in cache:
-            cache[update.client_id] = self._sent(update)
-        return cache[update.client_id]
+        if update.client_id not in self._sent_cache:
+            self._sent_cache[update.client_id] = self._sent(update)
+        return self._sent_cache[update.client_id]
 
     def _sent(self, update: ClientUpdate) -> dict | None:
         """What the strategy sent ``update``'s client this round, factored (None: nothing, or a
