@@ -121,7 +121,7 @@ def cmd_plan(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     cols = ["base_weights", "lora_parameters", "gradients", "optimizer_states", "activations", "logits",
-            "runtime_overhead", "total"]
+            "runtime_overhead", "heap_reuse", "total"]
     print(f"{'candidate':>12s} " + " ".join(f"{c[:10]:>10s}" for c in cols) + "   (GiB)")
     for row in rows:
         print(f"{row['candidate']:>12s} " + " ".join(f"{_gib(row[c]):>10s}" for c in cols))

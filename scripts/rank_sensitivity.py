@@ -10,7 +10,8 @@ losses on the training examples, on held-out examples of seen tasks and on unsee
 ``facts`` (the memorisation variant, ``real_suite.facts_suite``: ``--facts-per-task`` fixed facts of
 each knowledge task in ``--facts-tasks`` trained for ``--epochs`` epochs; loss, teacher-forced token
 accuracy and exact match on the trained facts, on held-out facts of the same tasks and on unseen tasks).
-``--rslora`` scales by alpha/sqrt(r); ``--rank-lr 1=4e-3,8=2e-3`` sets a learning rate per rank.
+``--rslora`` scales by alpha/sqrt(r); ``--rank-lr 1=4e-3,8=2e-3`` sets a learning rate per rank;
+``--targets q_proj,v_proj`` trains a smaller adapter (fewer parameters per rank).
 
     python scripts/rank_sensitivity.py --model smollm2-135m --suite facts --ranks 1,8,64 --epochs 8 \
         --lr 1e-3 --rslora --batch-size 8 --max-length 48 --out results/real/rank_facts.json
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank-lr", default="", help="per-rank learning rates, e.g. 1=4e-3,8=2e-3 (others: --lr)")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--targets", default=None, help="comma-separated LoRA target modules (default: all 7 "
+                   "projections), e.g. q_proj,v_proj: a smaller adapter per rank")
     p.add_argument("--train-eval", type=int, default=256, help="real suite: training examples scored for the fit")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
     model, tok = load_base(args.model)
     cfg = TrainConfig(steps=None if args.suite == "facts" else args.steps, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, rslora=args.rslora,
-                      max_length=args.max_length, target_modules=tuple(TARGET_MODULES))
+                      max_length=args.max_length,
+                      target_modules=tuple(t for t in args.targets.split(",") if t) if args.targets else tuple(TARGET_MODULES))
     scores = args.suite == "facts"     # loss, token accuracy and exact match per set
     if args.suite == "facts":
         from server.workloads.real_suite import FACTS_TASKS, FactsSuiteConfig, facts_suite

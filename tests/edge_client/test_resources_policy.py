@@ -89,11 +89,32 @@ def test_estimate_breakdown_grows_with_rank_and_seq():
     assert b.lora_parameters == 8 * a.lora_parameters and b.optimizer_states == 2 * b.lora_parameters
     assert c.activations > 3 * a.activations and c.logits == pytest.approx(4 * a.logits, rel=0.01)
     assert a.total == sum(v for k, v in a.to_dict().items() if k in (
-        "base_weights", "lora_parameters", "gradients", "optimizer_states", "activations", "logits", "runtime_overhead"))
+        "base_weights", "lora_parameters", "gradients", "optimizer_states", "activations", "logits",
+        "runtime_overhead")) - a.heap_reuse
     gc = estimate(CFG, ["q_proj", "v_proj"], 4, batch=2, seq_len=256, gradient_checkpointing=True)
     assert gc.activations < c.activations
     with pytest.raises(ValueError, match="optimizer"):
         estimate(CFG, ["q_proj"], 4, batch=1, seq_len=8, optimizer="lion")
+
+
+def test_gradients_and_optimizer_states_fill_the_heap_the_activations_left():
+    """peak = fixed + max(retention x saved, saved + gradients + optimizer states) (issue 20)."""
+    from edge_client.memory import ACTIVATION_RETENTION as R
+    for rank, seq in ((4, 256), (512, 16), (64, 64)):
+        e = estimate(CFG, ["q_proj", "v_proj", "gate_proj"], rank, batch=2, seq_len=seq)
+        saved = e.activations / R
+        fixed = e.base_weights + e.lora_parameters + e.logits + e.runtime_overhead
+        want = fixed + max(e.activations, saved + e.gradients + e.optimizer_states)
+        assert e.total == pytest.approx(want, abs=2)
+        assert 0 <= e.heap_reuse <= e.gradients + e.optimizer_states
+    # large activations, small adapter: every optimizer byte reuses the heap; the reverse: none beyond it
+    small = estimate(CFG, ["q_proj"], 1, batch=8, seq_len=256)
+    assert small.heap_reuse == small.gradients + small.optimizer_states
+    big = estimate(CFG, ["q_proj", "v_proj", "gate_proj"], 512, batch=1, seq_len=8)
+    assert big.heap_reuse == pytest.approx(big.activations * (1 - 1 / R), abs=2)
+    # the policy's monotonicity survives the max: more rank never needs less memory
+    totals = [estimate(CFG, ["q_proj", "v_proj"], r, batch=2, seq_len=256).total for r in (1, 4, 16, 64, 256)]
+    assert totals == sorted(totals)
 
 
 def test_16bit_weights_use_their_own_activation_retention():

@@ -5,12 +5,21 @@ minus what it was sent) normalised within its rank class, adaptive clipping take
 per rank class, and the report counts trimmed, clipped and capped client-rounds per class."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+import pytest
 from test_reply_handling import BASE, SHAPES, honest  # noqa: E402  (tests/hardening on sys.path)
 
 from edge_client.wire import ClientUpdate
 from server.federation.strategies import RankSpec, RobustConfig, StrategyConfig, make_strategy
-from server.federation.strategies.robust import class_scores, clip_multipliers_by_class, trim_by_class
+from server.federation.strategies.robust import (
+    class_norms,
+    class_scores,
+    clip_multipliers_by_class,
+    effective_rank,
+    trim_by_class,
+)
 
 RANKS = {**{f"p{i}": 2 for i in range(4)}, **{f"m{i}": 4 for i in range(3)}, **{f"l{i}": 8 for i in range(3)}}
 
@@ -84,18 +93,50 @@ def test_trimming_ranks_what_each_client_changed_not_what_it_was_sent():
 
 
 def test_class_statistics():
-    # two classes: "a" at distance scale 4, "b" at 1; the outlier of "b" (9) is the one trimmed
-    d = np.array([[0, 4, 4, 4, 4, 4, 4],
-                  [4, 0, 4, 4, 4, 4, 4],
-                  [4, 4, 0, 4, 4, 4, 4],
-                  [4, 4, 4, 0, 1, 1, 9],
-                  [4, 4, 4, 1, 0, 1, 9],
-                  [4, 4, 4, 1, 1, 0, 9],
-                  [4, 4, 4, 9, 9, 9, 0]], float)
+    # two classes of changes: "a" of norm 2 along e0, "b" of norm 1 along e3; b's last member
+    # points elsewhere (e4) at its class's size: the one trimmed, though "a" is larger
+    x = np.zeros((7, 5))
+    x[0:3, 0] = 2.0
+    x[3:6, 3] = 1.0
+    x[6, 4] = 1.0
+    gram = x @ x.T
     classes = ["a", "a", "a", "b", "b", "b", "b"]
-    s = class_scores(d, classes)
+    s = class_scores(gram, classes)
     assert np.argmax(s) == 6
-    assert trim_by_class(d, 0.15, classes) == [0, 1, 2, 3, 4, 5]
-    # adaptive clipping: each class against its own median (classes below 3 use the round's)
+    assert trim_by_class(gram, 0.15, classes) == [0, 1, 2, 3, 4, 5]
+    # adaptive clipping: each class against its own median
     m = clip_multipliers_by_class([1, 1, 1, 4, 4, 4, 40], ["a", "a", "a", "b", "b", "b", "b"], clip_adaptive=2.0)
     np.testing.assert_allclose(m, [1, 1, 1, 1, 1, 1, 0.2])
+
+
+def test_a_lone_class_is_measured_on_the_rounds_rank_scale_law():
+    """Issue 21, class 4: a lone phone's update is large because of alpha / r, not because it is
+    an outlier. Its typical norm comes from the law fitted to the classes with a median (norm
+    ~ rank^-0.5 here), so neither trimming nor clipping singles it out; the round's median
+    (the old rule) would."""
+    ranks = [16] * 4 + [4] * 4 + [2]
+    norms = np.array([1.0, 1.02, 0.98, 1.01, 2.0, 2.04, 1.96, 2.02, 2.83])
+    classes = [str(r) for r in ranks]
+    ref = class_norms(norms, classes, ranks, 2)
+    np.testing.assert_allclose(ref[-1], 2.0 * math.sqrt(2), rtol=0.02)
+    assert class_norms(norms, classes, None, 2)[-1] == pytest.approx(float(np.median(norms)))
+    # clipping at 1.2x the typical norm: the lone phone passes; the old bound (round median) clips it
+    assert clip_multipliers_by_class(norms, classes, clip_adaptive=1.2, eff_ranks=ranks)[-1] == 1.0
+    assert clip_multipliers_by_class(norms, classes, clip_adaptive=1.2)[-1] < 1.0
+    # trimming: changes along one shared direction plus a little noise; the lone phone is typical
+    rng = np.random.default_rng(0)
+    x = np.outer(norms, np.eye(6)[0]) + 0.05 * norms[:, None] * rng.standard_normal((9, 6))
+    keep = trim_by_class(x @ x.T, 0.12, classes, ranks)
+    assert 8 in keep
+    # ... but the same phone at 5x its size is the one dropped
+    x[-1] *= 5
+    assert 8 not in trim_by_class(x @ x.T, 0.12, classes, ranks)
+
+
+def test_effective_rank_weighs_modules_by_size():
+    b8, a8 = np.zeros((64, 8)), np.zeros((8, 64))
+    b32, a32 = np.zeros((256, 32)), np.zeros((32, 64))
+    assert effective_rank({"q": (1.0, b8, a8)}) == pytest.approx(8.0)
+    mixed = effective_rank({"q": (1.0, b8, a8), "up": (1.0, b32, a32)})
+    w8, w32 = 128, 320
+    assert mixed == pytest.approx(math.exp((w8 * math.log(8) + w32 * math.log(32)) / (w8 + w32)))

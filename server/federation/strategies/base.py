@@ -46,8 +46,8 @@ from server.federation.strategies.robust import (
     class_report,
     clip_multipliers_by_class,
     effective_norms,
+    effective_rank,
     inner_products,
-    squared_distances,
     trim_by_class,
     trim_by_direction,
     weigh_slots,
@@ -195,22 +195,25 @@ class RoundAggregation(ABC):
         # like with like: rank classes (alpha / r makes low-rank updates larger), and what each
         # client changed (its reply minus what it was sent) for the distances
         classes = [RankSpec(rank=u.rank, rank_pattern=u.rank_pattern).label() for u in updates]
+        ranks = [effective_rank(f) for f in factored]   # where a class is too small for its own median
         keep = list(range(len(updates)))
         report: dict = {}
         trim = cfg.trim_fraction > 0 or cfg.direction_trim > 0
         if trim and len(updates) > 1:
             _contrib, changes = self._views(updates, factored)
+            gram = inner_products(changes)
             if cfg.trim_fraction > 0:
-                keep = trim_by_class(squared_distances(changes), cfg.trim_fraction, classes)
+                keep = trim_by_class(gram, cfg.trim_fraction, classes, ranks)
             if cfg.direction_trim > 0:
-                keep = trim_by_direction(inner_products(changes), cfg.direction_trim, classes, among=keep)
+                keep = trim_by_direction(gram, cfg.direction_trim, classes, among=keep)
             report["trimmed"] = [updates[i].client_id for i in range(len(updates)) if i not in keep]
         kept = [updates[i] for i in keep]
         mult = np.ones(len(kept))
         if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
             contrib, _changes = self._views(kept, [factored[i] for i in keep], need_changes=False)
             mult = clip_multipliers_by_class(effective_norms(contrib), [classes[i] for i in keep],
-                                             clip_norm=cfg.clip_norm, clip_adaptive=cfg.clip_adaptive)
+                                             clip_norm=cfg.clip_norm, clip_adaptive=cfg.clip_adaptive,
+                                             eff_ranks=[ranks[i] for i in keep])
             report["clipped"] = [u.client_id for u, c in zip(kept, mult) if c < 1]
         weights, capped_ids = self._cap(kept, cfg.max_weight_share)
         if cfg.max_weight_share is not None:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["RobustConfig", "FactoredUpdate", "effective_norms", "inner_products", "squared_distances",
-           "clip_multipliers", "cap_shares", "trim_by_distance", "change_of", "class_scores", "trim_by_class",
-           "clip_multipliers_by_class", "class_report", "slot_shares", "weigh_slots", "direction_scores",
+           "clip_multipliers", "cap_shares", "trim_by_distance", "change_of", "effective_rank", "class_norms",
+           "class_scores", "trim_by_class", "clip_multipliers_by_class", "class_report", "slot_shares", "weigh_slots", "direction_scores",
            "trim_by_direction"]
 
 # one client's effective update: module -> (scaling, B, A)
@@ -176,9 +176,9 @@ def trim_by_distance(sq_dist: np.ndarray, fraction: float) -> list[int]:
 # (distance trimming becomes norm trimming). The statistics below are on what each client
 # *changed* (its reply minus the factors it was sent) and are normalised within its rank class.
 
-# a class smaller than this borrows the statistics of the whole round: for trimming scores a
-# class of two has a median (one client), for the clipping bound three (a median an attacker
-# in a class of two cannot drag up)
+# a class smaller than this takes its typical norm from the round's rank-scale law
+# (:func:`class_norms`): for trimming a class of two has a median, for the clipping bound three
+# (a median an attacker in a class of two cannot drag up)
 MIN_CLASS_TRIM = 2
 MIN_CLASS_CLIP = 3
 
@@ -199,50 +199,96 @@ def change_of(update: FactoredUpdate, sent: FactoredUpdate | None) -> FactoredUp
     return out
 
 
-def _class_reference(values: np.ndarray, classes: Sequence[str], min_class: int) -> np.ndarray:
-    """Per client, the median of ``values`` over its rank class (the round's median for classes
-    below ``min_class`` clients)."""
-    values = np.asarray(values, dtype=np.float64)
-    overall = float(np.median(values)) if values.size else 0.0
-    ref = np.empty_like(values)
-    for c in set(classes):
-        idx = [i for i, k in enumerate(classes) if k == c]
-        ref[idx] = float(np.median(values[idx])) if len(idx) >= min_class else overall
+def effective_rank(update: FactoredUpdate) -> float:
+    """An update's rank as one number: the geometric mean of its modules' ranks, each weighted by
+    its size ``d_out + d_in`` (``r30_200`` on a LLaMA block is about 110; a uniform rank is itself)."""
+    logs, weights = 0.0, 0.0
+    for _s, b, a in update.values():
+        r = np.shape(b)[1]
+        if r < 1:
+            continue
+        w = float(np.shape(b)[0] + np.shape(a)[1])
+        logs += w * math.log(r)
+        weights += w
+    return math.exp(logs / weights) if weights > 0 else 1.0
+
+
+def class_norms(norms: Sequence[float], classes: Sequence[str], eff_ranks: Sequence[float] | None,
+                min_class: int) -> np.ndarray:
+    """Per client, the typical norm of its rank class.
+
+    A class of at least ``min_class`` clients: its median norm. A smaller class (a lone phone, two
+    laptops) cannot give a median an attacker inside it could not drag, and the round's median is
+    the wrong scale for it (``alpha / r``: honest rank-2 changes are about 2.5x rank-16 ones), so
+    its norm is read off the round's rank-scale law instead: ``log n = a + b log(rank)`` fitted by
+    least squares (weighted by class size) to the medians of the classes that are large enough,
+    at the class's :func:`effective_rank`. With fewer than two such classes of distinct rank (or
+    no ``eff_ranks``), the round's median norm."""
+    norms = np.asarray(norms, dtype=np.float64)
+    ref = np.full(norms.shape, float(np.median(norms)) if norms.size else 0.0)
+    members: dict[str, list[int]] = {}
+    for i, c in enumerate(classes):
+        members.setdefault(c, []).append(i)
+    big = {c: idx for c, idx in members.items() if len(idx) >= min_class}
+    for idx in big.values():
+        ref[idx] = float(np.median(norms[idx]))
+    small = [c for c in members if c not in big]
+    if not small or eff_ranks is None:
+        return ref
+    rho = np.asarray(eff_ranks, dtype=np.float64)
+    pts = [(math.log(float(np.median(rho[idx]))), math.log(ref[idx[0]]), len(idx))
+           for idx in big.values() if ref[idx[0]] > 0]
+    if len({round(x, 9) for x, _, _ in pts}) < 2:
+        return ref
+    x, y, w = (np.array(v, dtype=np.float64) for v in zip(*pts))
+    sw = np.sqrt(w)
+    a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x], axis=1) * sw[:, None], y * sw, rcond=None)[0]
+    for c in small:
+        idx = members[c]
+        ref[idx] = math.exp(a + b * math.log(float(np.median(rho[idx]))))
     return ref
 
 
-def class_scores(sq_dist: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    """Each client's mean squared distance to the others divided by its rank class's median
-    of that score: 1 is typical for the class, whatever the class's update size."""
-    d = np.asarray(sq_dist, dtype=np.float64)
-    n = d.shape[0]
-    score = d.sum(axis=1) / max(n - 1, 1)
-    ref = _class_reference(score, classes, MIN_CLASS_TRIM)
-    return np.divide(score, ref, out=np.zeros_like(score), where=ref > 0)
+def class_scores(gram: np.ndarray, classes: Sequence[str], eff_ranks: Sequence[float] | None = None) -> np.ndarray:
+    """Each client's mean squared distance to the others after every change is divided by the
+    typical norm of its rank class (:func:`class_norms`): 2 is typical for any class, whatever
+    its update size; a client's size counts only against its own class's."""
+    g = np.asarray(gram, dtype=np.float64)
+    n = g.shape[0]
+    ref = class_norms(np.sqrt(np.maximum(np.diag(g), 0.0)), classes, eff_ranks, MIN_CLASS_TRIM)
+    scale = np.where(ref > 0, ref, 1.0)
+    gn = g / np.outer(scale, scale)
+    d = np.diag(gn)
+    sq = np.maximum(d[:, None] + d[None, :] - 2.0 * gn, 0.0)
+    np.fill_diagonal(sq, 0.0)
+    return sq.sum(axis=1) / max(n - 1, 1)
 
 
-def trim_by_class(sq_dist: np.ndarray, fraction: float, classes: Sequence[str]) -> list[int]:
-    """Like :func:`trim_by_distance`, ranking by :func:`class_scores` (normalised per rank class)."""
-    n = np.asarray(sq_dist).shape[0]
+def trim_by_class(gram: np.ndarray, fraction: float, classes: Sequence[str],
+                  eff_ranks: Sequence[float] | None = None) -> list[int]:
+    """Like :func:`trim_by_distance` on the changes' Gram matrix, ranking by :func:`class_scores`
+    (distances normalised per rank class)."""
+    n = np.asarray(gram).shape[0]
     drop = min(int(math.floor(fraction * n)), max(n - 1, 0))
     if drop <= 0:
         return list(range(n))
-    score = class_scores(sq_dist, classes)
+    score = class_scores(gram, classes, eff_ranks)
     order = sorted(range(n), key=lambda i: (-score[i], -i))
     dropped = set(order[:drop])
     return [i for i in range(n) if i not in dropped]
 
 
 def clip_multipliers_by_class(norms: Sequence[float], classes: Sequence[str], *, clip_norm: float | None = None,
-                              clip_adaptive: float | None = None) -> np.ndarray:
+                              clip_adaptive: float | None = None,
+                              eff_ranks: Sequence[float] | None = None) -> np.ndarray:
     """:func:`clip_multipliers` with the adaptive bound taken per rank class (``clip_adaptive x``
-    the class's median norm; the round's median for classes below ``MIN_CLASS_CLIP``)."""
+    the class's typical norm, :func:`class_norms` with classes of ``MIN_CLASS_CLIP``)."""
     norms = np.asarray(norms, dtype=np.float64)
     bound = np.full(norms.shape, math.inf)
     if clip_norm is not None:
         bound = np.minimum(bound, float(clip_norm))
     if clip_adaptive is not None and norms.size:
-        bound = np.minimum(bound, float(clip_adaptive) * _class_reference(norms, classes, MIN_CLASS_CLIP))
+        bound = np.minimum(bound, float(clip_adaptive) * class_norms(norms, classes, eff_ranks, MIN_CLASS_CLIP))
     out = np.ones_like(norms)
     over = norms > bound
     out[over] = bound[over] / norms[over]
