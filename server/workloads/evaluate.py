@@ -3,6 +3,7 @@ teacher-forced loss of the responses, of the base model plus a global weight del
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -13,15 +14,28 @@ from server.workloads.model import apply_delta
 __all__ = ["Evaluator", "evaluate", "generate", "heldout_loss", "score", "onnx_evaluate"]
 
 
+class _UnicodeTokenizer:
+    """rouge-score's own tokenisation (lower case, runs of ``[a-z0-9]``) for ASCII text, plus every
+    other non-space character as a token of its own. rouge-score drops everything outside
+    ``[a-z0-9]``, so an answer such as ``ˣ`` (the real suite's ``unicode_char`` task) or ``€`` has no
+    tokens and scores 0 even when it is exactly right; on ASCII text both give the same tokens."""
+
+    _pattern = re.compile(r"[a-z0-9]+|[^\x00-\x7f\s]")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._pattern.findall(text.lower())
+
+
 def score(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean Rouge-L F1 (word level, as rouge-score tokenises) and exact match."""
+    """Mean Rouge-L F1 (word level: rouge-score's tokens, plus non-ASCII characters, see
+    :class:`_UnicodeTokenizer`) and exact match."""
     from rouge_score import rouge_scorer
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         raise ValueError("references must be non-empty")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_UnicodeTokenizer())
     rouge = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
     exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
     n = len(references)

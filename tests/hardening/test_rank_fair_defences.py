@@ -120,6 +120,12 @@ def test_a_lone_class_is_measured_on_the_rounds_rank_scale_law():
     ref = class_norms(norms, classes, ranks, 2)
     np.testing.assert_allclose(ref[-1], 2.0 * math.sqrt(2), rtol=0.02)
     assert class_norms(norms, classes, None, 2)[-1] == pytest.approx(float(np.median(norms)))
+    # one class to fit on: anchored there with the slope LAW_SLOPE (-0.5: 2x the norm at rank / 4)
+    one = class_norms([1.0, 1.0, 1.0, 2.0, 5.0], ["16", "16", "16", "4", "1"], [16, 16, 16, 4, 1], 3)
+    np.testing.assert_allclose(one, [1.0, 1.0, 1.0, 2.0, 4.0])
+    # clipping's classes of two join the fit but keep the law's norm, not their own median
+    two = class_norms([1, 1, 1, 1, 2.2, 1.8, 9], ["16"] * 4 + ["4", "4", "1"], [16] * 4 + [4, 4, 1], 3)
+    np.testing.assert_allclose(two[4:], [2.0, 2.0, 4.0], rtol=1e-9)
     # clipping at 1.2x the typical norm: the lone phone passes; the old bound (round median) clips it
     assert clip_multipliers_by_class(norms, classes, clip_adaptive=1.2, eff_ranks=ranks)[-1] == 1.0
     assert clip_multipliers_by_class(norms, classes, clip_adaptive=1.2)[-1] < 1.0

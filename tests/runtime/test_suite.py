@@ -74,6 +74,25 @@ def test_score_rouge_and_exact_match():
         score(["a"], [])
 
 
+def test_rouge_counts_non_ascii_answers_and_keeps_rouge_scores_ascii_tokens():
+    """rouge-score drops every character outside [a-z0-9]: a right answer 'ˣ' scored 0 (real suite,
+    unicode_char). Non-ASCII characters are tokens now; ASCII text tokenises exactly as before."""
+    import random
+    import string
+
+    from rouge_score import rouge_scorer
+
+    assert score(["ˣ"], ["ˣ"])["rougeL"] == 1.0
+    assert score(["x"], ["ˣ"])["rougeL"] == 0.0
+    assert score(["€ 5"], ["5 €"])["rougeL"] == pytest.approx(0.5)
+    plain = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    assert plain.score("ˣ", "ˣ")["rougeL"].fmeasure == 0.0   # what rouge-score alone gives
+    rng = random.Random(0)
+    for _ in range(300):
+        p, r = ("".join(rng.choice(string.printable) for _ in range(rng.randint(0, 30))) for _ in range(2))
+        assert score([p], [r or "a"])["rougeL"] == pytest.approx(plain.score(r or "a", p)["rougeL"].fmeasure)
+
+
 def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     t = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "blob": np.frombuffer(b"abc", np.uint8).copy()}
     save_checkpoint(tmp_path, meta={"round": 1, "rng": [3, [1, 2], None]}, strategy_tensors=t,
