@@ -123,9 +123,13 @@ def test_a_lone_class_is_measured_on_the_rounds_rank_scale_law():
     # one class to fit on: anchored there with the slope LAW_SLOPE (-0.5: 2x the norm at rank / 4)
     one = class_norms([1.0, 1.0, 1.0, 2.0, 5.0], ["16", "16", "16", "4", "1"], [16, 16, 16, 4, 1], 3)
     np.testing.assert_allclose(one, [1.0, 1.0, 1.0, 2.0, 4.0])
-    # clipping's classes of two join the fit but keep the law's norm, not their own median
-    two = class_norms([1, 1, 1, 1, 2.2, 1.8, 9], ["16"] * 4 + ["4", "4", "1"], [16] * 4 + [4, 4, 1], 3)
-    np.testing.assert_allclose(two[4:], [2.0, 2.0, 4.0], rtol=1e-9)
+    # clipping: a class of two takes the law placed by the classes of three or more, so two
+    # colluders alone in a class at 20x cannot set their own bound (nor the law)
+    two = class_norms([1, 1, 1, 1, 2.2, 1.8, 20, 20], ["16"] * 4 + ["4", "4", "1", "1"], [16] * 4 + [4, 4, 1, 1], 3)
+    np.testing.assert_allclose(two[4:], [2.0, 2.0, 4.0, 4.0], rtol=1e-9)
+    # trimming (classes of two have a median): the same pair sets its own scale, 20
+    assert class_norms([1, 1, 1, 1, 2.2, 1.8, 20, 20], ["16"] * 4 + ["4", "4", "1", "1"],
+                       [16] * 4 + [4, 4, 1, 1], 2)[-1] == pytest.approx(20.0)
     # clipping at 1.2x the typical norm: the lone phone passes; the old bound (round median) clips it
     assert clip_multipliers_by_class(norms, classes, clip_adaptive=1.2, eff_ranks=ranks)[-1] == 1.0
     assert clip_multipliers_by_class(norms, classes, clip_adaptive=1.2)[-1] < 1.0

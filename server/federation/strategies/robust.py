@@ -225,9 +225,11 @@ def class_norms(norms: Sequence[float], classes: Sequence[str], eff_ranks: Seque
     the wrong scale for it (``alpha / r``: honest rank-2 changes are about 2.5x rank-16 ones), so
     its norm is read off the round's rank-scale law instead, ``log n = a + b log(rank)`` at the
     class's :func:`effective_rank`: fitted by least squares (weighted by class size) to the medians
-    of the classes of at least ``MIN_CLASS_TRIM`` clients when two or more of distinct rank have
-    one; with a single such class, anchored on it with the slope ``LAW_SLOPE``; with none (or no
-    ``eff_ranks``), the round's median norm."""
+    of the classes of at least ``min_class`` clients when two or more of distinct rank have one;
+    with a single such class, anchored on it with the slope ``LAW_SLOPE``; with none (or no
+    ``eff_ranks``), the round's median norm. Only classes with a median of their own place the
+    law: two colluders alone in a class of two set their own median for trimming, but not the
+    clipping bound of anyone (``MIN_CLASS_CLIP`` is 3), their own included."""
     norms = np.asarray(norms, dtype=np.float64)
     ref = np.full(norms.shape, float(np.median(norms)) if norms.size else 0.0)
     members: dict[str, list[int]] = {}
@@ -241,7 +243,7 @@ def class_norms(norms: Sequence[float], classes: Sequence[str], eff_ranks: Seque
         return ref
     rho = np.asarray(eff_ranks, dtype=np.float64)
     pts = [(math.log(float(np.median(rho[idx]))), math.log(float(np.median(norms[idx]))), len(idx))
-           for idx in members.values() if len(idx) >= MIN_CLASS_TRIM and float(np.median(norms[idx])) > 0]
+           for idx in members.values() if len(idx) >= min_class and float(np.median(norms[idx])) > 0]
     if not pts:
         return ref
     x, y, w = (np.array(v, dtype=np.float64) for v in zip(*pts))
