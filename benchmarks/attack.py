@@ -50,11 +50,11 @@ def cell_name(strategy: str, seed: int, kind: str, attackers: int, defence: str)
     return f"{strategy}__s{seed}__{kind}__x{attackers}__{defence}"
 
 
-def plan(strategies, seeds: int, kinds, counts) -> list[tuple]:
+def plan(strategies, seeds: int, kinds, counts, defences=tuple(DEFENCES)) -> list[tuple]:
     out = []
     for st in strategies:
         for s in range(seeds):
-            out += [(st, s, "none", 0, d) for d in DEFENCES]
+            out += [(st, s, "none", 0, d) for d in DEFENCES if d in defences]
             out += [(st, s, k, n, d) for k in kinds for n in counts for d in ("off", "on")]
     return out
 
@@ -183,6 +183,9 @@ def main() -> int:
     ap.add_argument("--report", default=str(ROOT / "results" / "attack"), help="prefix of the .md/.json report")
     ap.add_argument("--by-rank-report", default=str(ROOT / "results" / "defences_by_rank.md"),
                     help="the per-rank-class table of the honest runs")
+    ap.add_argument("--honest", default=",".join(DEFENCES),
+                    help=f"defence settings of the honest cells (of {', '.join(DEFENCES)}); with --kinds '' "
+                         "e.g. trim,clip,direction for the per-rank-class table alone")
     ap.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
@@ -198,7 +201,10 @@ def main() -> int:
     base = dict(num_clients=args.clients, rounds=args.rounds, local_steps=args.local_steps, num_heldout=2,
                 eval_max_new_tokens=4, threads=1)
     counts = sorted({1, max(1, math.ceil(0.2 * args.clients))})
-    cells = plan(strategies, args.seeds, kinds, counts)
+    honest = [d for d in args.honest.split(",") if d]
+    if any(d not in DEFENCES for d in honest):
+        raise SystemExit(f"--honest: of {sorted(DEFENCES)}")
+    cells = plan(strategies, args.seeds, kinds, counts, honest)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
