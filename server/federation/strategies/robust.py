@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = ["RobustConfig", "FactoredUpdate", "effective_norms", "inner_products", "squared_distances",
-           "clip_multipliers", "cap_shares", "trim_by_distance", "change_of", "effective_rank", "class_norms",
+           "gram_distances", "clip_multipliers", "cap_shares", "trim_by_distance", "change_of", "effective_rank", "class_norms",
            "class_scores", "trim_by_class", "clip_multipliers_by_class", "class_report", "slot_shares", "weigh_slots", "direction_scores",
            "trim_by_direction"]
 
@@ -108,11 +108,17 @@ def inner_products(updates: Sequence[FactoredUpdate]) -> np.ndarray:
     return g
 
 
-def squared_distances(updates: Sequence[FactoredUpdate]) -> np.ndarray:
-    """``D[i, j] = ||dW_i - dW_j||_F^2`` from :func:`inner_products` (clamped at 0)."""
-    g = inner_products(updates)
+def gram_distances(gram: np.ndarray) -> np.ndarray:
+    """``D[i, j] = G[i, i] + G[j, j] - 2 G[i, j]``, the squared distances a Gram matrix gives
+    (clamped at 0)."""
+    g = np.asarray(gram, dtype=np.float64)
     d = np.diag(g)
     return np.maximum(d[:, None] + d[None, :] - 2 * g, 0.0)
+
+
+def squared_distances(updates: Sequence[FactoredUpdate]) -> np.ndarray:
+    """``D[i, j] = ||dW_i - dW_j||_F^2`` from :func:`inner_products` (clamped at 0)."""
+    return gram_distances(inner_products(updates))
 
 
 def clip_multipliers(norms: Sequence[float], *, clip_norm: float | None = None,
@@ -159,12 +165,17 @@ def trim_by_distance(sq_dist: np.ndarray, fraction: float) -> list[int]:
     """Indices kept after dropping the ``floor(fraction x n)`` clients with the largest mean
     squared distance to the others (ties: the later index goes first); at least one is kept."""
     d = np.asarray(sq_dist, dtype=np.float64)
-    n = d.shape[0]
+    return _drop_largest(lambda: d.sum(axis=1) / max(d.shape[0] - 1, 1), d.shape[0], fraction)
+
+
+def _drop_largest(score, n: int, fraction: float) -> list[int]:
+    """Indices ``0..n-1`` without the ``floor(fraction x n)`` largest of ``score()`` (ties: the
+    later index goes first; at least one kept; ``score`` is only computed when one is dropped)."""
     drop = min(int(math.floor(fraction * n)), max(n - 1, 0))
     if drop <= 0:
         return list(range(n))
-    score = d.sum(axis=1) / max(n - 1, 1)
-    order = sorted(range(n), key=lambda i: (-score[i], -i))
+    s = score()
+    order = sorted(range(n), key=lambda i: (-s[i], -i))
     dropped = set(order[:drop])
     return [i for i in range(n) if i not in dropped]
 
@@ -266,9 +277,7 @@ def class_scores(gram: np.ndarray, classes: Sequence[str], eff_ranks: Sequence[f
     n = g.shape[0]
     ref = class_norms(np.sqrt(np.maximum(np.diag(g), 0.0)), classes, eff_ranks, MIN_CLASS_TRIM)
     scale = np.where(ref > 0, ref, 1.0)
-    gn = g / np.outer(scale, scale)
-    d = np.diag(gn)
-    sq = np.maximum(d[:, None] + d[None, :] - 2.0 * gn, 0.0)
+    sq = gram_distances(g / np.outer(scale, scale))
     np.fill_diagonal(sq, 0.0)
     return sq.sum(axis=1) / max(n - 1, 1)
 
@@ -277,14 +286,7 @@ def trim_by_class(gram: np.ndarray, fraction: float, classes: Sequence[str],
                   eff_ranks: Sequence[float] | None = None) -> list[int]:
     """Like :func:`trim_by_distance` on the changes' Gram matrix, ranking by :func:`class_scores`
     (distances normalised per rank class)."""
-    n = np.asarray(gram).shape[0]
-    drop = min(int(math.floor(fraction * n)), max(n - 1, 0))
-    if drop <= 0:
-        return list(range(n))
-    score = class_scores(gram, classes, eff_ranks)
-    order = sorted(range(n), key=lambda i: (-score[i], -i))
-    dropped = set(order[:drop])
-    return [i for i in range(n) if i not in dropped]
+    return _drop_largest(lambda: class_scores(gram, classes, eff_ranks), np.asarray(gram).shape[0], fraction)
 
 
 def clip_multipliers_by_class(norms: Sequence[float], classes: Sequence[str], *, clip_norm: float | None = None,
