@@ -150,3 +150,29 @@ def test_effective_rank_weighs_modules_by_size():
     mixed = effective_rank({"q": (1.0, b8, a8), "up": (1.0, b32, a32)})
     w8, w32 = 128, 320
     assert mixed == pytest.approx(math.exp((w8 * math.log(8) + w32 * math.log(32)) / (w8 + w32)))
+
+
+def test_direction_trimming_does_not_single_out_a_small_class_that_disagrees_within_itself():
+    # three rank-4 clients whose changes pull apart from one another (120 degrees in a plane of
+    # their own) and, like everybody, share a little of the common direction; measured within
+    # their class (the rule before) all three scored lowest and were trimmed every round; over
+    # all the others (cosines are scale-free) they are trimmed about as often as anyone
+    from server.federation.strategies.robust import trim_by_direction
+    dim, rounds, small = 400, 60, [17, 18, 19]
+    trimmed_small = trimmed = 0
+    for seed in range(rounds):
+        rng = np.random.default_rng(seed)
+        common = rng.standard_normal(dim)
+        plane = np.linalg.qr(rng.standard_normal((dim, 2)))[0].T * np.sqrt(dim)
+        x = [0.25 * common + rng.standard_normal(dim) for _ in range(17)]
+        x += [0.25 * common + 0.7 * rng.standard_normal(dim) + 0.7 * (np.cos(t) * plane[0] + np.sin(t) * plane[1])
+              for t in (0.0, 2 * np.pi / 3, 4 * np.pi / 3)]
+        g = np.stack(x) @ np.stack(x).T
+        norm = np.sqrt(np.diag(g))
+        within = [np.median([g[i, j] / (norm[i] * norm[j]) for j in small if j != i]) for i in small]
+        assert max(within) < -0.1                             # what the per-class rule ranked them by
+        kept = trim_by_direction(g, 0.2)
+        trimmed += 20 - len(kept)
+        trimmed_small += sum(1 for i in small if i not in kept)
+    share = trimmed_small / trimmed
+    assert share < 2 * 3 / 20, share                           # the goal: at most twice the class's share

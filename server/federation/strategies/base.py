@@ -48,6 +48,7 @@ from server.federation.strategies.robust import (
     effective_norms,
     effective_rank,
     inner_products,
+    slot_view_scale,
     trim_by_class,
     trim_by_direction,
     weigh_slots,
@@ -205,15 +206,20 @@ class RoundAggregation(ABC):
             if cfg.trim_fraction > 0:
                 keep = trim_by_class(gram, cfg.trim_fraction, classes, ranks)
             if cfg.direction_trim > 0:
-                keep = trim_by_direction(gram, cfg.direction_trim, classes, among=keep)
+                keep = trim_by_direction(gram, cfg.direction_trim, among=keep)
             report["trimmed"] = [updates[i].client_id for i in range(len(updates)) if i not in keep]
         kept = [updates[i] for i in keep]
         mult = np.ones(len(kept))
         if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
             contrib, _changes = self._views(kept, [factored[i] for i in keep], need_changes=False)
-            mult = clip_multipliers_by_class(effective_norms(contrib), [classes[i] for i in keep],
-                                             clip_norm=cfg.clip_norm, clip_adaptive=cfg.clip_adaptive,
-                                             eff_ranks=[ranks[i] for i in keep])
+            norms = effective_norms(contrib)
+            mult = clip_multipliers_by_class(norms, [], clip_norm=cfg.clip_norm)
+            if cfg.clip_adaptive is not None:
+                # the per-class bound on the client's own scale (raFLoRA's slot weights divided out)
+                own = norms / self._view_scales(kept, [factored[i] for i in keep])
+                mult = np.minimum(mult, clip_multipliers_by_class(
+                    own, [classes[i] for i in keep], clip_adaptive=cfg.clip_adaptive,
+                    eff_ranks=[ranks[i] for i in keep]))
             report["clipped"] = [u.client_id for u, c in zip(kept, mult) if c < 1]
         weights, capped_ids = self._cap(kept, cfg.max_weight_share)
         if cfg.max_weight_share is not None:
@@ -237,6 +243,14 @@ class RoundAggregation(ABC):
         """Per client and module, the multiplier of each rank slot relative to the client's
         weight, when the strategy weighs slots differently (raFLoRA); None: every slot 1."""
         return None
+
+    def _view_scales(self, updates: list[ClientUpdate], factored: list) -> np.ndarray:
+        """Per client, how much :meth:`_views` scales its contribution beyond its own change
+        (:func:`robust.slot_view_scale` of its slot weights; 1 when the strategy has none)."""
+        slots = self._slot_weights(updates)
+        if slots is None:
+            return np.ones(len(updates))
+        return np.array([slot_view_scale(f, sl) for f, sl in zip(factored, slots)])
 
     def _views(self, updates: list[ClientUpdate], factored: list, *, need_changes: bool = True) -> tuple[list, list]:
         """Per client: what it contributes per unit of weight, and what it changed (its

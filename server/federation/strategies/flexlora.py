@@ -61,11 +61,13 @@ class _FlexRound(RoundAggregation):
         self.budget_in_aggregator = budget is not None and strategy.method in ("auto", "sketch") \
             and self._pending is None and strategy.device == "cpu"
         self._agg = strategy.new_aggregator(round, max_state_bytes=budget if self.budget_in_aggregator else None)
-        self._change_mult: dict[str, float] = {}   # carry: clipped clients' multiplier on their change
+        self._change_mult: dict[str, float] = {}   # robust: clipped clients' multiplier on their change
 
     def _clips_change(self) -> bool:
-        # carry forms G_t + sum_k p_k Delta_k: a client moves the global by its change only
-        return self.strategy.carry and self.strategy.adapter is not None
+        # a client started from T_r(G_t) and moves what is aggregated by its change: clipping
+        # bounds the change (reply = sent + c Delta), so one rank-scale law fits every class
+        # (the reply's norm is mostly what the client was sent; it falls only as ~rank^-0.17)
+        return self.strategy.adapter is not None
 
     def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
         if not self._clips_change():
@@ -87,14 +89,15 @@ class _FlexRound(RoundAggregation):
 
     def _add_to_aggregator(self, update: ClientUpdate) -> None:
         adapter = self.strategy.adapter
-        if not self.strategy.carry or adapter is None:
+        c = self._change_mult.get(update.client_id, 1.0)
+        if adapter is None or (not self.strategy.carry and c == 1.0):
             self._agg.add_update(update)
             return
         # carry: the client's factors with the tail of G_t it did not receive appended (see the
         # module docstring); alpha=1, rslora=False makes the aggregator's scaling 1/r', so the
         # client's part is pre-scaled by s_k r' and the tail by r'.
-        # clipped (robust aggregation): c X_k + (1 - c) T_{r_k}(G_t) + tail = G_t + c Delta_k
-        c = self._change_mult.get(update.client_id, 1.0)
+        # clipped (robust aggregation): X_k' = T_{r_k}(G_t) + c Delta_k = c X_k + (1 - c) T_{r_k}(G_t),
+        # plus the tail with carry: G_t + c Delta_k
         factors = {}
         for module, (b, a) in split_factors(update.factors).items():
             s_k = update.module_scaling(module)
@@ -107,7 +110,7 @@ class _FlexRound(RoundAggregation):
                     bs.append(np.asarray(U[:, head], np.float64) * (np.asarray(S[head], np.float64) * (1.0 - c)))
                     as_.append(np.asarray(Vt[head], np.float64))
                 keep = np.flatnonzero(np.asarray(S[r_k:]) > 0) + r_k
-                if keep.size:
+                if keep.size and self.strategy.carry:
                     bs.append(np.asarray(U[:, keep], np.float64) * np.asarray(S[keep], np.float64))
                     as_.append(np.asarray(Vt[keep], np.float64))
             B, A = np.concatenate(bs, axis=1), np.concatenate(as_, axis=0)

@@ -56,6 +56,18 @@ class _RaRound(RoundAggregation):
         self._updates: list[tuple[str, int, dict[str, tuple[np.ndarray, np.ndarray, float]]]] = []
         # robust aggregation with a weight-share cap: client -> module -> its weight per slot
         self._shares: dict[str, dict[str, np.ndarray]] = {}
+        self._change_mult: dict[str, float] = {}   # robust: clipped clients' multiplier on their change
+
+    def _clips_change(self) -> bool:
+        # as FlexLoRA: clipping bounds the client's change (slot by slot, sent + c Delta), not its
+        # slot-weighted reply, whose norm grows with rank (rank^+0.5..0.65 in honest rounds)
+        return self.strategy.adapter is not None
+
+    def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
+        if not self._clips_change():
+            return super()._clip(update, c)
+        self._change_mult[update.client_id] = c     # see _finalize
+        return update
 
     def _slot_table(self, updates: list[ClientUpdate], max_share: float | None) -> list[dict[str, np.ndarray]]:
         """Per client and module, the weight raFLoRA gives each of its slots (capped per slot)."""
@@ -121,11 +133,23 @@ class _RaRound(RoundAggregation):
         agg = self.strategy.new_aggregator(self.round)
         for cid, n, pairs in self._updates:
             factors = {}
+            c = self._change_mult.get(cid, 1.0)
+            sent = self._sent_cache.get(cid) if c != 1.0 else None
             for m, (b, a, s) in pairs.items():
                 r = b.shape[1]
                 share = self._shares[cid][m] if cid in self._shares else n / weights[m][:r]
-                col = (s * r * counts[m]) * share
                 a_key, b_key = factor_keys(m)
+                if sent is not None and m in sent and sent[m][1].shape[1] == r:
+                    # clipped: slot i is c b_i a_i^T + (1 - c) (what it was sent in slot i), weighed
+                    # as the slot; the aggregator's scaling is 1/(2r) for the 2r columns
+                    s0, b0, a0 = sent[m]
+                    col = (2 * r * counts[m]) * share
+                    factors[a_key] = np.concatenate([a, np.asarray(a0, np.float32)], axis=0)
+                    factors[b_key] = np.concatenate([b.astype(np.float64) * (col * s * c),
+                                                     np.asarray(b0, np.float64) * (col * s0 * (1.0 - c))],
+                                                    axis=1).astype(np.float32)
+                    continue
+                col = (s * r * counts[m]) * share
                 factors[a_key] = a
                 factors[b_key] = (b.astype(np.float64) * col).astype(np.float32)
             agg.add(factors, num_examples=1, alpha=1.0, rslora=False, client_id=cid)
