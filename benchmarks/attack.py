@@ -15,7 +15,7 @@ aggregates. Each attacked cell is compared with the clean cell of the same strat
 defence setting; the goal is a change below the clean seed-to-seed spread (max - min).
 
 Sharded and resumable: each cell is one JSON file in ``--out`` (written atomically), cells
-already there are skipped, ``--shard I/N`` runs every N-th cell; the report (``--report``
+already there are skipped, ``--shard I/N`` runs the cells whose name hashes (CRC-32) to ``I`` mod ``N``; the report (``--report``
 prefix: ``.md`` and ``.json``) is written from whatever cells are there.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def report(cells: list[dict], base: dict, cmd: str) -> tuple[str, dict]:
             {"summary": summary, "by_rank_class": by_class})
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=10)
@@ -186,9 +187,10 @@ def main() -> int:
     ap.add_argument("--honest", default=",".join(DEFENCES),
                     help=f"defence settings of the honest cells (of {', '.join(DEFENCES)}); with --kinds '' "
                          "e.g. trim,clip,direction for the per-rank-class table alone")
-    ap.add_argument("--shard", default="0/1", help="I/N: run every N-th cell starting at I")
+    ap.add_argument("--shard", default="0/1", help="I/N: run the cells whose name hashes to I mod N (stable, so "
+                                                   "N processes split any subset of the grid evenly)")
     ap.add_argument("--report-only", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     kinds = [k for k in args.kinds.split(",") if k]
     unknown = [k for k in kinds if k not in ADVERSARIAL]
@@ -210,7 +212,7 @@ def main() -> int:
     t0 = time.perf_counter()
     for j, c in enumerate(cells):
         path = out / (cell_name(*c) + ".json")
-        if args.report_only or j % n_shard != i_shard or path.exists():
+        if args.report_only or zlib.crc32(path.stem.encode()) % n_shard != i_shard or path.exists():
             continue
         res = run_cell(*c, base)
         res["base"] = base
@@ -220,7 +222,8 @@ def main() -> int:
         print(f"[{j + 1}/{len(cells)}] {path.stem}: loss {_f(res['heldout_loss'])} ({res['wall_s']:.0f} s, "
               f"{time.perf_counter() - t0:.0f} s total)", flush=True)
     done = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
-    cmd = "python benchmarks/attack.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--report-only"))
+    cmd = "python benchmarks/attack.py " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)
+                                                    if not a.startswith("--report-only"))
     md, by_rank_md, doc = report(done, base, cmd.strip())
     Path(args.report + ".md").write_text(md + "\n" + by_rank_md)
     Path(args.by_rank_report).write_text(

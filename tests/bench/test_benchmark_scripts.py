@@ -64,3 +64,30 @@ def test_budget_on_collected_updates(tmp_path, monkeypatch):
         full = [p for p in row["routes"]["sketch"]["curve"] if p["fraction_of_dense"] == 1.0]
         assert full and full[0]["err_over_opt"] <= 1.05
     assert "Real client updates" in res.with_suffix(".md").read_text()
+
+
+@pytest.mark.slow
+def test_attack_benchmark_smoke(tmp_path, monkeypatch):
+    """A small attack grid (issue 21) run as two shards into one folder: the shards split the
+    cells between them (every cell once), the report compares the attacked cells with the clean
+    ones, and the per-rank-class table counts the honest clipping cell's client-rounds."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    attack = _load("attack.py")
+    out, rep, by_rank = tmp_path / "cells", tmp_path / "attack", tmp_path / "by_rank.md"
+    args = ["--clients", "4", "--rounds", "2", "--local-steps", "1", "--seeds", "1", "--kinds", "scaled",
+            "--strategies", "flexlora", "--honest", "off,on,clip", "--out", str(out), "--report", str(rep),
+            "--by-rank-report", str(by_rank)]
+    for shard in ("0/2", "1/2"):
+        assert attack["main"]([*args, "--shard", shard]) == 0
+    cells = sorted(p.stem for p in out.glob("*.json"))
+    assert cells == sorted(attack["cell_name"]("flexlora", 0, k, n, d) for k, n, d in
+                           [("none", 0, "off"), ("none", 0, "on"), ("none", 0, "clip"),
+                            ("scaled", 1, "off"), ("scaled", 1, "on")])
+    doc = json.loads(rep.with_suffix(".json").read_text())
+    assert len(doc["cells"]) == 5
+    for c in doc["cells"]:
+        assert c["heldout_loss"] is not None and len(c["losses"]) == 2 and c["failed_rounds"] == 0
+    clip = next(c for c in doc["cells"] if c["defence"] == "clip")
+    assert sum(v["clients"] for v in clip["by_rank"].values()) == 4 * 2
+    assert "| scaled | 1 | off |" in rep.with_suffix(".md").read_text()
+    assert "clip (clipped)" in by_rank.read_text()
