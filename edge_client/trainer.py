@@ -91,7 +91,7 @@ class TrainConfig:
 
     # The Flower run config keys (``[tool.flwr.app.config]``) that set these fields.
     RUN_CONFIG_KEYS = {"local-steps": "steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
-                       "max-length": "max_length", "target-modules": "target_modules"}
+                       "rslora": "rslora", "max-length": "max_length", "target-modules": "target_modules"}
 
     @classmethod
     def from_run_config(cls, run_config: Mapping) -> "TrainConfig":
@@ -104,6 +104,8 @@ class TrainConfig:
                     value = tuple(t.strip() for t in str(value).split(",") if t.strip()) or AUTO
                 elif name in ("lr", "alpha") and isinstance(value, int) and not isinstance(value, bool):
                     value = float(value)
+                elif name == "rslora" and not isinstance(value, bool):
+                    raise ValueError(f"run config 'rslora' must be true or false, got {value!r}")
                 kw[name] = value
         return cls(**kw)
 

@@ -21,7 +21,7 @@ REAL_MODEL_TIMEOUT_S = 1800.0   # simulate's client timeout with --model (a real
 
 
 class BadNumber(str):
-    """A refused command-line number; :func:`main` reports the first one in one line (exit 1)."""
+    """A refused command-line number (or other value); :func:`main` reports the first one in one line (exit 1)."""
 
 
 def check_numbers(args: argparse.Namespace) -> None:
@@ -46,6 +46,16 @@ def number(kind: type, *, lo: float | None = None, hi: float | None = None, lo_o
         return value
     parse.__name__ = kind.__name__
     return parse
+
+
+def target_list(text: str):
+    """argparse type: comma-separated LoRA target module short names (``q_proj,v_proj``); a
+    refused list is reported by :func:`main` in one line, like a refused number."""
+    from server.runtimes.config import parse_targets
+    try:
+        return parse_targets(text)
+    except ValueError as exc:
+        return BadNumber(str(exc))
 
 
 def _max_clients() -> int:
@@ -125,12 +135,20 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
                    "hub id (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
     p.add_argument("--suite", choices=list(SUITES), default=d.suite,
-                   help="without --data: the bundled demo suite, the rank suite, or the real-facts multi-task suite "
-                        "(clients are tasks; held out: unseen tasks)")
+                   help="without --data: the bundled demo suite, the rank suite, the real-facts multi-task suite "
+                        "(clients are tasks; held out: unseen tasks), or 'facts': 280 arbitrary facts of 4 "
+                        "memorisation tasks dealt unequally over the clients (capacity-bound; held out: unseen "
+                        "tasks; some seeds, e.g. 1 and 2, put a facts task among the unseen ones: an error "
+                        "says so)")
     p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
     p.add_argument("--batch-size", type=number(int, lo=1, hi=1_000_000), default=d.batch_size)
     p.add_argument("--lr", type=number(float, lo=0, hi=1e3, lo_open=True), default=d.lr)
     p.add_argument("--alpha", type=number(float, lo=0, hi=1e6, lo_open=True), default=d.alpha)
+    p.add_argument("--rslora", action="store_true",
+                   help="rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--targets", type=target_list, default=d.target_modules,
+                   help=f"comma-separated short names of the layers that get LoRA, e.g. q_proj,v_proj "
+                        f"(default {','.join(d.target_modules)}: every linear projection of the blocks)")
     p.add_argument("--min-clients", type=number(int, lo=1, hi=1_000_000), default=d.min_clients)
     p.add_argument("--client-timeout", type=number(float, lo=0, hi=10**7, lo_open=True), default=None,
                    help=f"seconds before a silent client is dropped (default {d.client_timeout_s:g} on the shipped "
@@ -155,9 +173,9 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def _run_simulate(args: argparse.Namespace) -> int:
+def simulate_config(args: argparse.Namespace):
+    """The ``RunConfig`` that ``flexlora simulate``'s parsed ``args`` describe."""
     from server.runtimes.config import RunConfig
-    from server.runtimes.simulate import results_summary, run_simulation
 
     faults = {}
     for item in args.fault:
@@ -174,14 +192,21 @@ def _run_simulate(args: argparse.Namespace) -> int:
                     clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
                     seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
                     model=args.model, data=args.data, suite=args.suite, local_steps=args.local_steps,
-                    batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, min_clients=args.min_clients,
+                    batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, rslora=args.rslora,
+                    target_modules=tuple(args.targets), min_clients=args.min_clients,
                     client_timeout_s=timeout, checkpoint_dir=args.checkpoint_dir,
                     resume=args.resume or args.resume_round is not None, faults=faults, threads=args.threads,
                     progress=not args.no_progress, overwrite=args.overwrite,
                     keep_checkpoints=args.keep_checkpoints, split=args.split, carry=args.carry,
                     resume_round=args.resume_round, sanity_ratio=args.sanity_ratio or None,
                     device=args.device, shards=args.shards, **defence_settings(args))
-    doc = run_simulation(cfg)
+    return cfg
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from server.runtimes.simulate import results_summary, run_simulation
+
+    doc = run_simulation(simulate_config(args))
     if args.json:
         json.dump(doc, sys.stdout, indent=1, sort_keys=True)
         sys.stdout.write("\n")

@@ -74,11 +74,13 @@ def suite_for(cfg: RunConfig) -> Suite:
                                      seed=cfg.seed, heldout_examples=cfg.heldout_examples)
         return load_suite_from_jsonl(cfg.data, num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
                                      seed=cfg.seed)
-    if cfg.suite in ("rank", "real"):
+    if cfg.suite in ("rank", "real", "facts"):
         if cfg.suite == "rank":
             from server.workloads.rank_suite import build_rank_suite as build
-        else:   # real facts (server.workloads.real_tasks); held out: whole unseen tasks
+        elif cfg.suite == "real":   # real facts (server.workloads.real_tasks); held out: whole unseen tasks
             from server.workloads.real_suite import build_real_suite as build
+        else:   # arbitrary facts of the memorisation tasks dealt over clients; held out: unseen tasks
+            from server.workloads.real_suite import build_facts_federation as build
         return build(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
                      heldout_examples=cfg.heldout_examples, seed=cfg.seed)
     return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
@@ -87,7 +89,7 @@ def suite_for(cfg: RunConfig) -> Suite:
 
 def train_config_for(cfg: RunConfig) -> TrainConfig:
     return TrainConfig(steps=cfg.local_steps, batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
-                       max_length=cfg.max_length, target_modules=tuple(cfg.target_modules))
+                       rslora=cfg.rslora, max_length=cfg.max_length, target_modules=tuple(cfg.target_modules))
 
 
 @dataclass

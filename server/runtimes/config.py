@@ -27,11 +27,13 @@ from server.federation.strategies import STRATEGIES, RobustConfig, StrategyConfi
 from server.workloads.model import TARGET_MODULES
 
 __all__ = ["RunConfig", "RANK_ASSIGNMENTS", "DATA_SPLITS", "SUITES", "experiment_settings",
-           "EXPERIMENT_DEFAULTS", "check_device"]
+           "EXPERIMENT_DEFAULTS", "check_device", "parse_targets"]
 
 RANK_ASSIGNMENTS = ("draw", "allot")          # see RunConfig.rank_assignment
 DATA_SPLITS = ("round_robin", "per_category")  # see RunConfig.data_split
-SUITES = ("bundled", "rank", "real")           # without data: the bundled demo suite, the rank suite, real facts
+# without data: the bundled demo suite, the rank suite, the real multi-task suite (clients are tasks),
+# or the facts suite (clients hold arbitrary facts of 4 memorisation tasks; capacity-bound, issue 20)
+SUITES = ("bundled", "rank", "real", "facts")
 DEVICES_HELP = "cpu, cuda or cuda:N"
 
 
@@ -52,6 +54,17 @@ def _positive(obj, name: str, *, optional: bool = False) -> None:
 def _choice(obj, name: str, choices) -> None:
     if getattr(obj, name) not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {getattr(obj, name)!r}")
+
+
+def parse_targets(text: str) -> tuple[str, ...]:
+    """A command line's comma-separated LoRA target module short names (``q_proj,v_proj``) as
+    ``RunConfig.target_modules``; ValueError quoting ``text`` when a name is empty or not an identifier."""
+    names = tuple(t.strip() for t in str(text).split(","))
+    bad = sorted({t for t in names if not t.isidentifier()})
+    if bad:
+        raise ValueError(f"{text!r} is not a comma-separated list of module names such as q_proj,v_proj "
+                         f"({', '.join(repr(t) if t else 'an empty name' for t in bad)})")
+    return names
 
 
 def check_device(device: str) -> None:
@@ -91,13 +104,14 @@ class RunConfig:
     model: str | None = None                  # None: the shipped tiny model
     data: str | None = None                   # JSONL; None: a generated suite
     data_split: str = "round_robin"           # JSONL: categories round-robin over clients, or one client per category
-    suite: str = "bundled"                    # without data: "bundled" demo suite, "rank" suite or "real" facts
+    suite: str = "bundled"                    # without data: "bundled", "rank", "real" or "facts" (see SUITES)
     target_modules: tuple[str, ...] = AUTO    # short names of the layers that get LoRA; ("auto",): discovered
     # --- local training and evaluation
     local_steps: int = 30
     batch_size: int = 8
     lr: float = 5e-3
     alpha: float = 16.0
+    rslora: bool = False                      # rank-stabilised LoRA: scaling alpha / sqrt(r) instead of alpha / r
     max_length: int = 64
     eval_max_new_tokens: int = 16
     collapse_threshold: float = 0.9           # spectrum warning: share of ||dW||^2 at the smallest rank
@@ -137,6 +151,8 @@ class RunConfig:
         for name in ("lr", "alpha"):
             _positive(self, name)
         _positive(self, "client_timeout_s", optional=True)
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be a bool (True or False), got {self.rslora!r}")
         _choice(self, "strategy", sorted(STRATEGIES))
         _choice(self, "fedit_rank", ("min", "max"))
         _choice(self, "split", SPLITS)
@@ -207,9 +223,9 @@ class RunConfig:
         return DecodeLimits(**given) if given else None
 
     def strategy_config(self, *, base_model: str | None, module_shapes) -> StrategyConfig:
-        return StrategyConfig(alpha=self.alpha, min_clients=self.min_clients, base_model=base_model,
-                              module_shapes=module_shapes, seed=self.seed, limits=self.decode_limits(),
-                              max_round_bytes=self.max_round_bytes, robust=self.robust())
+        return StrategyConfig(alpha=self.alpha, rslora=self.rslora, min_clients=self.min_clients,
+                              base_model=base_model, module_shapes=module_shapes, seed=self.seed,
+                              limits=self.decode_limits(), max_round_bytes=self.max_round_bytes, robust=self.robust())
 
     def identity(self) -> dict:
         """Fields a resumed run must share with the checkpoint it resumes (the fields added
@@ -219,7 +235,7 @@ class RunConfig:
                 "target_modules", "split", "carry")
         out = {k: getattr(self, k) for k in keep}
         out["target_modules"] = list(self.target_modules)
-        for name in ("rank_assignment", "data_split", "suite", "heldout_examples"):
+        for name in ("rank_assignment", "data_split", "suite", "heldout_examples", "rslora"):
             if getattr(self, name) != _DEFAULTS[name]:
                 out[name] = getattr(self, name)
         return out

@@ -28,7 +28,8 @@ from server.workloads.real_tasks import KINDS, TASKS, source_versions
 from server.workloads.suite import ClientData, Suite, write_jsonl
 
 __all__ = ["RealSuiteConfig", "RealSuite", "build_real_suite", "real_suite", "export_jsonl", "split_evaluators",
-           "FACTS_TASKS", "FactsSuiteConfig", "FactsSuite", "facts_suite"]
+           "FACTS_TASKS", "FactsSuiteConfig", "FactsSuite", "facts_suite", "FACTS_QV_TASKS",
+           "build_facts_federation"]
 
 
 def _int(name: str, value, lo: int) -> int:
@@ -274,3 +275,78 @@ def facts_suite(config: FactsSuiteConfig | None = None) -> FactsSuite:
         held += [_record(t, p) for p in pool[cfg.facts_per_task:]]
     return FactsSuite(config=cfg, train=train, heldout_seen=held,
                       heldout_unseen=[r for c in real.heldout_unseen for r in c.examples])
+
+
+# ------------------------------------------------------------------------------------ facts federation
+# The central probe's capacity-bound setting (scripts/rank_sensitivity.py --suite facts --targets
+# q_proj,v_proj): 4 x 70 = 280 arbitrary facts, which a q/v-only adapter must memorise.
+FACTS_QV_TASKS = ("country_numeric", "currency_numeric", "language_alpha3", "element_mass")
+
+
+def _deal(n: int, weights: list[float]) -> list[int]:
+    """``n`` items over ``len(weights)`` holders in proportion to ``weights``, every holder at
+    least one (largest remainder on what is left after one each); the counts sum to ``n``."""
+    rest = n - len(weights)
+    total = sum(weights)
+    shares = [rest * w / total for w in weights]
+    counts = [int(s) for s in shares]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - shares[i], i))
+    for i in by_remainder[:rest - sum(counts)]:
+        counts[i] += 1
+    return [1 + c for c in counts]
+
+
+def build_facts_federation(*, num_clients: int, num_heldout: int, heldout_examples: int, seed: int,
+                           tasks: tuple[str, ...] = FACTS_QV_TASKS, facts_per_task: int = 70) -> Suite:
+    """The facts suite (:func:`facts_suite`, ``heldout_per_task=0``) as a federation, a pure
+    function of its arguments (same arguments as ``build_real_suite`` plus the facts):
+
+    * client ``i`` holds one task (even ``i``) or two (odd ``i``), dealt round-robin over
+      ``tasks`` as :func:`real_suite` deals its tasks; every task needs a client;
+    * each task's ``facts_per_task`` facts are split among the clients holding it in unequal,
+      seeded proportions; every fact goes to exactly one client, every client gets at least one;
+    * held out: the real suite's ``num_heldout`` unseen tasks at ``seed`` (``heldout_examples``
+      examples each, one ``unseen-{task}`` client per task), as ``build_real_suite``'s.
+
+    ValueError when a facts task is one of those unseen tasks (pick another seed), when too few
+    clients leave a task without one, or too many leave a client without a fact."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, int) or num_clients < 1:
+        raise ValueError(f"build_facts_federation: num_clients must be an int >= 1, got {num_clients!r}")
+    facts = facts_suite(FactsSuiteConfig(tasks=tasks, facts_per_task=facts_per_task, heldout_per_task=0,
+                                         num_unseen_tasks=num_heldout, unseen_examples=heldout_examples, seed=seed))
+    tasks = facts.config.tasks
+    held: list[list[str]] = []
+    slot = 0
+    for i in range(num_clients):
+        count = 2 if i % 2 == 1 and len(tasks) > 1 else 1
+        held.append([tasks[(slot + j) % len(tasks)] for j in range(count)])
+        slot += count
+    holders = {t: [i for i, h in enumerate(held) if t in h] for t in tasks}
+    empty = [t for t in tasks if not holders[t]]
+    if empty:
+        raise ValueError(f"build_facts_federation: num_clients={num_clients} clients hold {slot} task slots, "
+                         f"fewer than the {len(tasks)} tasks; tasks {empty} would have no client (use at least "
+                         f"{next(n for n in range(1, 2 * len(tasks)) if n + n // 2 >= len(tasks))} clients)")
+    crowded = {t: len(h) for t, h in holders.items() if len(h) > facts_per_task}
+    if crowded:
+        t, n = next(iter(crowded.items()))
+        raise ValueError(f"build_facts_federation: num_clients={num_clients} clients deal task {t!r} to {n} of "
+                         f"them, more than its facts_per_task={facts_per_task} facts; every client needs at least "
+                         "one fact (use fewer clients or more facts_per_task)")
+    rng = random.Random(f"facts-federation-{seed}")
+    examples: list[list[dict[str, str]]] = [[] for _ in range(num_clients)]
+    for t in tasks:
+        records = [r for r in facts.train if r["category"] == t]     # facts_suite's seeded draw, in its order
+        counts = _deal(len(records), [rng.uniform(1.0, 4.0) for _ in holders[t]])
+        start = 0
+        for i, n in zip(holders[t], counts):
+            examples[i] += records[start:start + n]
+            start += n
+    train = []
+    for i, (tasks_i, ex) in enumerate(zip(held, examples)):
+        rng.shuffle(ex)
+        train.append(ClientData(client_id=f"client-{i:03d}", families=list(tasks_i), examples=ex))
+    heldout = [ClientData(client_id=f"unseen-{t}", families=[t],
+                          examples=[r for r in facts.heldout_unseen if r["category"] == t])
+               for t in facts.unseen_tasks()]
+    return Suite(train=train, heldout=heldout)

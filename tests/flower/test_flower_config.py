@@ -34,6 +34,18 @@ def test_given_keys_override_defaults():
         to_run_config({"lr": "fast"}, num_clients=2)
 
 
+def test_rslora_key_reaches_the_server_and_the_edge_clients():
+    from edge_client.trainer import TrainConfig
+
+    assert run_config_defaults()["rslora"] is False and to_run_config({}, num_clients=2).rslora is False
+    assert to_run_config({"rslora": True}, num_clients=2).rslora is True
+    assert TrainConfig.from_run_config({"rslora": True}).rslora is True
+    with pytest.raises(ValueError, match="'rslora' must be true or false"):
+        to_run_config({"rslora": "yes"}, num_clients=2)
+    with pytest.raises(ValueError, match="'rslora' must be true or false"):
+        TrainConfig.from_run_config({"rslora": "yes"})
+
+
 def test_pyproject_flower_config_matches_simulation_defaults():
     """`flwr run` fills keys from [tool.flwr.app.config]; they must mean what `flexlora simulate` means."""
     import tomllib

@@ -3,6 +3,7 @@ runtime uses them, FLoRA's merge-once state, the Flower task registry, the devic
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -31,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
     ({"device": "cuda", "strategy": "fedit"}, "only flexlora and raflora aggregate on a GPU"),
     ({"max_reply_bytes": 0}, "max_bytes must be a positive int"),
     ({"trim_fraction": 0.9}, "trim_fraction"),
+    ({"rslora": "yes"}, "rslora must be a bool"),
+    ({"rslora": 1}, "rslora must be a bool"),
 ])
 def test_run_config_names_the_bad_field(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -126,3 +129,53 @@ def test_flower_tasks_are_found_by_name_not_by_a_server_path():
         assert app.task_factory("probe-task") is Probe
     finally:
         app._TASKS.pop("probe-task")
+
+
+def test_rslora_reaches_the_strategy_the_clients_and_the_identity():
+    from server.runtimes.build import train_config_for
+
+    on, off = RunConfig(rslora=True), RunConfig()
+    assert on.strategy_config(base_model=None, module_shapes=None).rslora is True
+    assert off.strategy_config(base_model=None, module_shapes=None).rslora is False
+    assert train_config_for(on).rslora is True and train_config_for(off).rslora is False
+    assert on.identity()["rslora"] is True
+    assert "rslora" not in off.identity()          # older checkpoints (without the field) still resume
+    assert {k: v for k, v in on.identity().items() if k != "rslora"} == off.identity()
+    assert "rslora" not in experiment_settings().identity()
+
+
+def test_simulate_flags_rslora_targets_and_suite_reach_the_run_config(capsys):
+    from server.cli import build_parser, check_numbers, main, simulate_config
+
+    def config(*argv):
+        args = build_parser().parse_args(["simulate", *argv])
+        check_numbers(args)
+        return simulate_config(args)
+
+    cfg = config("--rslora", "--targets", "q_proj, v_proj", "--suite", "facts")
+    assert (cfg.rslora, cfg.target_modules, cfg.suite) == (True, ("q_proj", "v_proj"), "facts")
+    plain = config()
+    assert (plain.rslora, plain.target_modules, plain.suite) == (False, RunConfig().target_modules, "bundled")
+    assert main(["simulate", "--targets", "q-proj,v_proj"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--targets 'q-proj,v_proj'" in err[0] and "module names" in err[0]
+
+
+def test_experiment_flags_rslora_and_targets_reach_the_cell_settings(capsys):
+    from server.runtimes.experiments.cli import add_arguments, build_config, main
+    from server.runtimes.experiments.config import ExperimentConfig
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["run", "--rslora", "--targets", "q_proj,v_proj", "--suite", "facts"])
+    cfg = build_config(args)
+    assert (cfg.settings.rslora, cfg.settings.target_modules, cfg.settings.suite) == \
+        (True, ("q_proj", "v_proj"), "facts")
+    ident = cfg.identity()
+    assert ident["rslora"] is True and ident["target_modules"] == ["q_proj", "v_proj"] and ident["suite"] == "facts"
+    default = build_config(parser.parse_args(["run"]))
+    assert default.settings == experiment_settings() and "rslora" not in default.identity()
+    assert default.identity_hash() == ExperimentConfig().identity_hash()
+    assert main(["run", "--targets", "q_proj,,v_proj", "--out", "unused"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--targets 'q_proj,,v_proj'" in err[0] and "an empty name" in err[0]

@@ -248,3 +248,68 @@ def test_rank_sensitivity_facts_suite_on_the_tiny_model(tmp_path):
     assert doc["args"]["rslora"] is True and all(r["steps"] == 3 for r in doc["rows"])   # 10 facts, batch 4
     for key in ("train_loss", "train_token_acc", "train_exact", "seen_loss", "heldout_loss", "heldout_exact"):
         assert key in doc["base_losses"] and all(key in r for r in doc["rows"])
+
+
+# ------------------------------------------------------------------------ the facts federation (--suite facts)
+def _facts_federation(**kw):
+    from server.workloads.real_suite import build_facts_federation
+
+    return build_facts_federation(**{"num_clients": 8, "num_heldout": 4, "heldout_examples": 3, "seed": 0, **kw})
+
+
+def test_facts_federation_deals_every_fact_once_over_unequal_clients():
+    from server.workloads.real_suite import FACTS_QV_TASKS, FactsSuiteConfig, facts_suite
+
+    suite = _facts_federation()
+    facts = facts_suite(FactsSuiteConfig(tasks=FACTS_QV_TASKS, facts_per_task=70, heldout_per_task=0,
+                                         num_unseen_tasks=4, unseen_examples=3, seed=0))
+    dealt = [r for c in suite.train for r in c.examples]
+    key = lambda r: (r["category"], r["input"], r["output"], r["instruction"])   # noqa: E731
+    assert len(dealt) == 280 and sorted(map(key, dealt)) == sorted(map(key, facts.train))
+    assert [c.client_id for c in suite.train] == [f"client-{i:03d}" for i in range(8)]
+    assert [len(c.families) for c in suite.train] == [1, 2] * 4
+    for c in suite.train:
+        assert c.examples and {r["category"] for r in c.examples} == set(c.families)
+    # round-robin over the tasks, as real_suite() deals its tasks
+    assert [t for c in suite.train for t in c.families] == list(FACTS_QV_TASKS) * 3
+    per_task = {t: sorted(sum(r["category"] == t for r in c.examples) for c in suite.train if t in c.families)
+                for t in FACTS_QV_TASKS}
+    assert all(sum(n) == 70 and len(set(n)) > 1 for n in per_task.values())      # unequal shares
+    assert len({len(c.examples) for c in suite.train}) > 4
+    # held out: the real suite's unseen tasks, one client each (as build_real_suite)
+    real = build_real_suite(num_clients=8, num_heldout=4, heldout_examples=3, seed=0)
+    assert [(c.client_id, c.families, c.examples) for c in suite.heldout] == \
+        [(c.client_id, c.families, c.examples) for c in real.heldout]
+    assert [c.client_id for c in suite.heldout] == [f"unseen-{c.families[0]}" for c in suite.heldout]
+    assert not {c.families[0] for c in suite.heldout} & set(FACTS_QV_TASKS)
+
+
+def test_facts_federation_is_a_pure_function_of_its_seed():
+    a, b = _facts_federation(), _facts_federation()
+    assert a == b
+    other = _facts_federation(seed=3)
+    assert [c.examples for c in other.train] != [c.examples for c in a.train]
+    assert [len(c.examples) for c in other.train] != [len(c.examples) for c in a.train]
+
+
+def test_facts_federation_errors_are_clear():
+    with pytest.raises(ValueError, match="unseen tasks of the real suite at seed 1"):
+        _facts_federation(seed=1)
+    with pytest.raises(ValueError, match=r"num_clients=200 .* more than its facts_per_task=70 facts"):
+        _facts_federation(num_clients=200)
+    with pytest.raises(ValueError, match=r"num_clients=2 clients hold 3 task slots, fewer than the 4 tasks"):
+        _facts_federation(num_clients=2)
+    with pytest.raises(ValueError, match="num_clients must be an int >= 1"):
+        _facts_federation(num_clients=0)
+    small = _facts_federation(num_clients=6, facts_per_task=3)     # every holder of a task gets one fact
+    assert all(len(c.examples) >= 1 for c in small.train)
+
+
+def test_suite_facts_reaches_the_runtimes():
+    from server.runtimes.build import suite_for
+    from server.runtimes.config import RunConfig
+
+    suite = suite_for(RunConfig(suite="facts", num_clients=8, heldout_examples=3))
+    assert suite == _facts_federation()
+    with pytest.raises(ValueError, match="unseen tasks of the real suite at seed 2"):
+        suite_for(RunConfig(suite="facts", num_clients=8, seed=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -133,3 +134,19 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     a, b = json.loads(resumed.stdout), json.loads(full.stdout)
     assert a["resumed"] and a["rounds_completed"] == b["rounds_completed"] == 3
     assert _numbers(a) == _numbers(b) and a["base"] == b["base"]
+
+
+def test_rslora_federation_accepts_every_reply(monkeypatch):
+    """rslora reaches the clients and the server alike: the server refuses a reply whose rslora
+    differs from the run's, so every reply accepted means the two agree."""
+    cfg = RunConfig(rounds=1, rslora=True, **{**SMALL, "num_clients": 2, "local_steps": 1})
+    doc = run_simulation(cfg)
+    r = doc["rounds"][0]
+    assert doc["rounds_completed"] == 1 and r["clients"] == 2 and not r["rejected"] and not r.get("failed")
+    # the check is live: clients that train without rslora are refused
+    import server.runtimes.build as build
+    plain = build.train_config_for
+    monkeypatch.setattr(build, "train_config_for", lambda c: dataclasses.replace(plain(c), rslora=False))
+    doc = run_simulation(cfg)
+    assert all("rslora=False differs" in why for why in doc["rounds"][0]["rejected"].values())
+    assert len(doc["rounds"][0]["rejected"]) == 2

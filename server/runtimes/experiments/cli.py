@@ -17,6 +17,7 @@ import math
 import sys
 import time
 
+from server.runtimes.config import parse_targets
 from server.runtimes.experiments.config import (
     ARMS,
     DISTRIBUTIONS,
@@ -44,6 +45,15 @@ _SETTING_FLAGS = {
     "max_norm_growth": ("max_norm_growth", float), "max_num_examples": ("max_num_examples", int),
     "max_delta_norm": ("max_delta_norm", float), "device": ("device", str), "shards": ("shards", int),
     "sanity_ratio": ("sanity_ratio", float),
+    # the adapter: rank-stabilised scaling (a switch) and the layers that get LoRA (comma list)
+    "rslora": ("rslora", bool), "targets": ("target_modules", parse_targets),
+}
+_HELP = {
+    "suite": "without --data: bundled, rank, real (clients are tasks) or facts (280 arbitrary facts of 4 "
+             "memorisation tasks dealt unequally over the clients; held out: unseen tasks; some seeds, e.g. 1 "
+             "and 2, put a facts task among the unseen ones: an error says so)",
+    "rslora": "rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r",
+    "targets": "comma-separated short names of the layers that get LoRA, e.g. q_proj,v_proj",
 }
 
 
@@ -65,8 +75,14 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distributions", type=_csv(str), default=None, help=f"comma list of {','.join(DISTRIBUTIONS)}")
     p.add_argument("--seeds", type=_csv(int), default=None, help="comma list (default 0,1,2)")
     for flag, (name, kind) in _SETTING_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None,
-                       help=f"(default {getattr(d, name)})")
+        default = getattr(d, name)
+        text = f"{_HELP[flag]} " if flag in _HELP else ""
+        text += f"(default {','.join(default) if isinstance(default, tuple) else default})"
+        if kind is bool:     # a switch: absent leaves the config file's (or the default) value
+            p.add_argument("--" + flag.replace("_", "-"), action="store_true", default=None, help=text)
+        else:                # parse_targets' errors are reported by build_config in one line
+            p.add_argument("--" + flag.replace("_", "-"), type=str if kind is parse_targets else kind,
+                           default=None, help=text)
     p.add_argument("--fault", action="append", default=[], metavar="CLIENT=KIND",
                    help="inject a fault into every cell (as in simulate; python:MODULE:FUNCTION is the red-team hook)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
@@ -81,11 +97,16 @@ def _add_run(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> ExperimentConfig:
     doc = load_config_file(args.config) if args.config else {}
     settings = dict(doc.get("settings", {}))
-    for flag, (name, _) in _SETTING_FLAGS.items():
+    for flag, (name, kind) in _SETTING_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{flag.replace('_', '-')} must be finite, got {value}")
+            if kind is parse_targets:
+                try:
+                    value = parse_targets(value)
+                except ValueError as exc:
+                    raise ValueError(f"--{flag} {exc}") from None
             settings[name] = value
     for item in getattr(args, "fault", None) or []:
         cid, sep, kind = item.partition("=")

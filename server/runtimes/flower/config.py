@@ -5,9 +5,9 @@ its defaults and validation from one place.
 Keys (Flower style, hyphenated): ``strategy``, ``num-server-rounds``, ``seed``, ``num-heldout``,
 ``rank-distribution`` ("" = device mix + rank policy), ``fedit-rank``, ``model`` ("" = the
 shipped tiny model), ``data`` ("" = the bundled suite), ``local-steps``, ``batch-size``, ``lr``,
-``alpha``, ``max-length``, ``min-clients``, ``min-nodes`` (nodes to wait for), ``node-wait-s``,
-``round-timeout-s``, ``evaluate``, ``eval-max-new-tokens``, ``output-dir``, ``resume``,
-``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default), ``device``
+``alpha``, ``rslora`` (rank-stabilised scaling), ``max-length``, ``min-clients``, ``min-nodes``
+(nodes to wait for), ``node-wait-s``, ``round-timeout-s``, ``evaluate``, ``eval-max-new-tokens``,
+``output-dir``, ``resume``, ``client-task`` (``simulated`` | ``edge``), ``threads`` (0 = torch default), ``device``
 (``cpu`` | ``cuda[:N]``: where FlexLoRA/raFLoRA aggregate).
 
 Sampling (the embedded runtime's ``--clients-per-round`` rule, seeded by ``seed``):
@@ -113,7 +113,7 @@ def limit_settings(cfg: Mapping) -> dict:
 
 _SIM_KEYS = {  # run config key -> RunConfig field (the embedded runtime's defaults apply)
     "strategy": "strategy", "num-heldout": "num_heldout", "seed": "seed", "fedit-rank": "fedit_rank",
-    "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha",
+    "local-steps": "local_steps", "batch-size": "batch_size", "lr": "lr", "alpha": "alpha", "rslora": "rslora",
     "max-length": "max_length", "min-clients": "min_clients", "eval-max-new-tokens": "eval_max_new_tokens",
     "target-modules": "target_modules", "trim-fraction": "trim_fraction", "direction-trim": "direction_trim",
     "keep-checkpoints": "keep_checkpoints",
@@ -161,6 +161,7 @@ def to_run_config(cfg: Mapping, *, num_clients: int) -> RunConfig:
         rank_distribution=opt_str("rank-distribution"), fedit_rank=get("fedit-rank", str),
         model=opt_str("model"), data=opt_str("data"), local_steps=get("local-steps", int),
         batch_size=get("batch-size", int), lr=get("lr", float), alpha=get("alpha", float),
+        rslora=get("rslora", bool),
         max_length=get("max-length", int), min_clients=get("min-clients", int),
         target_modules=tuple(t.strip() for t in get("target-modules", str).split(",") if t.strip()) or ("auto",),
         eval_max_new_tokens=get("eval-max-new-tokens", int), threads=threads or None, progress=False,
