@@ -126,6 +126,7 @@ class RoundAggregation(ABC):
         self._pending: list[ClientUpdate] | None = [] if robust is not None and robust.enabled else None
         self.robust_report: dict = {}
         self._sent_cache: dict[str, dict | None] = {}   # client -> what it was sent, factored (robust statistics)
+        self._change_mult: dict[str, float] = {}       # clipped clients' multiplier on their change (_clip)
         # True when this round's aggregator keeps itself within max_round_bytes (it chooses
         # routes and sketch sizes by it): add() then refuses no reply for memory itself
         self.budget_in_aggregator = False
@@ -272,7 +273,12 @@ class RoundAggregation(ABC):
         return False
 
     def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
-        """``update`` with its contribution scaled by ``c`` (default: its B factors)."""
+        """``update`` with its contribution scaled by ``c``: when the strategy clips the change,
+        ``c`` is recorded for its ``_add``/``_finalize`` to form ``sent + c Delta`` (see
+        ``_change_mult``); otherwise its B factors are scaled."""
+        if self._clips_change():
+            self._change_mult[update.client_id] = c
+            return update
         update.factors = dict(update.factors)
         for m in update.modules():
             _a_key, b_key = factor_keys(m)

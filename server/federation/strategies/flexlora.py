@@ -61,19 +61,12 @@ class _FlexRound(RoundAggregation):
         self.budget_in_aggregator = budget is not None and strategy.method in ("auto", "sketch") \
             and self._pending is None and strategy.device == "cpu"
         self._agg = strategy.new_aggregator(round, max_state_bytes=budget if self.budget_in_aggregator else None)
-        self._change_mult: dict[str, float] = {}   # robust: clipped clients' multiplier on their change
 
     def _clips_change(self) -> bool:
         # a client started from T_r(G_t) and moves what is aggregated by its change: clipping
         # bounds the change (reply = sent + c Delta), so one rank-scale law fits every class
         # (the reply's norm is mostly what the client was sent; it falls only as ~rank^-0.17)
         return self.strategy.adapter is not None
-
-    def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
-        if not self._clips_change():
-            return super()._clip(update, c)
-        self._change_mult[update.client_id] = c     # T_r(G) + c Delta: see _add_to_aggregator
-        return update
 
     def held_bytes(self) -> int:
         return self._agg.state_bytes()

@@ -56,18 +56,11 @@ class _RaRound(RoundAggregation):
         self._updates: list[tuple[str, int, dict[str, tuple[np.ndarray, np.ndarray, float]]]] = []
         # robust aggregation with a weight-share cap: client -> module -> its weight per slot
         self._shares: dict[str, dict[str, np.ndarray]] = {}
-        self._change_mult: dict[str, float] = {}   # robust: clipped clients' multiplier on their change
 
     def _clips_change(self) -> bool:
         # as FlexLoRA: clipping bounds the client's change (slot by slot, sent + c Delta), not its
         # slot-weighted reply, whose norm grows with rank (rank^+0.5..0.65 in honest rounds)
         return self.strategy.adapter is not None
-
-    def _clip(self, update: ClientUpdate, c: float) -> ClientUpdate:
-        if not self._clips_change():
-            return super()._clip(update, c)
-        self._change_mult[update.client_id] = c     # see _finalize
-        return update
 
     def _slot_table(self, updates: list[ClientUpdate], max_share: float | None) -> list[dict[str, np.ndarray]]:
         """Per client and module, the weight raFLoRA gives each of its slots (capped per slot)."""
