@@ -235,7 +235,10 @@ class Aggregator(AggregatorBase):
         return np.zeros((d_out, d_in), dtype=np.float32)
 
     def _fold(self, st: ModuleState) -> None:
-        linalg.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, threads=self.threads)
+        # held factors were checked when their client was added (check_finite_contribution leaves
+        # room for MAX_ROUND_REPLIES of them in float32); the generic magnitude check here would
+        # refuse what add accepted and so fail a later, honest client
+        linalg.weighted_sum(st.Bs, st.As, st.ws, out=st.dense, threads=self.threads, validated=True)
 
     def _accumulate(self, st: ModuleState, B: np.ndarray, A: np.ndarray, w: float) -> None:
         linalg.weighted_sum([B], [A], [w], out=st.dense, threads=self.threads, validated=True)
@@ -303,7 +306,8 @@ class Aggregator(AggregatorBase):
                 self.method == "dense" or total_rank > self._threshold(ModuleState(d_out=d_out, d_in=d_in))):
             fold = self._zeros(d_out, d_in)
             if st is not None and st.Bs:
-                linalg.weighted_sum(st.Bs, st.As, st.ws, out=fold, threads=self.threads)
+                # held factors: checked at their add (see _fold)
+                linalg.weighted_sum(st.Bs, st.As, st.ws, out=fold, threads=self.threads, validated=True)
             linalg.weighted_sum([np.ascontiguousarray(B, np.float32)], [np.ascontiguousarray(A, np.float32)],
                                 [ws], out=fold, threads=self.threads, validated=True)
             if not np.isfinite(fold).all():

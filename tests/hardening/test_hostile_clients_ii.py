@@ -180,6 +180,39 @@ def hostile_replies(draw, cid: str):
     return raw(u, f, **changes)
 
 
+def test_a_large_accepted_reply_does_not_fail_the_dense_fold_of_a_later_one():
+    # found by the property test below: a reply inside the accept limit (n x s x ||B|| x ||A||
+    # ~ 1e23 < CONTRIBUTION_LIMIT; its product cancels) was held factored; the next, honest reply pushed the module's
+    # total rank over the dense threshold, and the fold of the held factors re-ran the generic
+    # magnitude check (bound w x max|B| x max|A| x r ~ 5e21 > 1e18), so the honest client was
+    # rejected for the first one's size
+    strat = make_strategy("flexlora", StrategyConfig(base_model=BASE, module_shapes=SHAPES))
+    spec = RankSpec(rank=4)
+    big = honest("h01", 1, rank=2)
+    big.num_examples = 1_000_000
+    for m in big.modules():   # B A = x y^T - x y^T = 0 (the decoder bounds the product), parts ~2e7
+        a_key, b_key = f"{m}.lora_A.weight", f"{m}.lora_B.weight"
+        x = np.where(big.factors[b_key][:, :1] >= 0, 2.0e7, -2.0e7)
+        y = np.where(big.factors[a_key][:1] >= 0, 1.6e7, -1.6e7)
+        big.factors[b_key] = np.hstack([x, x]).astype(np.float32)
+        big.factors[a_key] = np.vstack([y, -y]).astype(np.float32)
+    agg = strat.begin_round(1)
+    accepted = []
+    for u in (honest("h00", 0, rank=2), big, honest("z", 99)):   # the third takes the rank past the fold
+        v = strat.decode_reply(encode_update(u), spec=spec)
+        agg.add(v)                                    # both accepted
+        accepted.append(v)
+    agg.finalize()
+    for module, got in strat.global_delta().items():
+        want = flexlora_delta([(*u.pair(module), u.module_scaling(module), u.num_examples) for u in accepted])
+        assert np.isfinite(got).all()
+        # float32 aggregation: error relative to the sum of the terms' sizes (cancellation)
+        total = sum(u.num_examples for u in accepted)
+        scale = sum(u.num_examples / total * u.module_scaling(module) * np.linalg.norm(u.pair(module)[0].astype(np.float64))
+                    * np.linalg.norm(u.pair(module)[1].astype(np.float64)) for u in accepted)
+        assert np.abs(got - want).max() <= 1e-4 * scale
+
+
 @pytest.mark.parametrize("name", ["flexlora", "raflora"])
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
