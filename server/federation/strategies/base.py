@@ -44,6 +44,7 @@ from server.federation.strategies.robust import (
     RobustConfig,
     change_of,
     class_report,
+    clip_multipliers,
     clip_multipliers_by_class,
     effective_norms,
     effective_rank,
@@ -214,7 +215,7 @@ class RoundAggregation(ABC):
         if cfg.clip_norm is not None or cfg.clip_adaptive is not None:
             contrib, _changes = self._views(kept, [factored[i] for i in keep], need_changes=False)
             norms = effective_norms(contrib)
-            mult = clip_multipliers_by_class(norms, [], clip_norm=cfg.clip_norm)
+            mult = clip_multipliers(norms, clip_norm=cfg.clip_norm)
             if cfg.clip_adaptive is not None:
                 # the per-class bound on the client's own scale (raFLoRA's slot weights divided out)
                 own = norms / self._view_scales(kept, [factored[i] for i in keep])

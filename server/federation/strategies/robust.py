@@ -411,11 +411,9 @@ def direction_scores(gram: np.ndarray) -> np.ndarray:
     norm = np.sqrt(np.maximum(np.diag(g), 0.0))
     denom = np.outer(norm, norm)
     cos = np.divide(g, denom, out=np.zeros_like(g), where=denom > 0)
-    out = np.zeros(n)
-    for i in range(n):
-        others = [j for j in range(n) if j != i]
-        out[i] = float(np.median(cos[i, others])) if others else 0.0
-    return out
+    if n < 2:
+        return np.zeros(n)
+    return np.median(cos[~np.eye(n, dtype=bool)].reshape(n, n - 1), axis=1)
 
 
 def trim_by_direction(gram: np.ndarray, fraction: float, among: Sequence[int] | None = None) -> list[int]:
