@@ -111,7 +111,7 @@ def defence_settings(args: argparse.Namespace) -> dict:
 def _add_simulate(p: argparse.ArgumentParser) -> None:
     from server.core.adapter import SPLITS
     from server.federation.strategies import STRATEGIES
-    from server.runtimes.config import SUITES, RunConfig
+    from server.runtimes.config import RSLORA_HELP, SUITES, SUITES_HELP, TARGETS_HELP, RunConfig
     from server.workloads.catalog import load_workloads
     d = RunConfig()
     p.add_argument("--strategy", choices=list(STRATEGIES), default=d.strategy)
@@ -135,20 +135,14 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
                    "hub id (default: the shipped tiny model)")
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
     p.add_argument("--suite", choices=list(SUITES), default=d.suite,
-                   help="without --data: the bundled demo suite, the rank suite, the real-facts multi-task suite "
-                        "(clients are tasks; held out: unseen tasks), or 'facts': 280 arbitrary facts of 4 "
-                        "memorisation tasks dealt unequally over the clients (capacity-bound; held out: unseen "
-                        "tasks; some seeds, e.g. 1 and 2, put a facts task among the unseen ones: an error "
-                        "says so)")
+                   help=SUITES_HELP)
     p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
     p.add_argument("--batch-size", type=number(int, lo=1, hi=1_000_000), default=d.batch_size)
     p.add_argument("--lr", type=number(float, lo=0, hi=1e3, lo_open=True), default=d.lr)
     p.add_argument("--alpha", type=number(float, lo=0, hi=1e6, lo_open=True), default=d.alpha)
-    p.add_argument("--rslora", action="store_true",
-                   help="rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--rslora", action="store_true", help=RSLORA_HELP)
     p.add_argument("--targets", type=target_list, default=d.target_modules,
-                   help=f"comma-separated short names of the layers that get LoRA, e.g. q_proj,v_proj "
-                        f"(default {','.join(d.target_modules)}: every linear projection of the blocks)")
+                   help=f"{TARGETS_HELP} (default {','.join(d.target_modules)}: every linear projection of the blocks)")
     p.add_argument("--min-clients", type=number(int, lo=1, hi=1_000_000), default=d.min_clients)
     p.add_argument("--client-timeout", type=number(float, lo=0, hi=10**7, lo_open=True), default=None,
                    help=f"seconds before a silent client is dropped (default {d.client_timeout_s:g} on the shipped "

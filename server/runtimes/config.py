@@ -35,6 +35,13 @@ DATA_SPLITS = ("round_robin", "per_category")  # see RunConfig.data_split
 # or the facts suite (clients hold arbitrary facts of 4 memorisation tasks; capacity-bound, issue 20)
 SUITES = ("bundled", "rank", "real", "facts")
 DEVICES_HELP = "cpu, cuda or cuda:N"
+# command-line help shared by `flexlora simulate` and `flexlora experiment run`
+SUITES_HELP = ("without --data: the bundled demo suite, the rank suite, the real-facts multi-task suite "
+               "(clients are tasks; held out: unseen tasks), or 'facts': 280 arbitrary facts of 4 memorisation "
+               "tasks dealt unequally over the clients (capacity-bound; held out: unseen tasks; some seeds, e.g. "
+               "1 and 2, put a facts task among the unseen ones: an error says so)")
+RSLORA_HELP = "rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r"
+TARGETS_HELP = "comma-separated short names of the layers that get LoRA, e.g. q_proj,v_proj"
 
 
 def _int(obj, name: str, minimum: int = 1) -> None:

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 
-from server.runtimes.config import parse_targets
+from server.runtimes.config import RSLORA_HELP, SUITES_HELP, TARGETS_HELP, parse_targets
 from server.runtimes.experiments.config import (
     ARMS,
     DISTRIBUTIONS,
@@ -48,13 +48,7 @@ _SETTING_FLAGS = {
     # the adapter: rank-stabilised scaling (a switch) and the layers that get LoRA (comma list)
     "rslora": ("rslora", bool), "targets": ("target_modules", parse_targets),
 }
-_HELP = {
-    "suite": "without --data: bundled, rank, real (clients are tasks) or facts (280 arbitrary facts of 4 "
-             "memorisation tasks dealt unequally over the clients; held out: unseen tasks; some seeds, e.g. 1 "
-             "and 2, put a facts task among the unseen ones: an error says so)",
-    "rslora": "rank-stabilised LoRA: scaling alpha/sqrt(r) instead of alpha/r",
-    "targets": "comma-separated short names of the layers that get LoRA, e.g. q_proj,v_proj",
-}
+_HELP = {"suite": SUITES_HELP, "rslora": RSLORA_HELP, "targets": TARGETS_HELP}
 
 
 def _csv(kind):
