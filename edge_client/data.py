@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 __all__ = ["load_jsonl", "iter_jsonl", "validate_record", "format_prompt", "prompt_ids", "tokenize_record", "as_records",
            "IGNORE_INDEX"]
@@ -105,6 +105,47 @@ def tokenize_record(tokenizer, record: Mapping[str, str], max_len: int) -> tuple
     ids = (prompt + response)[:max_len]
     labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_len]
     return ids, labels
+
+
+def collate(items: Sequence[tuple[list[int], list[int]]], pad_id: int):
+    """``(input_ids, attention_mask, labels)`` tensors of tokenised records, right-padded to the
+    longest (``pad_id``; labels padded with ``IGNORE_INDEX``)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (i, lab) in enumerate(items):
+        ids[row, : len(i)] = torch.tensor(i)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        mask[row, : len(i)] = 1
+    return ids, mask, labels
+
+
+def score_answers(model, tokenizer, records: Sequence[Mapping[str, str]], *, max_length: int,
+                  batch_size: int = 32) -> dict[str, float]:
+    """Teacher-forced scores of the response tokens of ``records`` under ``model`` (no gradient):
+    ``loss`` (mean cross-entropy per response token), ``token_accuracy`` (the argmax is the
+    response token) and ``exact`` (the share of records whose every response token, ``eos``
+    included, is the argmax: greedy decoding would write exactly the answer)."""
+    import torch
+
+    encoded = [tokenize_record(tokenizer, r, max_length) for r in records]
+    total, count, right, exact = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            ids, mask, labels = collate(encoded[start:start + batch_size], tokenizer.pad_token_id)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            target = labels[:, 1:]
+            scored = target != IGNORE_INDEX
+            total += float(torch.nn.functional.cross_entropy(logits[scored], target[scored], reduction="sum"))
+            hit = (logits.argmax(-1) == target) & scored
+            right += int(hit.sum())
+            count += int(scored.sum())
+            exact += int(((hit | ~scored).all(dim=1) & scored.any(dim=1)).sum())
+    return {"loss": total / max(count, 1), "token_accuracy": right / max(count, 1),
+            "exact": exact / max(len(encoded), 1)}
 
 
 def as_records(data: Iterable[dict] | str | os.PathLike) -> list[dict]:

@@ -35,7 +35,7 @@ import torch
 
 from .checks import check_spec
 from .completion import complete_rows, dead_slots
-from .data import IGNORE_INDEX, as_records, prompt_ids, tokenize_record
+from .data import IGNORE_INDEX, as_records, collate, prompt_ids, score_answers, tokenize_record
 from .targets import AUTO, has_conv1d, is_auto, is_conv1d, module_shape, resolve_targets
 from .wire import LORA_A_SUFFIX, LORA_B_SUFFIX, ClientUpdate, GlobalFactors, RankSpec, module_names, scaling
 
@@ -297,16 +297,7 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ training
     def _collate(self, items: Sequence[tuple[list[int], list[int]]]):
-        pad = self.tokenizer.pad_token_id
-        width = max(len(ids) for ids, _ in items)
-        ids = torch.full((len(items), width), pad, dtype=torch.long)
-        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, (i, lab) in enumerate(items):
-            ids[row, : len(i)] = torch.tensor(i)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            mask[row, : len(i)] = 1
-        return ids, mask, labels
+        return collate(items, self.tokenizer.pad_token_id)
 
     def _steps(self, n: int) -> int:
         c = self.config
@@ -360,28 +351,13 @@ class LocalTrainer:
                 count += n
         return total / max(count, 1)
 
-    @torch.no_grad()
     def evaluate_answers(self, data: Iterable[dict] | str) -> dict[str, float]:
-        """Teacher-forced scores of the response tokens with the current adapter: ``loss`` (mean
-        per token, as :meth:`evaluate_loss`), ``token_accuracy`` (the argmax is the response token)
-        and ``exact`` (the share of records whose every response token, ``eos`` included, is the
-        argmax: greedy decoding would write exactly the answer)."""
-        records = as_records(data)
-        encoded = [tokenize_record(self.tokenizer, r, self.config.max_length) for r in records]
-        total, count, right, exact = 0.0, 0, 0, 0
+        """Teacher-forced scores of the response tokens with the current adapter
+        (:func:`edge_client.data.score_answers`: ``loss`` per token, as :meth:`evaluate_loss`,
+        ``token_accuracy`` and ``exact``)."""
         with self.current() as model:
-            for start in range(0, len(encoded), self.config.batch_size):
-                ids, mask, labels = self._collate(encoded[start:start + self.config.batch_size])
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-                target = labels[:, 1:]
-                scored = target != IGNORE_INDEX
-                total += float(torch.nn.functional.cross_entropy(logits[scored], target[scored], reduction="sum"))
-                hit = (logits.argmax(-1) == target) & scored
-                right += int(hit.sum())
-                count += int(scored.sum())
-                exact += int(((hit | ~scored).all(dim=1) & scored.any(dim=1)).sum())
-        return {"loss": total / max(count, 1), "token_accuracy": right / max(count, 1),
-                "exact": exact / max(len(encoded), 1)}
+            return score_answers(model, self.tokenizer, as_records(data), max_length=self.config.max_length,
+                                 batch_size=self.config.batch_size)
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str] | Sequence[dict], *, max_new_tokens: int = 32) -> list[str]:

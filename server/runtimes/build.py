@@ -160,10 +160,12 @@ class Federation:
 
 def build_federation(cfg: RunConfig, *, base: SharedBase | None = None,
                      specs: Mapping[str, RankSpec] | None = None, evaluate: bool = True,
-                     families: bool = False) -> Federation:
+                     families: bool = False, recall_every_round: bool = True) -> Federation:
     """Assemble the federation ``cfg`` describes. ``base``: an already loaded base (loaded here
     otherwise); ``specs``: the clients' ranks when the runtime learns them itself (Flower
-    probes the nodes), else the workload's; ``families``: per-task-family scores too."""
+    probes the nodes), else the workload's; ``families``: per-task-family scores too;
+    ``recall_every_round``: score the suite's recall set (the facts suite's facts) after every
+    round, else only when asked (``evaluator.recall``)."""
     base = base or load_shared_base(cfg.model, threads=cfg.threads)
     workload = build_workload(cfg, base)
     specs = dict(specs) if specs is not None else workload.specs
@@ -171,6 +173,8 @@ def build_federation(cfg: RunConfig, *, base: SharedBase | None = None,
     strategy = build_strategy(cfg.strategy, scfg, specs=specs.values(), fedit_rank=cfg.fedit_rank, split=cfg.split,
                               carry=cfg.carry, device=cfg.device, shards=cfg.shards)
     evaluator = Evaluator(base.eval_model, base.tokenizer, base.state, workload.suite.heldout_examples(),
-                          max_new_tokens=cfg.eval_max_new_tokens, families=families) if evaluate else None
+                          max_new_tokens=cfg.eval_max_new_tokens, families=families,
+                          recall_examples=workload.suite.recall_examples(),
+                          recall_every_call=recall_every_round) if evaluate else None
     return Federation(config=cfg, base=base, workload=workload, specs=specs, strategy=strategy,
                       evaluator=evaluator, train_config=train_config_for(cfg))

@@ -160,4 +160,7 @@ def results_summary(doc: Mapping) -> str:
                     f"({last['heldout_loss'] - b['heldout_loss']:+.4f}); ")
         lines.append(f"after round {last['round']}: {loss}Rouge-L {b['rougeL']:.4f} -> {last['rougeL']:.4f} "
                      f"({last['rougeL'] - b['rougeL']:+.4f})")
+        if "recall_exact" in b and "recall_exact" in last:
+            lines.append(f"the federation's own facts (teacher-forced): exact {b['recall_exact']:.3f} (base) -> "
+                         f"{last['recall_exact']:.3f}, loss {b['recall_loss']:.4f} -> {last['recall_loss']:.4f}")
     return "\n".join(lines)

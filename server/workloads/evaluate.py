@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from edge_client.data import IGNORE_INDEX, prompt_ids, tokenize_record
+from edge_client.data import IGNORE_INDEX, prompt_ids, score_answers, tokenize_record
 from server.workloads.model import apply_delta
 
 __all__ = ["Evaluator", "evaluate", "generate", "heldout_loss", "score", "onnx_evaluate"]
@@ -72,26 +72,7 @@ def heldout_loss(model, tokenizer, examples: Sequence[Mapping[str, str]], *, bat
                  max_length: int = 128) -> float:
     """Teacher-forced cross-entropy of the responses (token mean): a far less noisy signal than
     greedy-generation Rouge-L on a small held-out set."""
-    import torch
-
-    data = [tokenize_record(tokenizer, ex, max_length) for ex in examples]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(data), batch_size):
-            chunk = data[i:i + batch_size]
-            n = max(len(ids) for ids, _ in chunk)
-            ids = torch.full((len(chunk), n), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full((len(chunk), n), IGNORE_INDEX, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for j, (x, y) in enumerate(chunk):
-                ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            target = labels[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                     ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(loss)
-            count += int((target != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+    return score_answers(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)["loss"]
 
 
 def onnx_evaluate(lm, tokenizer, examples: Sequence[Mapping[str, str]], *, max_new_tokens: int = 16,
@@ -125,15 +106,36 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping[str, str]], **kw) -> d
 
 class Evaluator:
     """Scores ``base + delta`` on the held-out examples: Rouge-L, exact match, held-out loss and,
-    with ``families``, Rouge-L per task family (``category``). Owns ``model`` (reset per call)."""
+    with ``families``, Rouge-L per task family (``category``). With ``recall_examples`` (examples
+    the federation trains on, e.g. the facts suite's facts) it also scores how much of its own data
+    the global model has learnt, teacher-forced (:func:`edge_client.data.score_answers`):
+    ``recall_exact`` (the share answered exactly by greedy decoding), ``recall_token_accuracy`` and
+    ``recall_loss``: on every call, or with ``recall_every_call=False`` only through :meth:`recall`
+    (a forward pass per fact: on a real model as costly as a few training steps). Owns ``model``
+    (reset per call)."""
 
     def __init__(self, model, tokenizer, base_state: Mapping, examples: Sequence[Mapping[str, str]], *,
-                 max_new_tokens: int = 16, families: bool = False, loss: bool = True) -> None:
+                 max_new_tokens: int = 16, families: bool = False, loss: bool = True,
+                 recall_examples: Sequence[Mapping[str, str]] = (), recall_every_call: bool = True) -> None:
         if not examples:
             raise ValueError("examples must be non-empty")
         self.model, self.tokenizer, self.base_state = model, tokenizer, base_state
         self.examples = list(examples)
+        self.recall_examples = list(recall_examples)
         self.max_new_tokens, self.families, self.loss = max_new_tokens, families, loss
+        self.recall_every_call = recall_every_call
+
+    def recall(self, delta: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """``recall_exact``, ``recall_token_accuracy`` and ``recall_loss`` of ``base + delta`` on
+        the recall examples ({} without them)."""
+        if not self.recall_examples:
+            return {}
+        apply_delta(self.model, self.base_state, delta)
+        return self._recall()
+
+    def _recall(self) -> dict[str, float]:
+        scores = score_answers(self.model, self.tokenizer, self.recall_examples, max_length=128)
+        return {f"recall_{k}": v for k, v in scores.items()}
 
     def __call__(self, delta: Mapping[str, np.ndarray]) -> dict:
         apply_delta(self.model, self.base_state, delta)
@@ -148,4 +150,6 @@ class Evaluator:
                                for f, idx in sorted(groups.items())}
         if self.loss:
             out["heldout_loss"] = heldout_loss(self.model, self.tokenizer, self.examples)
+        if self.recall_examples and self.recall_every_call:
+            out.update(self._recall())
         return out

@@ -306,7 +306,9 @@ def build_facts_federation(*, num_clients: int, num_heldout: int, heldout_exampl
     * each task's ``facts_per_task`` facts are split among the clients holding it in unequal,
       seeded proportions; every fact goes to exactly one client, every client gets at least one;
     * held out: the real suite's ``num_heldout`` unseen tasks at ``seed`` (``heldout_examples``
-      examples each, one ``unseen-{task}`` client per task), as ``build_real_suite``'s.
+      examples each, one ``unseen-{task}`` client per task), as ``build_real_suite``'s;
+    * recall: every fact, one ``facts-{task}`` set per task (what the federation must memorise:
+      the evaluator's ``recall_*`` scores, where the central rank curve's effect lives).
 
     ValueError when a facts task is one of those unseen tasks (pick another seed), when too few
     clients leave a task without one, or too many leave a client without a fact."""
@@ -349,4 +351,6 @@ def build_facts_federation(*, num_clients: int, num_heldout: int, heldout_exampl
     heldout = [ClientData(client_id=f"unseen-{t}", families=[t],
                           examples=[r for r in facts.heldout_unseen if r["category"] == t])
                for t in facts.unseen_tasks()]
-    return Suite(train=train, heldout=heldout)
+    recall = [ClientData(client_id=f"facts-{t}", families=[t], examples=[r for r in facts.train if r["category"] == t])
+              for t in tasks]
+    return Suite(train=train, heldout=heldout, recall=recall)

@@ -58,9 +58,15 @@ class ClientData:
 class Suite:
     train: list[ClientData]
     heldout: list[ClientData]
+    # examples the clients train on, scored to see how much of its own data the global model has
+    # learnt (the facts suite: every fact; empty elsewhere)
+    recall: list[ClientData] = field(default_factory=list)
 
     def heldout_examples(self) -> list[dict[str, str]]:
         return [ex for c in self.heldout for ex in c.examples]
+
+    def recall_examples(self) -> list[dict[str, str]]:
+        return [ex for c in self.recall for ex in c.examples]
 
 
 def build_suite(config: SuiteConfig | None = None) -> Suite:

@@ -78,7 +78,8 @@ def test_report_has_table_breakdowns_and_plots(grid):
     for arm in ARMS:
         assert f"| {arm} |" in report
     for heading in ("Held-out Rouge-L", "Per task family", "Traffic per client", "aggregation time",
-                    "Spectrum diagnostic", "flexlora >= hetlora", "flexlora >= fedit_min"):
+                    "Spectrum diagnostic", "flexlora >= hetlora", "flexlora >= fedit_min",
+                    "Seed-paired differences with 95% intervals", "| flexlora − hetlora | uniform |"):
         assert heading in report
     assert "Command: `flexlora experiment run" in report
     summary = json.loads((grid / "summary.json").read_text())

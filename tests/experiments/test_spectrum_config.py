@@ -97,3 +97,19 @@ def test_config_file_rejects_unknown_keys(tmp_path):
     cfg = ExperimentConfig(**load_config_file(str(p)))
     assert cfg.settings.rounds == 2 and len(cfg.cells()) == len(ARMS) * 4
     assert cfg.identity_hash() != ExperimentConfig().identity_hash()
+
+
+def test_paired_intervals_are_t_intervals_over_the_shared_seeds():
+    from server.runtimes.experiments.report import _paired_intervals, paired_interval
+
+    r = paired_interval([1.0, 2.0, 3.0])          # mean 2, sd 1, t(0.975, 2) = 4.303
+    assert r["mean"] == 2.0 and r["n"] == 3
+    assert (r["lo"], r["hi"]) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+    assert "lo" not in paired_interval([0.5])    # one pair: no interval
+    table = {"flexlora": {"u": {"seeds": [0, 3, 4], "values": [0.5, 0.7, 0.9]}},
+             "hetlora": {"u": {"seeds": [0, 4], "values": [0.4, 0.5]}},
+             "raflora": {"u": {"seeds": [3], "values": [0.1]}}}
+    rows = _paired_intervals(table, ["u"])
+    assert [(x["x"], x["y"]) for x in rows] == [("flexlora", "hetlora"), ("raflora", "flexlora")]
+    assert rows[0]["diffs"] == pytest.approx([0.1, 0.4]) and rows[0]["n"] == 2      # seeds 0 and 4 only
+    assert rows[1]["diffs"] == pytest.approx([0.1 - 0.7]) and "lo" not in rows[1]

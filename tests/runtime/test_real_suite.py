@@ -282,6 +282,10 @@ def test_facts_federation_deals_every_fact_once_over_unequal_clients():
         [(c.client_id, c.families, c.examples) for c in real.heldout]
     assert [c.client_id for c in suite.heldout] == [f"unseen-{c.families[0]}" for c in suite.heldout]
     assert not {c.families[0] for c in suite.heldout} & set(FACTS_QV_TASKS)
+    # recall: every fact the clients hold, once, one set per task in the tasks' order
+    assert [c.client_id for c in suite.recall] == [f"facts-{t}" for t in FACTS_QV_TASKS]
+    assert sorted(map(key, suite.recall_examples())) == sorted(map(key, dealt))
+    assert all({r["category"] for r in c.examples} == set(c.families) for c in suite.recall)
 
 
 def test_facts_federation_is_a_pure_function_of_its_seed():
@@ -313,3 +317,37 @@ def test_suite_facts_reaches_the_runtimes():
     assert suite == _facts_federation()
     with pytest.raises(ValueError, match="unseen tasks of the real suite at seed 2"):
         suite_for(RunConfig(suite="facts", num_clients=8, seed=2))
+
+
+def test_recall_scores_the_federations_own_facts_teacher_forced():
+    """The evaluator's recall_* scores are score_answers of the facts under base + delta: a delta
+    that changes the model changes them, and the plain held-out scores are as without recall."""
+    import copy
+
+    from edge_client.data import score_answers
+    from server.workloads.evaluate import Evaluator
+    from server.workloads.model import load_base
+
+    model, tok = load_base(None)
+    state = copy.deepcopy(model.state_dict())
+    suite = _facts_federation(facts_per_task=3, num_clients=4)
+    facts = suite.recall_examples()
+    assert len(facts) == 12
+    plain = Evaluator(model, tok, state, suite.heldout_examples(), max_new_tokens=2)({})
+    ev = Evaluator(model, tok, state, suite.heldout_examples(), max_new_tokens=2, recall_examples=facts)
+    out = ev({})
+    assert {k: out[k] for k in plain} == plain
+    expect = score_answers(model, tok, facts, max_length=128)
+    assert out["recall_loss"] == pytest.approx(expect["loss"], rel=1e-6) and out["recall_loss"] > 0
+    assert out["recall_exact"] == expect["exact"] and 0 <= out["recall_token_accuracy"] <= 1
+    import numpy as np
+
+    name = next(k for k in state if k.endswith("q_proj.weight"))
+    moved = ev({name[: -len(".weight")]: np.full(tuple(state[name].shape), 0.05, np.float32)})
+    assert moved["recall_loss"] != pytest.approx(out["recall_loss"], rel=1e-6)
+    # only when asked: the experiment cell scores the facts before and after the run, not every round
+    quiet = Evaluator(model, tok, state, suite.heldout_examples(), max_new_tokens=2, recall_examples=facts,
+                      recall_every_call=False)
+    assert quiet({}) == plain
+    assert quiet.recall({}) == {k: out[k] for k in ("recall_loss", "recall_token_accuracy", "recall_exact")}
+    assert Evaluator(model, tok, state, suite.heldout_examples()).recall({}) == {}

@@ -73,7 +73,8 @@ def run_cell(cell: Cell, settings: RunConfig, base: SharedBase,
     ``on_client(round, done, total)`` is called after every client (progress)."""
     arm = ARMS[cell.arm]
     t_cell = time.perf_counter()
-    fed = build_federation(cell_config(cell, settings), base=base, families=True)
+    # the facts' recall (a forward pass per fact) is scored before and after the run, not every round
+    fed = build_federation(cell_config(cell, settings), base=base, families=True, recall_every_round=False)
     strategy, specs, devices = fed.strategy, fed.specs, fed.workload.devices
     suite = fed.workload.suite
 
@@ -97,15 +98,17 @@ def run_cell(cell: Cell, settings: RunConfig, base: SharedBase,
         engine = fed.engine(runtime="experiment", on_round=add_spectrum)
         engine.run(transport, settings.rounds)
     history = engine.history
+    recall = {"base": fed.evaluator.recall({}), "final": fed.evaluator.recall(strategy.global_delta())}
     client_view = client_view_loss(strategy, specs, base, suite.heldout_examples(), round=settings.rounds + 1)
     warning = collapse_warning(history[-1]["spectrum"], settings.collapse_threshold) if history else None
     final = history[-1]
     return {"cell": {"arm": cell.arm, "strategy": arm.strategy, "distribution": cell.distribution,
                      "seed": cell.seed, "key": cell.key, "split": settings.split, "carry": arm.carry},
-            "fedit_rank": getattr(strategy, "rank", None) if arm.strategy == "fedit" else None, "base": engine.base,
+            "fedit_rank": getattr(strategy, "rank", None) if arm.strategy == "fedit" else None,
+            "base": {**engine.base, **recall["base"]},
             "final": {"rougeL": final["rougeL"], "exact_match": final["exact_match"],
                       "families": final["families"], "heldout_loss": final["heldout_loss"],
-                      "client_view_loss": client_view},
+                      "client_view_loss": client_view, **recall["final"]},
             "rounds": history, "collapse_warning": warning,
             "clients": {cid: {"type": devices[cid].client_type, "rank": specs[cid].label(),
                               "examples": len(fed.workload.examples[cid])} for cid in sorted(devices)},

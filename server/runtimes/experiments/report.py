@@ -49,10 +49,11 @@ def summarize(cells: Sequence[Mapping]) -> dict:
     by = {(c["cell"]["arm"], c["cell"]["distribution"]): [] for c in cells}
     for c in cells:
         by[(c["cell"]["arm"], c["cell"]["distribution"])].append(c)
-    table, late, loss, hloss, gain = {}, {}, {}, {}, {}
+    table, late, loss, hloss, gain, recall, recall_loss = {}, {}, {}, {}, {}, {}, {}
     curves, spectrum, families, traffic, agg = {}, {}, {}, {}, {}
     for a in arms:
         table[a], late[a], loss[a], hloss[a], gain[a], curves[a], spectrum[a] = {}, {}, {}, {}, {}, {}, {}
+        recall[a], recall_loss[a] = {}, {}
         fam_vals: dict[str, list[float]] = {}
         tr: dict[str, dict[str, list[float]]] = {}
         agg_vals: list[float] = []
@@ -61,7 +62,9 @@ def summarize(cells: Sequence[Mapping]) -> dict:
             table[a][d] = _stats([c["final"]["rougeL"] for c in group])
             table[a][d]["seeds"] = [c["cell"]["seed"] for c in group]
             loss[a][d] = _stats([c["rounds"][-1].get("train_loss") for c in group])
-            hloss[a][d] = _stats([c["final"].get("heldout_loss") for c in group])
+            hloss[a][d] = _final_stats(group, "heldout_loss")
+            recall[a][d] = _final_stats(group, "recall_exact")
+            recall_loss[a][d] = _final_stats(group, "recall_loss")
             gain[a][d] = _stats([c["final"]["rougeL"] - c["base"]["rougeL"] for c in group])
             late[a][d] = _stats([_late_mean(c) for c in group])
             late[a][d]["seeds"] = table[a][d]["seeds"]
@@ -103,9 +106,51 @@ def summarize(cells: Sequence[Mapping]) -> dict:
                       for t, v in sorted(tr.items())}
         agg[a] = {**_stats(agg_vals), "max": float(max(agg_vals)) if agg_vals else None}
         agg[a].pop("values", None)
-    return {"arms": arms, "distributions": dists, "cells": len(cells), "table": table, "gain": gain, "late": late, "train_loss": loss, "heldout_loss": hloss,
+    metrics = {"rougeL": table, "heldout_loss": hloss, "recall_exact": recall, "recall_loss": recall_loss}
+    return {"arms": arms, "distributions": dists, "cells": len(cells), "table": table, "gain": gain, "late": late,
+            "train_loss": loss, "heldout_loss": hloss, "recall_exact": recall, "recall_loss": recall_loss,
             "curves": curves, "spectrum": spectrum, "families": families, "traffic": traffic,
-            "aggregation_s": agg, "claims": _claims(table, dists), "claims_late": _claims(late, dists)}
+            "aggregation_s": agg, "claims": _claims(table, dists), "claims_late": _claims(late, dists),
+            "paired": {m: _paired_intervals(t, dists) for m, t in metrics.items()
+                       if any(t[a][d]["n"] for a in arms for d in dists)}}
+
+
+# t quantiles t(0.975, df) for df = 1..30 (any statistics table); beyond 30 the normal 1.96
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+# (x, y): the report's paired differences x - y, the issue's questions first
+COMPARISONS = (("flexlora", "hetlora"), ("flexlora", "fedit_min"), ("flexlora", "flora"), ("flexlora", "fedit_max"),
+               ("flexlora_carry", "flexlora"), ("raflora", "flexlora"))
+
+
+def paired_interval(diffs: Sequence[float]) -> dict:
+    """Mean of seed-paired differences with its two-sided 95% t-interval (none for one pair)."""
+    d = np.asarray(diffs, np.float64)
+    out = {"n": int(d.size), "mean": float(d.mean()), "diffs": [float(x) for x in d]}
+    if d.size > 1:
+        half = _T975[d.size - 2] if d.size - 1 <= len(_T975) else 1.96
+        half *= float(d.std(ddof=1)) / np.sqrt(d.size)
+        out.update(lo=float(out["mean"] - half), hi=float(out["mean"] + half))
+    return out
+
+
+def _paired_intervals(table: Mapping, dists: Sequence[str]) -> list[dict]:
+    out = []
+    for x, y in COMPARISONS:
+        if x not in table or y not in table:
+            continue
+        for d in dists:
+            diffs, _ = _paired(table[x].get(d, {}), table[y].get(d, {}))
+            if diffs:
+                out.append({"x": x, "y": y, "distribution": d, **paired_interval(diffs)})
+    return out
+
+
+def _final_stats(group: Sequence[Mapping], key: str) -> dict:
+    """``_stats`` of a final-round score over the group's cells, with the seeds that have it."""
+    have = [c for c in group if c["final"].get(key) is not None]
+    return {**_stats([c["final"][key] for c in have]), "seeds": [c["cell"]["seed"] for c in have]}
 
 
 def _late_mean(cell: Mapping) -> float:
@@ -191,6 +236,28 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
     if any(summary["heldout_loss"][a][d]["n"] for a in arms for d in dists):
         L += table("Held-out loss of the global model (teacher-forced cross-entropy of the responses, final round)",
                    "heldout_loss", dists, digits=3)
+    if any(summary.get("recall_exact", {}).get(a, {}).get(d, {}).get("n") for a in arms for d in dists):
+        L += table("Recall of the federation's own training facts (exact, teacher-forced; final round)",
+                   "recall_exact", dists, ["The share of every fact the clients hold that the global model answers "
+                                           "exactly (greedy decoding would write the whole answer): what the "
+                                           "central rank curve shows rank buys.", ""], digits=3)
+        L += table("Loss on the federation's own training facts (teacher-forced, per answer token; final round)",
+                   "recall_loss", dists, digits=3)
+    if summary.get("paired"):
+        names = {"rougeL": ("held-out Rouge-L", "higher is better"), "heldout_loss": ("held-out loss",
+                 "lower is better"), "recall_exact": ("recall of the training facts (exact)", "higher is better"),
+                 "recall_loss": ("loss on the training facts", "lower is better")}
+        L += ["## Seed-paired differences with 95% intervals", "",
+              "x − y per seed (same data, clients and held-out set), the mean and its two-sided 95% t-interval "
+              "over the seeds both arms have; an interval that excludes 0 separates the arms.", "",
+              "| metric | x − y | distribution | mean | 95% interval | per seed |", "|---|---|---|---|---|---|"]
+        for m, rows in summary["paired"].items():
+            label, sense = names.get(m, (m, ""))
+            for r in rows:
+                ci = f"[{r['lo']:+.4f}, {r['hi']:+.4f}]" if "lo" in r else "— (one seed)"
+                L.append(f"| {label} ({sense}) | {r['x']} − {r['y']} | {r['distribution']} | {r['mean']:+.4f} | "
+                         f"{ci} | {', '.join(f'{v:+.4f}' for v in r['diffs'])} |")
+        L.append("")
     L += table("Clients' local training loss in the final round (example-weighted; mean ± std over seeds)",
                "train_loss", dists, ["A less noisy signal than held-out generation: how well each arm's starting "
                                      "point lets clients fit their own data.", ""], digits=3)
