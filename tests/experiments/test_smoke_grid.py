@@ -122,3 +122,35 @@ def test_heldout_loss_matches_the_models_own_loss(grid):
     doc = _cell(grid, "flexlora")
     assert all(r["heldout_loss"] > 0 for r in doc["rounds"]) and doc["final"]["heldout_loss"] > 0
     assert "Held-out loss of the global model" in (grid / "report.md").read_text()
+
+
+def test_a_fedit_cell_at_a_finished_cells_rank_is_that_run(tmp_path):
+    """fedit_min trains every client at the smallest rank, 8 under both uniform and
+    heavy_tail_light with 8 clients: the second distribution's cell is the first one's run
+    (reused_from), and equals the cell computed from scratch except for its distribution."""
+    common = ["--arms", "fedit_min", "--seeds", "0", "--rounds", "2", "--clients", "8", "--clients-per-round", "3",
+              "--local-steps", "2", "--batch-size", "4", "--heldout-clients", "2", "--heldout-examples", "4",
+              "--eval-max-new-tokens", "4", "--no-progress", "--no-report"]
+    grid, alone = tmp_path / "grid", tmp_path / "alone"
+    assert main(["run", "--out", str(grid), "--distributions", "uniform,heavy_tail_light", *common]) == 0
+    assert main(["run", "--out", str(alone), "--distributions", "heavy_tail_light", *common]) == 0
+    first = _cell(grid, "fedit_min")
+    twin = _cell(grid, "fedit_min", "heavy_tail_light")
+    fresh = _cell(alone, "fedit_min", "heavy_tail_light")
+    assert twin["reused_from"] == "fedit_min__uniform__s0" and "reused_from" not in fresh
+    assert twin["fedit_rank"] == fresh["fedit_rank"] == first["fedit_rank"]
+    assert twin["cell"] == fresh["cell"] and twin["clients"] == fresh["clients"] != first["clients"]
+    for key in ("base", "final"):
+        assert twin[key]["families"] == pytest.approx(fresh[key]["families"])
+        assert {k: v for k, v in twin[key].items() if k != "families"} == \
+            pytest.approx({k: v for k, v in fresh[key].items() if k != "families"})
+    for a, b in zip(twin["rounds"], fresh["rounds"], strict=True):
+        assert (a["heldout_loss"], a["train_loss"], a["ranks"]) == pytest.approx((b["heldout_loss"], b["train_loss"],
+                                                                                  b["ranks"]))
+        assert [(t["client"], t["type"]) for t in a["traffic"]] == [(t["client"], t["type"]) for t in b["traffic"]]
+    # a finished cell at another rank is not a twin: the cell is computed
+    stored = grid / "cells" / "fedit_min__uniform__s0.json"
+    stored.write_text(json.dumps({**first, "fedit_rank": first["fedit_rank"] + 1}))
+    (grid / "cells" / "fedit_min__heavy_tail_light__s0.json").unlink()
+    assert main(["run", "--out", str(grid), "--distributions", "uniform,heavy_tail_light", *common]) == 0
+    assert "reused_from" not in _cell(grid, "fedit_min", "heavy_tail_light")

@@ -14,6 +14,7 @@ the distribution's mix rather than a noisy sample of it.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping
 
@@ -26,7 +27,7 @@ from server.runtimes.experiments.config import ARMS, Cell
 from server.runtimes.experiments.spectrum import collapse_warning, module_spectrum, spectrum_summary
 from server.workloads.catalog import load_workloads
 
-__all__ = ["cell_config", "run_cell", "client_view_loss"]
+__all__ = ["cell_config", "run_cell", "client_view_loss", "fedit_rank_of", "reuse_fedit_cell"]
 
 
 def client_view_loss(strategy, specs: Mapping[str, RankSpec], base: SharedBase, examples, *, round: int) -> float:
@@ -91,8 +92,7 @@ def run_cell(cell: Cell, settings: RunConfig, base: SharedBase,
         module_ranks = {m: sorted({s.module_rank(m) for s in assigned}) for m in delta}
         entry["spectrum"] = module_spectrum(delta, module_ranks)
         entry["spectrum_summary"] = spectrum_summary(entry["spectrum"])
-        for t in entry["traffic"]:
-            t["type"] = devices[t["client"]].client_type
+        _type_traffic(entry, devices)
 
     with fed.in_process_clients(progress=progress) as transport:
         engine = fed.engine(runtime="experiment", on_round=add_spectrum)
@@ -110,7 +110,46 @@ def run_cell(cell: Cell, settings: RunConfig, base: SharedBase,
                       "families": final["families"], "heldout_loss": final["heldout_loss"],
                       "client_view_loss": client_view, **recall["final"]},
             "rounds": history, "collapse_warning": warning,
-            "clients": {cid: {"type": devices[cid].client_type, "rank": specs[cid].label(),
-                              "examples": len(fed.workload.examples[cid])} for cid in sorted(devices)},
+            "clients": _clients(fed),
             "heldout_families": [c.families for c in suite.heldout],
             "base_model": base.fingerprint, "wall_s": time.perf_counter() - t_cell}
+
+
+def _type_traffic(entry: dict, devices) -> None:
+    for t in entry["traffic"]:
+        t["type"] = devices[t["client"]].client_type
+
+
+def _clients(fed) -> dict:
+    devices = fed.workload.devices
+    return {cid: {"type": devices[cid].client_type, "rank": fed.specs[cid].label(),
+                  "examples": len(fed.workload.examples[cid])} for cid in sorted(devices)}
+
+
+def fedit_rank_of(cell: Cell, settings: RunConfig, base: SharedBase) -> int | None:
+    """The one rank a FedIT cell trains every client at (None for other arms): its distribution's
+    smallest or largest device rank. Builds the federation, trains nothing."""
+    if ARMS[cell.arm].strategy != "fedit":
+        return None
+    return build_federation(cell_config(cell, settings), base=base, evaluate=False).strategy.rank
+
+
+def reuse_fedit_cell(cell: Cell, settings: RunConfig, base: SharedBase, twin: Mapping) -> dict:
+    """``cell``'s document from ``twin``, a finished cell of the same FedIT arm and seed under
+    another distribution with the same resolved rank. FedIT trains every client at that one rank;
+    the clients, their data, the round's sampling (by client id) and the clients' seeds do not
+    depend on the distribution, so the run is the same one. Only what the distribution names
+    changes: the cell, the clients' device types and own ranks, and the types in the traffic
+    records. ``reused_from`` says where the numbers come from."""
+    fed = build_federation(cell_config(cell, settings), base=base, evaluate=False)
+    rank = fed.strategy.rank if ARMS[cell.arm].strategy == "fedit" else None
+    if rank is None or twin.get("fedit_rank") != rank or twin["cell"]["arm"] != cell.arm \
+            or twin["cell"]["seed"] != cell.seed or twin["cell"]["distribution"] == cell.distribution:
+        raise ValueError(f"{twin['cell']['key']} is not a FedIT twin of {cell.key} (rank {rank})")
+    doc = copy.deepcopy(dict(twin))
+    doc["cell"] = {**doc["cell"], "distribution": cell.distribution, "key": cell.key}
+    doc["clients"] = _clients(fed)
+    for entry in doc["rounds"]:
+        _type_traffic(entry, fed.workload.devices)
+    doc["reused_from"] = twin.get("reused_from") or twin["cell"]["key"]
+    return doc

@@ -111,6 +111,7 @@ def summarize(cells: Sequence[Mapping]) -> dict:
             "train_loss": loss, "heldout_loss": hloss, "recall_exact": recall, "recall_loss": recall_loss,
             "curves": curves, "spectrum": spectrum, "families": families, "traffic": traffic,
             "aggregation_s": agg, "claims": _claims(table, dists), "claims_late": _claims(late, dists),
+            "fedit_twins": sorted((c["cell"]["key"], c["reused_from"]) for c in cells if c.get("reused_from")),
             "paired": {m: _paired_intervals(t, dists) for m, t in metrics.items()
                        if any(t[a][d]["n"] for a in arms for d in dists)}}
 
@@ -228,7 +229,10 @@ def render_markdown(summary: Mapping, *, settings: Mapping | None = None, run_in
     L += table("Held-out Rouge-L (final round, mean ± std over seeds)", "table", dists)[:-1]
     L += ["", "Arms: " + "; ".join(f"`{a}` = {ARMS[a].description}" for a in arms if a in ARMS) + ".",
           "", "FedIT ignores the devices' ranks, so with the same seed (same data and clients) its cells are "
-          "identical across distributions that share the smallest (fedit_min) or largest (fedit_max) rank.", ""]
+          "identical across distributions that share the smallest (fedit_min) or largest (fedit_max) rank."
+          + (" Such cells are that run, not computed again: " + "; ".join(f"`{k}` is `{src}`" for k, src in
+                                                                          summary["fedit_twins"]) + "."
+             if summary.get("fedit_twins") else ""), ""]
     L += table("Gain over the base model (final − base Rouge-L on the same held-out set; mean ± std over seeds)",
                "gain", dists, ["The held-out set changes with the seed (base Rouge-L varies with it); the gain "
                                "removes that.", ""])

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from server.runtimes.build import SharedBase, load_shared_base
-from server.runtimes.experiments.cell import run_cell
-from server.runtimes.experiments.config import Cell, ExperimentConfig
+from server.runtimes.experiments.cell import fedit_rank_of, reuse_fedit_cell, run_cell
+from server.runtimes.experiments.config import DISTRIBUTIONS, Cell, ExperimentConfig
 
 __all__ = ["cell_path", "load_cell", "run_grid", "write_json_atomic"]
 
@@ -61,6 +61,21 @@ def _check_stored(out: Path, cfg: ExperimentConfig, fresh: bool) -> None:
     write_json_atomic(meta, {**cfg.to_json(), "identity_hash": cfg.identity_hash()})
 
 
+def _fedit_twin(cfg: ExperimentConfig, out: Path, cell: Cell, base: SharedBase) -> dict | None:
+    """A finished cell of ``out`` that ``cell`` would repeat: the same FedIT arm and seed under
+    another distribution whose smallest (or largest) rank is the same (``reuse_fedit_cell``)."""
+    rank = fedit_rank_of(cell, cfg.settings, base)
+    if rank is None:
+        return None
+    for d in DISTRIBUTIONS:
+        path = cell_path(out, Cell(arm=cell.arm, distribution=d, seed=cell.seed))
+        if d != cell.distribution and path.exists():
+            doc = load_cell(path)
+            if doc.get("identity_hash") == cfg.identity_hash() and doc.get("fedit_rank") == rank:
+                return doc
+    return None
+
+
 def _fmt_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     return f"{m}m{s:02d}s"
@@ -72,7 +87,9 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, *, fresh: bool = False, pro
     """Run every cell of ``cfg`` not already in ``out/cells``; returns counts and timings.
 
     ``shard=(k, n)`` runs only cells ``k, k+n, k+2n, ...`` so that n processes can share a
-    grid; a cell another process finished meanwhile is skipped when its turn comes."""
+    grid; a cell another process finished meanwhile is skipped when its turn comes. A FedIT cell
+    whose rank a finished cell of the same arm and seed under another distribution already ran
+    is that run (``reuse_fedit_cell``, ``reused_from``), not computed again (``fresh`` computes it)."""
     k, n = shard
     if not (isinstance(n, int) and isinstance(k, int) and n >= 1 and 0 <= k < n):
         raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
@@ -90,7 +107,7 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, *, fresh: bool = False, pro
     if todo and base is None:
         base = load_shared_base(cfg.settings.model, threads=cfg.threads)
     walls = []
-    ran = 0
+    ran = twins = 0
     for i, cell in enumerate(todo, 1):
         if not fresh and cell_path(out, cell).exists():     # another shard got there first
             continue
@@ -101,7 +118,12 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, *, fresh: bool = False, pro
                 print(f"\r[{_i}/{len(todo)}] {_cell.key}: round {rnd}/{cfg.settings.rounds} "
                       f"client {done}/{total}   ", end="", file=stream, flush=True)
 
-        doc = run_cell(cell, cfg.settings, base, on_client=on_client)
+        twin = None if fresh else _fedit_twin(cfg, out, cell, base)
+        if twin is not None:
+            doc = reuse_fedit_cell(cell, cfg.settings, base, twin)
+            twins += 1
+        else:
+            doc = run_cell(cell, cfg.settings, base, on_client=on_client)
         doc["identity_hash"] = cfg.identity_hash()
         write_json_atomic(cell_path(out, cell), doc)
         walls.append(time.perf_counter() - t_cell)
@@ -111,12 +133,14 @@ def run_grid(cfg: ExperimentConfig, out: str | Path, *, fresh: bool = False, pro
         if progress:
             eta = sum(walls) / len(walls) * (len(todo) - i)
             warn = "  [rank collapse]" if doc["collapse_warning"] else ""
+            twin_note = f" (FedIT at the same rank as {doc['reused_from']}: its run, not recomputed)" \
+                if twin is not None else ""
             print(f"\r[{i}/{len(todo)}] {cell.key}: Rouge-L {doc['final']['rougeL']:.4f} "
-                  f"(base {doc['base']['rougeL']:.4f}) in {walls[-1]:.1f} s, eta {_fmt_eta(eta)}{warn}",
+                  f"(base {doc['base']['rougeL']:.4f}) in {walls[-1]:.1f} s, eta {_fmt_eta(eta)}{warn}{twin_note}",
                   file=stream, flush=True)
         log.info("cell %s done: rougeL %.4f", cell.key, doc["final"]["rougeL"])
     total = time.perf_counter() - t0
     if progress:
         print(f"experiment: ran {ran} cells in {total:.1f} s ({len(cells) - ran} reused)", file=stream, flush=True)
-    return {"cells": len(cells), "ran": ran, "reused": len(cells) - ran, "wall_s": total,
+    return {"cells": len(cells), "ran": ran, "reused": len(cells) - ran, "fedit_twins": twins, "wall_s": total,
             "cell_wall_s": walls}
