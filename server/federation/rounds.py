@@ -360,7 +360,7 @@ class RoundEngine:
             entry = self.run_round(rnd, transport)
             done.append(entry)
             self.log.info("round %d: %s", rnd, {k: v for k, v in entry.items()
-                                                if k not in ("ranks", "traffic", "families", "spectrum")})
+                                                if k not in ("ranks", "traffic", "families", "samples", "spectrum")})
         return done
 
     # --- state -------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def run_simulation(cfg: RunConfig, *, stop_after: int | None = None) -> dict:
     # The shipped tiny model trains fastest on one thread (tiny matmuls); the native
     # aggregation core keeps its own thread setting.
     base = load_shared_base(cfg.model, threads=cfg.threads or (1 if cfg.model is None else None))
-    fed = build_federation(cfg, base=base)
+    fed = build_federation(cfg, base=base, families=True)
     with fed.in_process_clients(progress=_progress(cfg)) as transport:
         engine = fed.engine(runtime="embedded", checkpoint_dir=cfg.checkpoint_dir, runtime_state=transport,
                             logger=log, overwrite=cfg.overwrite)
@@ -160,6 +160,10 @@ def results_summary(doc: Mapping) -> str:
                     f"({last['heldout_loss'] - b['heldout_loss']:+.4f}); ")
         lines.append(f"after round {last['round']}: {loss}Rouge-L {b['rougeL']:.4f} -> {last['rougeL']:.4f} "
                      f"({last['rougeL'] - b['rougeL']:+.4f})")
+        fams_b, fams_l = b.get("families") or {}, last.get("families") or {}
+        if len(fams_b) > 1 and fams_l:
+            lines.append("Rouge-L per held-out task: " + ", ".join(
+                f"{f} {fams_b[f]:.3f} -> {fams_l.get(f, float('nan')):.3f}" for f in sorted(fams_b)))
         if "recall_exact" in b and "recall_exact" in last:
             lines.append(f"the federation's own facts (teacher-forced): exact {b['recall_exact']:.3f} (base) -> "
                          f"{last['recall_exact']:.3f}, loss {b['recall_loss']:.4f} -> {last['recall_loss']:.4f}")

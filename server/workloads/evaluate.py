@@ -106,7 +106,8 @@ def evaluate(model, tokenizer, examples: Sequence[Mapping[str, str]], **kw) -> d
 
 class Evaluator:
     """Scores ``base + delta`` on the held-out examples: Rouge-L, exact match, held-out loss and,
-    with ``families``, Rouge-L per task family (``category``). With ``recall_examples`` (examples
+    with ``families``, Rouge-L per task family (``category``) and the first ``samples`` (reference,
+    answer) pairs of each. With ``recall_examples`` (examples
     the federation trains on, e.g. the facts suite's facts) it also scores how much of its own data
     the global model has learnt, teacher-forced (:func:`edge_client.data.score_answers`):
     ``recall_exact`` (the share answered exactly by greedy decoding), ``recall_token_accuracy`` and
@@ -115,14 +116,14 @@ class Evaluator:
     (reset per call)."""
 
     def __init__(self, model, tokenizer, base_state: Mapping, examples: Sequence[Mapping[str, str]], *,
-                 max_new_tokens: int = 16, families: bool = False, loss: bool = True,
+                 max_new_tokens: int = 16, families: bool = False, samples: int = 2, loss: bool = True,
                  recall_examples: Sequence[Mapping[str, str]] = (), recall_every_call: bool = True) -> None:
         if not examples:
             raise ValueError("examples must be non-empty")
         self.model, self.tokenizer, self.base_state = model, tokenizer, base_state
         self.examples = list(examples)
         self.recall_examples = list(recall_examples)
-        self.max_new_tokens, self.families, self.loss = max_new_tokens, families, loss
+        self.max_new_tokens, self.families, self.samples, self.loss = max_new_tokens, families, samples, loss
         self.recall_every_call = recall_every_call
 
     def recall(self, delta: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -148,6 +149,9 @@ class Evaluator:
                 groups.setdefault(ex.get("category") or "default", []).append(i)
             out["families"] = {f: score([preds[i] for i in idx], [refs[i] for i in idx])["rougeL"]
                                for f, idx in sorted(groups.items())}
+            # what the model answered (reference, answer), the first few per family: a score of 0
+            # says nothing of whether the answer was empty, a code where a phrase was asked, ...
+            out["samples"] = {f: [[refs[i], preds[i]] for i in idx[:self.samples]] for f, idx in sorted(groups.items())}
         if self.loss:
             out["heldout_loss"] = heldout_loss(self.model, self.tokenizer, self.examples)
         if self.recall_examples and self.recall_every_call:

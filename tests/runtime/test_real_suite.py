@@ -351,3 +351,49 @@ def test_recall_scores_the_federations_own_facts_teacher_forced():
     assert quiet({}) == plain
     assert quiet.recall({}) == {k: out[k] for k in ("recall_loss", "recall_token_accuracy", "recall_exact")}
     assert Evaluator(model, tok, state, suite.heldout_examples()).recall({}) == {}
+
+
+def test_per_task_scores_and_answers_reach_the_simulate_summary(tmp_path, capsys):
+    """With families the evaluator scores each held-out task and keeps its first answers; the
+    simulate summary prints the per-task Rouge-L of the base and of the last round."""
+    import copy
+
+    from server.runtimes.simulate import results_summary
+    from server.workloads.evaluate import Evaluator, generate, score
+    from server.workloads.model import load_base
+
+    model, tok = load_base(None)
+    state = copy.deepcopy(model.state_dict())
+    examples = _facts_federation(facts_per_task=3, num_clients=4).heldout_examples()
+    out = Evaluator(model, tok, state, examples, max_new_tokens=3, families=True, samples=1)({})
+    tasks = sorted({ex["category"] for ex in examples})
+    assert len(tasks) > 1 and sorted(out["families"]) == tasks == sorted(out["samples"])
+    preds = generate(model, tok, examples, max_new_tokens=3)
+    for task in tasks:
+        idx = [i for i, ex in enumerate(examples) if ex["category"] == task]
+        assert out["families"][task] == score([preds[i] for i in idx], [examples[i]["output"] for i in idx])["rougeL"]
+        assert out["samples"][task] == [[examples[idx[0]]["output"], preds[idx[0]]]]
+    plain = Evaluator(model, tok, state, examples, max_new_tokens=3)({})
+    assert "families" not in plain and "samples" not in plain
+
+    doc = {"strategy": "flexlora", "rounds_completed": 1, "devices": [], "heldout_examples": 8,
+           "heldout_families": [["a"], ["b"]], "peak_rss_bytes": 2**20, "wall_s": 1.0,
+           "base": {"rougeL": 0.1, "exact_match": 0.0, "families": {"a": 0.2, "b": 0.0}},
+           "rounds": [{"round": 1, "rougeL": 0.3, "exact_match": 0.0, "clients": 2, "rejected": [],
+                       "aggregation_s": 0.1, "train_s": 1.0, "families": {"a": 0.5, "b": 0.1}}]}
+    assert results_summary(doc).splitlines()[-1] == "Rouge-L per held-out task: a 0.200 -> 0.500, b 0.000 -> 0.100"
+
+    # scripts/simulate_summary.py: the summary, then every round's per-task scores and answers
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("simulate_summary", ROOT / "scripts" / "simulate_summary.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    doc["base"]["samples"] = {"a": [["x", "y"]], "b": [["p", ""]]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    assert mod.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:len(results_summary(doc).splitlines())] == results_summary(doc).splitlines()
+    assert lines[-4:] == ["  base: a 0.200, b 0.000", "      a: 'x' -> 'y'", "      b: 'p' -> ''", "  1: a 0.500, b 0.100"]
+    assert mod.main([]) == 2
