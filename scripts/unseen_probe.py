@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--unseen-tasks", type=int, default=6)
+    ap.add_argument("--unseen", default="", help="comma-separated task names to hold out (instead of the seed's draw)")
     ap.add_argument("--unseen-examples", type=int, default=8)
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -49,7 +50,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    suite = real_suite(RealSuiteConfig(num_clients=args.clients, num_unseen_tasks=args.unseen_tasks,
+    unseen = tuple(t.strip() for t in args.unseen.split(",") if t.strip())
+    suite = real_suite(RealSuiteConfig(num_clients=args.clients, num_unseen_tasks=len(unseen) or args.unseen_tasks,
+                                       unseen=unseen,
                                        unseen_examples=args.unseen_examples, seed=args.seed))
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip())
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,

@@ -118,7 +118,9 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=number(int, lo=1, hi=100_000), default=d.rounds)
     p.add_argument("--clients", type=number(int, lo=1, hi=1_000_000), default=d.num_clients, help="training clients (default %(default)s)")
     p.add_argument("--clients-per-round", type=number(int, lo=1, hi=1_000_000), default=None, help="sample this many each round (default: all)")
-    p.add_argument("--heldout-clients", type=number(int, lo=1, hi=100_000), default=d.num_heldout)
+    p.add_argument("--heldout-clients", type=number(int, lo=1, hi=100_000), default=None,
+                   help=f"held-out (unseen) clients evaluated each round (default {d.num_heldout}; with "
+                        "--unseen-tasks, their count)")
     p.add_argument("--seed", type=number(int, lo=0, hi=2**31 - 1), default=d.seed)
     p.add_argument("--rank-distribution", choices=list(load_workloads()["rank_distributions"]),
                    default=None, help="draw client types from workloads.json (server/assets) instead of the device mix")
@@ -136,6 +138,12 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="instruction JSONL (instruction, input, output, category)")
     p.add_argument("--suite", choices=list(SUITES), default=d.suite,
                    help=SUITES_HELP)
+    p.add_argument("--heldout-examples", type=number(int, lo=1, hi=1_000_000), default=d.heldout_examples,
+                   help="examples per held-out client (generated suites; default %(default)s)")
+    p.add_argument("--unseen-tasks", type=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+                   default=(), metavar="TASK,...",
+                   help="with --suite real: hold out exactly these tasks (names as in "
+                        "server/workloads/real_tasks.py) instead of the seed's draw")
     p.add_argument("--local-steps", type=number(int, lo=1, hi=10**7), default=d.local_steps)
     p.add_argument("--batch-size", type=number(int, lo=1, hi=1_000_000), default=d.batch_size)
     p.add_argument("--lr", type=number(float, lo=0, hi=1e3, lo_open=True), default=d.lr)
@@ -183,7 +191,9 @@ def simulate_config(args: argparse.Namespace):
     if timeout is None:
         timeout = RunConfig.client_timeout_s if args.model is None else REAL_MODEL_TIMEOUT_S
     cfg = RunConfig(strategy=args.strategy, rounds=args.rounds, num_clients=args.clients,
-                    clients_per_round=args.clients_per_round, num_heldout=args.heldout_clients,
+                    clients_per_round=args.clients_per_round,
+                    num_heldout=args.heldout_clients or len(args.unseen_tasks) or RunConfig.num_heldout,
+                    unseen_tasks=args.unseen_tasks, heldout_examples=args.heldout_examples,
                     seed=args.seed, rank_distribution=args.rank_distribution, fedit_rank=args.fedit_rank,
                     model=args.model, data=args.data, suite=args.suite, local_steps=args.local_steps,
                     batch_size=args.batch_size, lr=args.lr, alpha=args.alpha, rslora=args.rslora,

@@ -81,8 +81,9 @@ def suite_for(cfg: RunConfig) -> Suite:
             from server.workloads.real_suite import build_real_suite as build
         else:   # arbitrary facts of the memorisation tasks dealt over clients; held out: unseen tasks
             from server.workloads.real_suite import build_facts_federation as build
+        extra = {"unseen": cfg.unseen_tasks} if cfg.unseen_tasks else {}
         return build(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
-                     heldout_examples=cfg.heldout_examples, seed=cfg.seed)
+                     heldout_examples=cfg.heldout_examples, seed=cfg.seed, **extra)
     return build_suite(SuiteConfig(num_clients=cfg.num_clients, num_heldout=cfg.num_heldout,
                                    heldout_examples=cfg.heldout_examples, seed=cfg.seed))
 

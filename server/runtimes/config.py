@@ -113,6 +113,7 @@ class RunConfig:
     data_split: str = "round_robin"           # JSONL: categories round-robin over clients, or one client per category
     suite: str = "bundled"                    # without data: "bundled", "rank", "real" or "facts" (see SUITES)
     target_modules: tuple[str, ...] = AUTO    # short names of the layers that get LoRA; ("auto",): discovered
+    unseen_tasks: tuple[str, ...] = ()        # suite "real": hold out exactly these tasks (num_heldout of them)
     # --- local training and evaluation
     local_steps: int = 30
     batch_size: int = 8
@@ -172,6 +173,20 @@ class RunConfig:
                 isinstance(t, str) and t.isidentifier() for t in self.target_modules):
             raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         self.target_modules = tuple(self.target_modules)
+        if isinstance(self.unseen_tasks, str) or not all(isinstance(t, str) for t in self.unseen_tasks):
+            raise ValueError(f"unseen_tasks must be a list of task names, got {self.unseen_tasks!r}")
+        self.unseen_tasks = tuple(self.unseen_tasks)
+        if self.unseen_tasks:
+            if self.suite != "real" or self.data:
+                raise ValueError("unseen_tasks chooses the real suite's unseen tasks: it needs suite 'real' "
+                                 f"and no data (got suite {self.suite!r}, data {self.data!r})")
+            from server.workloads.real_tasks import TASKS
+            unknown = [t for t in self.unseen_tasks if t not in TASKS]
+            if unknown:
+                raise ValueError(f"unseen_tasks has unknown tasks {unknown}; known: {sorted(TASKS)}")
+            if self.num_heldout != len(self.unseen_tasks):
+                raise ValueError(f"unseen_tasks names {len(self.unseen_tasks)} tasks but num_heldout is "
+                                 f"{self.num_heldout}; they must agree")
         if self.clients_per_round is not None:
             _int(self, "clients_per_round")
             if self.clients_per_round > self.num_clients:
@@ -242,9 +257,9 @@ class RunConfig:
                 "target_modules", "split", "carry")
         out = {k: getattr(self, k) for k in keep}
         out["target_modules"] = list(self.target_modules)
-        for name in ("rank_assignment", "data_split", "suite", "heldout_examples", "rslora"):
+        for name in ("rank_assignment", "data_split", "suite", "heldout_examples", "rslora", "unseen_tasks"):
             if getattr(self, name) != _DEFAULTS[name]:
-                out[name] = getattr(self, name)
+                out[name] = list(self.unseen_tasks) if name == "unseen_tasks" else getattr(self, name)
         return out
 
     def replace(self, **changes) -> "RunConfig":

@@ -57,6 +57,7 @@ class RealSuiteConfig:
     seen_heldout_examples: int = 8       # per seen task, never given to a client
     unseen_examples: int = 16            # per unseen task
     tasks: tuple[str, ...] = field(default_factory=lambda: tuple(TASKS))
+    unseen: tuple[str, ...] = ()         # hold out exactly these tasks (their count is num_unseen_tasks)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +72,19 @@ class RealSuiteConfig:
         for i, n in enumerate(self.client_sizes):
             _int(f"client_sizes[{i}]", n, 2)
         self.tasks = _tasks("RealSuiteConfig", self.tasks)
+        if isinstance(self.unseen, str):
+            raise ValueError(f"RealSuiteConfig.unseen must be a sequence of task names, got the string {self.unseen!r}")
+        self.unseen = tuple(self.unseen)
+        if self.unseen:
+            missing = [t for t in self.unseen if t not in self.tasks]
+            if missing:
+                raise ValueError(f"RealSuiteConfig.unseen names tasks not in the suite: {missing}; "
+                                 f"known: {sorted(self.tasks)}")
+            if len(set(self.unseen)) != len(self.unseen):
+                raise ValueError(f"RealSuiteConfig.unseen has duplicates: {list(self.unseen)}")
+            if self.num_unseen_tasks != len(self.unseen):
+                raise ValueError(f"RealSuiteConfig.unseen names {len(self.unseen)} tasks but num_unseen_tasks is "
+                                 f"{self.num_unseen_tasks}; hold out {len(self.unseen)} (one per task)")
         if self.num_unseen_tasks >= len(self.tasks):
             raise ValueError(f"RealSuiteConfig.num_unseen_tasks={self.num_unseen_tasks} leaves no task to train on "
                              f"({len(self.tasks)} tasks)")
@@ -130,7 +144,7 @@ def _pick_unseen(tasks: list[str], k: int, rng: random.Random) -> list[str]:
 def real_suite(config: RealSuiteConfig | None = None) -> RealSuite:
     cfg = config or RealSuiteConfig()
     rng = random.Random(f"real-suite-{cfg.seed}")
-    unseen = _pick_unseen(list(cfg.tasks), cfg.num_unseen_tasks, rng)
+    unseen = sorted(cfg.unseen) if cfg.unseen else _pick_unseen(list(cfg.tasks), cfg.num_unseen_tasks, rng)
     seen = [t for t in cfg.tasks if t not in unseen]
     rng.shuffle(seen)
 
@@ -177,11 +191,12 @@ def real_suite(config: RealSuiteConfig | None = None) -> RealSuite:
 
 
 def build_real_suite(*, num_clients: int, num_heldout: int, heldout_examples: int, seed: int,
-                     heldout: str = "unseen") -> Suite:
+                     heldout: str = "unseen", unseen: tuple[str, ...] = ()) -> Suite:
     """The suite as the runtimes take it (same arguments as ``build_rank_suite``): ``num_heldout``
-    unseen tasks of ``heldout_examples`` examples each; ``heldout`` picks the evaluation set."""
+    unseen tasks of ``heldout_examples`` examples each (``unseen``: exactly these tasks, else the
+    seed's draw); ``heldout`` picks the evaluation set."""
     cfg = RealSuiteConfig(num_clients=num_clients, num_unseen_tasks=num_heldout, unseen_examples=heldout_examples,
-                          seed=seed)
+                          seed=seed, unseen=tuple(unseen))
     return real_suite(cfg).as_suite(heldout)
 
 

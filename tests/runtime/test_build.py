@@ -156,6 +156,11 @@ def test_simulate_flags_rslora_targets_and_suite_reach_the_run_config(capsys):
     assert (cfg.rslora, cfg.target_modules, cfg.suite) == (True, ("q_proj", "v_proj"), "facts")
     plain = config()
     assert (plain.rslora, plain.target_modules, plain.suite) == (False, RunConfig().target_modules, "bundled")
+    assert (plain.num_heldout, plain.unseen_tasks, plain.heldout_examples) == \
+        (RunConfig().num_heldout, (), RunConfig().heldout_examples)
+    chosen = config("--suite", "real", "--unseen-tasks", "date_words, sort_symbols", "--heldout-examples", "12")
+    assert (chosen.unseen_tasks, chosen.num_heldout, chosen.heldout_examples) == (("date_words", "sort_symbols"), 2, 12)
+    assert config("--heldout-clients", "3").num_heldout == 3
     assert main(["simulate", "--targets", "q-proj,v_proj"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--targets 'q-proj,v_proj'" in err[0] and "module names" in err[0]

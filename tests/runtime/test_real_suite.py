@@ -144,8 +144,37 @@ def test_build_real_suite_is_a_runtime_suite():
         build_real_suite(num_clients=8, num_heldout=3, heldout_examples=5, seed=0, heldout="all")
 
 
+def test_chosen_unseen_tasks_are_held_out_whole():
+    chosen = ("sort_symbols", "date_words", "http_class")
+    s = real_suite(RealSuiteConfig(num_unseen_tasks=3, unseen=chosen, seed=5))
+    assert s.unseen_tasks() == sorted(chosen)
+    assert not set(chosen) & set(s.seen_tasks()) and len(s.seen_tasks()) == len(TASKS) - 3
+    for c in s.heldout_unseen:
+        assert len(c.examples) == 16 and not _all_inputs(s.train, c.families[0])
+    # the same choice is the same suite; the runtimes' builder and RunConfig pass it through
+    assert real_suite(RealSuiteConfig(num_unseen_tasks=3, unseen=chosen, seed=5)).train == s.train
+    built = build_real_suite(num_clients=20, num_heldout=3, heldout_examples=16, seed=5, unseen=chosen)
+    assert [c.examples for c in built.heldout] == [c.examples for c in s.heldout_unseen]
+    from server.runtimes.build import suite_for
+    from server.runtimes.config import RunConfig
+    cfg = RunConfig(suite="real", num_heldout=3, heldout_examples=16, seed=5, unseen_tasks=list(chosen))
+    assert [c.examples for c in suite_for(cfg).heldout] == [c.examples for c in s.heldout_unseen]
+    assert cfg.identity()["unseen_tasks"] == list(chosen) and "unseen_tasks" not in RunConfig().identity()
+    for kw, match in [({"unseen_tasks": ("date_words",)}, "names 1 tasks but num_heldout is 4"),
+                      ({"unseen_tasks": ("nope",), "num_heldout": 1}, "unknown tasks"),
+                      ({"unseen_tasks": "date_words", "num_heldout": 1}, "list of task names")]:
+        with pytest.raises(ValueError, match=match):
+            RunConfig(suite="real", **kw)
+    with pytest.raises(ValueError, match="needs suite 'real'"):
+        RunConfig(suite="facts", num_heldout=1, unseen_tasks=("date_words",))
+
+
 @pytest.mark.parametrize("kw, match", [({"num_clients": 0}, "num_clients"), ({"tasks": ("nope",)}, "unknown tasks"),
                                        ({"num_unseen_tasks": 40}, "leaves no task"),
+                                       ({"unseen": ("weekday", "nope"), "num_unseen_tasks": 2}, "not in the suite"),
+                                       ({"unseen": ("weekday", "weekday"), "num_unseen_tasks": 2}, "duplicates"),
+                                       ({"unseen": ("weekday",)}, "names 1 tasks but num_unseen_tasks is 6"),
+                                       ({"unseen": "weekday", "num_unseen_tasks": 1}, "the string"),
                                        ({"client_sizes": (8, 1)}, r"client_sizes\[1\]"),
                                        ({"tasks": ("weekday", "weekday")}, "duplicates")])
 def test_config_errors_name_the_field(kw, match):
