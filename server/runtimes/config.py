@@ -184,6 +184,8 @@ class RunConfig:
             unknown = [t for t in self.unseen_tasks if t not in TASKS]
             if unknown:
                 raise ValueError(f"unseen_tasks has unknown tasks {unknown}; known: {sorted(TASKS)}")
+            if len(set(self.unseen_tasks)) != len(self.unseen_tasks):
+                raise ValueError(f"unseen_tasks has duplicates: {list(self.unseen_tasks)}")
             if self.num_heldout != len(self.unseen_tasks):
                 raise ValueError(f"unseen_tasks names {len(self.unseen_tasks)} tasks but num_heldout is "
                                  f"{self.num_heldout}; they must agree")

@@ -162,7 +162,8 @@ def test_chosen_unseen_tasks_are_held_out_whole():
     assert cfg.identity()["unseen_tasks"] == list(chosen) and "unseen_tasks" not in RunConfig().identity()
     for kw, match in [({"unseen_tasks": ("date_words",)}, "names 1 tasks but num_heldout is 4"),
                       ({"unseen_tasks": ("nope",), "num_heldout": 1}, "unknown tasks"),
-                      ({"unseen_tasks": "date_words", "num_heldout": 1}, "list of task names")]:
+                      ({"unseen_tasks": "date_words", "num_heldout": 1}, "list of task names"),
+                      ({"unseen_tasks": ("weekday", "weekday"), "num_heldout": 2}, "duplicates")]:
         with pytest.raises(ValueError, match=match):
             RunConfig(suite="real", **kw)
     with pytest.raises(ValueError, match="needs suite 'real'"):
