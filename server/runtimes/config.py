@@ -260,8 +260,9 @@ class RunConfig:
         out = {k: getattr(self, k) for k in keep}
         out["target_modules"] = list(self.target_modules)
         for name in ("rank_assignment", "data_split", "suite", "heldout_examples", "rslora", "unseen_tasks"):
-            if getattr(self, name) != _DEFAULTS[name]:
-                out[name] = list(self.unseen_tasks) if name == "unseen_tasks" else getattr(self, name)
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                out[name] = list(value) if isinstance(value, tuple) else value   # as JSON reads it back
         return out
 
     def replace(self, **changes) -> "RunConfig":

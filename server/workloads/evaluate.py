@@ -147,11 +147,12 @@ class Evaluator:
             groups: dict[str, list[int]] = {}
             for i, ex in enumerate(self.examples):
                 groups.setdefault(ex.get("category") or "default", []).append(i)
+            ordered = sorted(groups.items())
             out["families"] = {f: score([preds[i] for i in idx], [refs[i] for i in idx])["rougeL"]
-                               for f, idx in sorted(groups.items())}
+                               for f, idx in ordered}
             # what the model answered (reference, answer), the first few per family: a score of 0
             # says nothing of whether the answer was empty, a code where a phrase was asked, ...
-            out["samples"] = {f: [[refs[i], preds[i]] for i in idx[:self.samples]] for f, idx in sorted(groups.items())}
+            out["samples"] = {f: [[refs[i], preds[i]] for i in idx[:self.samples]] for f, idx in ordered}
         if self.loss:
             out["heldout_loss"] = heldout_loss(self.model, self.tokenizer, self.examples)
         if self.recall_examples and self.recall_every_call:
